@@ -1,0 +1,94 @@
+"""Co-occurrence matrices C^g kept in the form they arrive in.
+
+A paired batch's C^g is N x N but fully determined by its labels, so it is stored as the labels
+and expanded one block at a time; a backend that never holds an N x K matrix (``tiled``) asks for
+blocks only.  Bank targets arrive dense and stay dense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_CHUNK = 1024  # rows per block when a statistic needs every entry of C
+
+
+@dataclass(frozen=True)
+class CoOccurrence:
+    """One granularity's co-occurrence C (N x K), non-negative.
+
+    kind:
+        ``"ids"``: paired, ``C_ik = 1[ids_i == ids_k]`` (``data`` is (N,) integer).
+        ``"multi_hot"``: paired, ``C_ik = 1[<a_i, a_k> > 0]`` (``data`` is (N, C_g) float 0/1).
+        ``"dense"``: bank, ``data`` is C itself (N, K_g).
+    """
+
+    kind: str
+    data: Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n = self.data.shape[0]
+        return (n, n) if self.kind != "dense" else tuple(self.data.shape)
+
+    @property
+    def paired(self) -> bool:
+        return self.kind != "dense"
+
+    def block(self, rows: slice = slice(None), cols: slice = slice(None), dtype=None) -> Tensor:
+        """The dense block ``C[rows, cols]`` in ``dtype`` (default: float32)."""
+        dtype = dtype or torch.float32
+        if self.kind == "ids":
+            return (self.data[rows, None] == self.data[None, cols]).to(dtype)
+        if self.kind == "multi_hot":
+            overlap = self.data[rows].to(dtype) @ self.data[cols].to(dtype).T
+            return (overlap > 0).to(dtype)
+        return self.data[rows, cols].to(dtype)
+
+    def dense(self, dtype=None) -> Tensor:
+        return self.block(dtype=dtype)
+
+    def line_sums(self, dim: int, dtype=None) -> Tensor:
+        """Row sums (``dim=1``, shape (N,)) or column sums (``dim=0``, shape (K,)) of C."""
+        dtype = dtype or torch.float32
+        if self.kind == "dense":
+            return self.data.to(dtype).sum(dim)
+        if self.kind == "ids":  # symmetric: both are the size of each sample's class
+            _, inverse, counts = torch.unique(self.data, return_inverse=True, return_counts=True)
+            return counts[inverse].to(dtype)
+        n = self.data.shape[0]  # multi_hot: symmetric, summed in row blocks
+        return torch.cat(
+            [self.block(slice(s, s + _CHUNK), dtype=dtype).sum(1) for s in range(0, n, _CHUNK)]
+        )
+
+    def anchor_counts(self) -> tuple[Tensor, Tensor]:
+        """Numbers of rows and of columns with at least one positive (|A_r|, |A_c|)."""
+        return (self.line_sums(1) > 0).sum(), (self.line_sums(0) > 0).sum()
+
+
+def sample_groups(cooc: CoOccurrence, dtype=torch.float32) -> Tensor:
+    """The N x J grouping S of the samples by this granularity (SPEC 2.3b), rows normalised.
+
+    Groups that hold no sample are dropped; samples without a label have a zero row.
+    """
+    if cooc.kind == "ids":
+        _, inverse = torch.unique(cooc.data, return_inverse=True)
+        groups = torch.nn.functional.one_hot(inverse).to(dtype)
+    else:  # multi-hot label sets or bank targets: spread evenly over the sample's positives
+        groups = cooc.data.to(dtype)
+    groups = groups[:, groups.sum(0) > 0]
+    return normalize_rows(groups)
+
+
+def ownership(cooc: CoOccurrence, dtype=torch.float32) -> Tensor | None:
+    """R (K x N): which samples each text belongs to, rows normalised; None for paired (R = I)."""
+    if cooc.paired:
+        return None
+    return normalize_rows(cooc.data.to(dtype).T)
+
+
+def normalize_rows(m: Tensor) -> Tensor:
+    sums = m.sum(1, keepdim=True)
+    return m / torch.where(sums > 0, sums, torch.ones_like(sums))

@@ -1,0 +1,138 @@
+"""What every backend receives: the validated batch in one structure, and the loss settings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mgll._cooc import CoOccurrence, ownership, sample_groups
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Term weights (alpha_1..3), granularity weights (lambda_g) and term options."""
+
+    soft_clip_weight: float = 1.0
+    pointwise_weight: float = 1.0
+    smooth_kl_weight: float = 1.0
+    granularity_weights: tuple[float, ...] | None = None
+    pointwise_target: str = "binary"
+    pointwise_norm: str = "pairs"
+    smooth_kl_support: str = "samples"
+    smooth_kl_reference: int | None = None
+
+    def lam(self, g: int) -> float:
+        return 1.0 if self.granularity_weights is None else float(self.granularity_weights[g])
+
+
+class LossTerms(NamedTuple):
+    """The three weighted terms; their sum is the loss."""
+
+    soft_clip_loss: Tensor
+    pointwise_loss: Tensor
+    smooth_kl_loss: Tensor
+
+
+@dataclass
+class Problem:
+    """A batch ready for a backend.
+
+    ``image`` (N, D) and ``texts[g]`` (K_g, D) are normalised (unless the user opted out) and in
+    the compute dtype; ``cooc[g]`` is C^g (N x K_g); ``kl_maps[g]`` is T^g = R^g S (K_g x J) or
+    None for the identity.  A backend computes the row terms of image rows ``rows`` and the
+    column terms of text columns ``cols[g]`` only, each divided by the *global* normaliser, so
+    that processes owning disjoint rows and columns add up to the loss of the whole batch.
+    """
+
+    image: Tensor
+    texts: list[Tensor]
+    scale: Tensor
+    bias: Tensor | None
+    cooc: list[CoOccurrence]
+    kl_maps: list[Tensor | None]
+    rows: slice = field(default_factory=lambda: slice(None))
+    cols: list[slice] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.cols:
+            self.cols = [slice(None)] * len(self.texts)
+
+    @property
+    def num_images(self) -> int:
+        return self.image.shape[0]
+
+    @property
+    def num_granularities(self) -> int:
+        return len(self.texts)
+
+    @property
+    def is_full(self) -> bool:
+        """True when this process owns every row and column (no distributed local loss)."""
+        return self.rows == slice(None) and all(c == slice(None) for c in self.cols)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half inputs, the input's dtype when it is float32 or wider."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def cooccurrence_from_labels(labels: Tensor) -> CoOccurrence:
+    """Paired mode: (N,) integer ids, or (N, C_g) multi-hot label sets."""
+    if labels.dim() == 1:
+        return CoOccurrence("ids", labels)
+    return CoOccurrence("multi_hot", labels)
+
+
+def smooth_kl_maps(
+    cooc: Sequence[CoOccurrence], config: LossConfig, dtype: torch.dtype = torch.float32
+) -> list[Tensor | None]:
+    """T^g = R^g S for every granularity (SPEC 2.3 and 2.3b)."""
+    owners = [ownership(c, dtype) for c in cooc]
+    if config.smooth_kl_support == "samples":
+        return owners
+    groups = reference_groups(cooc, config.smooth_kl_reference, dtype)
+    return [groups if r is None else r @ groups for r in owners]
+
+
+def reference_groups(
+    cooc: Sequence[CoOccurrence], reference: int | None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """S for the coarse support: the given granularity's, or the one with the fewest groups."""
+    if reference is not None:
+        return sample_groups(cooc[reference], dtype)
+    candidates = [sample_groups(c, dtype) for c in cooc]
+    return min(candidates, key=lambda s: s.shape[1])  # ties: the first such granularity
+
+
+def build_problem(
+    image_features: Tensor,
+    text_features: Sequence[Tensor],
+    logit_scale: Tensor,
+    logit_bias: Tensor | None,
+    cooc: Sequence[CoOccurrence],
+    config: LossConfig,
+    normalize: bool,
+) -> Problem:
+    dtype = compute_dtype(image_features.dtype)
+
+    def prepare(x: Tensor) -> Tensor:
+        x = x.to(dtype)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    return Problem(
+        image=prepare(image_features),
+        texts=[prepare(t) for t in text_features],
+        scale=logit_scale.to(dtype).reshape(()),
+        bias=None if logit_bias is None else logit_bias.to(dtype).reshape(()),
+        cooc=list(cooc),
+        kl_maps=(
+            smooth_kl_maps(cooc, config, dtype)
+            if config.smooth_kl_weight != 0
+            else [None] * len(cooc)
+        ),
+    )

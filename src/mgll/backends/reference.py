@@ -1,0 +1,51 @@
+"""``backend="reference"``: plain differentiable torch ops, the readable ground truth.
+
+Materialises the N x K_g logits of every granularity and lets autograd differentiate the terms
+of :mod:`mgll._terms`.  Every other backend is tested against this one.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from mgll._problem import LossConfig, LossTerms, Problem
+from mgll._terms import pointwise_rows, safe_divide, smooth_kl_rows, soft_ce_rows
+
+
+def compute(problem: Problem, config: LossConfig) -> LossTerms:
+    n = problem.num_images
+    zero = problem.scale.new_zeros(())
+    soft_clip, pointwise, row_logits = zero, zero, []
+    for g, (text, cooc, cols) in enumerate(zip(problem.texts, problem.cooc, problem.cols, strict=True)):
+        lam = config.lam(g)
+        rows_z = problem.scale * problem.image[problem.rows] @ text.T  # (n_local, K_g)
+        rows_c = cooc.block(problem.rows, slice(None), rows_z.dtype)
+        row_logits.append(rows_z)
+        if config.soft_clip_weight != 0:
+            cols_z = problem.scale * text[cols] @ problem.image.T  # (k_local, N): columns as rows
+            cols_c = cooc.block(slice(None), cols, rows_z.dtype).T
+            n_rows, n_cols = cooc.anchor_counts()
+            i2t = soft_ce_rows(rows_z, rows_c) / n_rows.clamp_min(1)
+            t2i = soft_ce_rows(cols_z, cols_c) / n_cols.clamp_min(1)
+            soft_clip = soft_clip + lam * 0.5 * (i2t + t2i)
+        if config.pointwise_weight != 0:
+            pointwise = pointwise + lam * _pointwise(rows_z, rows_c, problem, config, n)
+    smooth_kl = zero
+    if config.smooth_kl_weight != 0 and problem.num_granularities > 1:
+        smooth_kl = smooth_kl_rows(row_logits, problem.kl_maps) / n
+    return LossTerms(
+        config.soft_clip_weight * soft_clip,
+        config.pointwise_weight * pointwise,
+        config.smooth_kl_weight * smooth_kl,
+    )
+
+
+def _pointwise(logits: Tensor, cooc: Tensor, problem: Problem, config: LossConfig, n: int) -> Tensor:
+    if problem.bias is not None:
+        logits = logits + problem.bias
+    if config.pointwise_target == "binary":
+        targets = (cooc > 0).to(logits.dtype)
+    else:  # "soft": the row-normalised W^r, as the authors' code does
+        targets = safe_divide(cooc, cooc.sum(1, keepdim=True))
+    norm = n * cooc.shape[1] if config.pointwise_norm == "pairs" else n
+    return pointwise_rows(logits, targets) / norm

@@ -1,0 +1,281 @@
+r"""The MGLL math as functions (SPEC section 2); :class:`mgll.MGLLLoss` is a thin wrapper.
+
+Shape letters: N images, D embedding width, G granularities, K_g texts at granularity g,
+C_g classes at granularity g, J groups of the smooth-KL support.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from mgll import _validation as v
+from mgll._cooc import CoOccurrence, normalize_rows
+from mgll._problem import (
+    LossConfig,
+    LossTerms,
+    build_problem,
+    compute_dtype,
+    cooccurrence_from_labels,
+)
+from mgll._terms import pointwise_rows, safe_divide, smooth_kl_rows, soft_ce_rows
+from mgll.backends import resolve_backend
+
+__all__ = ["mgll_loss", "pointwise_loss", "smooth_kl_loss", "soft_clip_loss"]
+
+
+def soft_clip_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    r"""Soft-target CLIP loss over a co-occurrence matrix (paper eq. 1-3).
+
+    .. math::
+        L = \tfrac12\Big(\tfrac{1}{|A_r|}\sum_{i\in A_r}\sum_k -W^r_{ik}\log\operatorname{softmax}_k Z_{i\cdot}
+          + \tfrac{1}{|A_c|}\sum_{k\in A_c}\sum_i -W^c_{ki}\log\operatorname{softmax}_i Z_{\cdot k}\Big)
+
+    with :math:`W^r = C` normalised per row, :math:`W^c = C^\top` normalised per row (that is,
+    C normalised per column), and anchors :math:`A_r, A_c` the rows and columns of C with a
+    positive.  Rows and columns without a positive are skipped; with ``targets = I`` this is
+    the standard CLIP loss.
+
+    Args:
+        logits: Z, scaled image-text similarities.
+        targets: C, non-negative co-occurrence; ``C[i, k] > 0`` means text k describes image i.
+
+    Shape:
+        - logits: (N, K)
+        - targets: (N, K)
+        - Output: scalar
+
+    Example:
+        >>> logits = torch.randn(4, 4, requires_grad=True)
+        >>> loss = soft_clip_loss(logits, torch.eye(4))
+        >>> loss.backward()
+    """
+    _check_pair(logits, targets)
+    z, c = _upcast(logits, targets)
+    n_rows = (c.sum(1) > 0).sum().clamp_min(1)
+    n_cols = (c.sum(0) > 0).sum().clamp_min(1)
+    loss = 0.5 * (soft_ce_rows(z, c) / n_rows + soft_ce_rows(z.T, c.T) / n_cols)
+    return loss.to(logits.dtype)
+
+
+def pointwise_loss(
+    logits: Tensor,
+    targets: Tensor,
+    logit_bias: Tensor | None = None,
+    *,
+    target: str = "binary",
+    norm: str = "pairs",
+) -> Tensor:
+    r"""Pointwise sigmoid loss over every image-text pair (paper eq. 4).
+
+    .. math::
+        L = -\frac{1}{\text{norm}}\sum_{i,k} Y_{ik}\log\sigma(Z_{ik}+b)
+            + (1-Y_{ik})\log\big(1-\sigma(Z_{ik}+b)\big)
+
+    ``norm="pairs"`` divides by N*K, so the magnitude does not grow with the batch (default);
+    ``norm="images"`` divides by N, as the paper's eq. 4 and SigLIP do.
+
+    Args:
+        logits: Z, scaled image-text similarities.
+        targets: C, non-negative co-occurrence.
+        logit_bias: optional scalar b added to every logit.
+        target: ``"binary"``: :math:`Y = 1[C > 0]`; ``"soft"``: Y is C normalised per row, as
+            the authors' code does.
+        norm: ``"pairs"`` or ``"images"``.
+
+    Shape:
+        - logits: (N, K)
+        - targets: (N, K)
+        - Output: scalar
+
+    Example:
+        >>> logits = torch.randn(4, 6, requires_grad=True)
+        >>> loss = pointwise_loss(logits, torch.rand(4, 6).round(), torch.tensor(-10.0))
+        >>> loss.backward()
+    """
+    _check_pair(logits, targets)
+    v.check_option("pointwise_target", target)
+    v.check_option("pointwise_norm", norm)
+    z, c = _upcast(logits, targets)
+    if logit_bias is not None:
+        z = z + logit_bias.to(z.dtype).reshape(())
+    y = (c > 0).to(z.dtype) if target == "binary" else safe_divide(c, c.sum(1, keepdim=True))
+    denom = z.numel() if norm == "pairs" else z.shape[0]
+    return (pointwise_rows(z, y) / denom).to(logits.dtype)
+
+
+def smooth_kl_loss(
+    logits: Sequence[Tensor],
+    owners: Sequence[Tensor | None] | None = None,
+    groups: Tensor | None = None,
+) -> Tensor:
+    r"""Cross-granularity consistency: a Jensen-Shannon-like smooth KL (paper eq. 5-6).
+
+    .. math::
+        L = \frac1N\sum_i\sum_g \mathrm{KL}\big(Q^g_i \,\|\, M_i\big),\qquad
+        M_i = \frac1G\sum_g Q^g_i,\qquad
+        Q^g_i \propto \operatorname{softmax}(Z^g_{i\cdot})\,R^g S
+
+    Each granularity gives image i a distribution over a shared support: the samples of the
+    batch through the ownership :math:`R^g` (SPEC 2.3), optionally pooled into groups by
+    :math:`S` (SPEC 2.3b).  Bounded by :math:`G\log G`, never NaN.
+
+    Args:
+        logits: G logit matrices :math:`Z^g`.
+        owners: per granularity :math:`R^g`, non-negative, ``owners[g][k, n] > 0`` when text k
+            belongs to sample n (rows are normalised here).  None, or a None entry, means the
+            paired identity (K_g = N).
+        groups: S, non-negative grouping of the samples (rows normalised here); None keeps the
+            samples themselves as the support.
+
+    Shape:
+        - logits[g]: (N, K_g)
+        - owners[g]: (K_g, N)
+        - groups: (N, J)
+        - Output: scalar
+
+    Example:
+        >>> z1 = torch.randn(4, 4, requires_grad=True)
+        >>> loss = smooth_kl_loss([z1, torch.randn(4, 4)])
+        >>> loss.backward()
+    """
+    if isinstance(logits, Tensor) or len(logits) == 0:
+        raise TypeError("`logits` must be a non-empty sequence of G (N, K_g) tensors")
+    n = logits[0].shape[0]
+    dtype = compute_dtype(logits[0].dtype)
+    owners = [None] * len(logits) if owners is None else list(owners)
+    if len(owners) != len(logits):
+        raise ValueError(f"`owners` must have G={len(logits)} entries, got {len(owners)}")
+    maps = []
+    for g, (z, r) in enumerate(zip(logits, owners, strict=True)):
+        if z.dim() != 2 or z.shape[0] != n:
+            raise ValueError(f"`logits[{g}]` must have shape (N={n}, K_{g}), got {tuple(z.shape)}")
+        if r is None and z.shape[1] != n:
+            raise ValueError(
+                f"`logits[{g}]` must be square (N, N) when `owners[{g}]` is None (paired), "
+                f"got {tuple(z.shape)}"
+            )
+        if r is not None and tuple(r.shape) != (z.shape[1], n):
+            raise ValueError(
+                f"`owners[{g}]` must have shape (K_{g}, N) = {(z.shape[1], n)}, got {tuple(r.shape)}"
+            )
+        maps.append(None if r is None else normalize_rows(r.to(dtype)))
+    if groups is not None:
+        s = normalize_rows(groups.to(dtype))
+        maps = [s if t is None else t @ s for t in maps]
+    if len(logits) < 2:
+        return logits[0].new_zeros(())
+    loss = smooth_kl_rows([z.to(dtype) for z in logits], maps) / n
+    return loss.to(logits[0].dtype)
+
+
+def mgll_loss(
+    image_features: Tensor,
+    text_features: Sequence[Tensor],
+    logit_scale: Tensor,
+    logit_bias: Tensor | None = None,
+    *,
+    labels: Sequence[Tensor] | None = None,
+    targets: Sequence[Tensor] | None = None,
+    soft_clip_weight: float = 1.0,
+    pointwise_weight: float = 1.0,
+    smooth_kl_weight: float = 1.0,
+    granularity_weights: Sequence[float] | None = None,
+    pointwise_target: str = "binary",
+    pointwise_norm: str = "pairs",
+    smooth_kl_support: str = "samples",
+    smooth_kl_reference: int | None = None,
+    normalize: bool = True,
+    backend: str = "auto",
+    output_dict: bool = False,
+) -> Tensor | dict[str, Tensor]:
+    r"""The full MGLL loss from features (SPEC 2.4); see :class:`mgll.MGLLLoss` for the options.
+
+    .. math::
+        L = \alpha_1\sum_g\lambda_g L^g_{\mathrm{sCLIP}} + \alpha_2\sum_g\lambda_g L^g_P
+            + \alpha_3 L_{\mathrm{sKL}}
+
+    Shape:
+        - image_features: (N, D)
+        - text_features[g]: (N, D) paired, (K_g, D) bank
+        - labels[g]: (N,) integer ids or (N, C_g) multi-hot (paired)
+        - targets[g]: (N, K_g) non-negative co-occurrence (bank)
+        - Output: scalar, or a dict of the three weighted terms
+
+    Example:
+        >>> img, txt = torch.randn(8, 32, requires_grad=True), torch.randn(8, 32)
+        >>> ids = torch.tensor([0, 0, 1, 2, 2, 2, 3, 1])
+        >>> loss = mgll_loss(img, [txt, txt], torch.tensor(10.0), labels=[ids, ids % 2])
+        >>> loss.backward()
+    """
+    config = make_config(
+        soft_clip_weight=soft_clip_weight,
+        pointwise_weight=pointwise_weight,
+        smooth_kl_weight=smooth_kl_weight,
+        granularity_weights=granularity_weights,
+        pointwise_target=pointwise_target,
+        pointwise_norm=pointwise_norm,
+        smooth_kl_support=smooth_kl_support,
+        smooth_kl_reference=smooth_kl_reference,
+    )
+    check_backend(backend)
+    texts = v.check_features(image_features, text_features)
+    v.check_scale_and_bias(logit_scale, logit_bias, image_features)
+    mode, values = v.check_labels_or_targets(labels, targets, image_features, texts)
+    v.check_granularity_count(config.granularity_weights, len(texts))
+    v.check_reference(config.smooth_kl_reference, len(texts))
+    cooc = [
+        cooccurrence_from_labels(x) if mode == "paired" else CoOccurrence("dense", x)
+        for x in values
+    ]
+    problem = build_problem(
+        image_features, texts, logit_scale, logit_bias, cooc, config, normalize
+    )
+    terms = _run(problem, config, backend, image_features)
+    if output_dict:
+        return terms._asdict()
+    return terms.soft_clip_loss + terms.pointwise_loss + terms.smooth_kl_loss
+
+
+def _run(problem, config: LossConfig, backend: str, like: Tensor) -> LossTerms:
+    with torch.autocast(like.device.type, enabled=False):
+        terms = resolve_backend(backend, problem)(problem, config)
+    return LossTerms(*(t.to(like.dtype) for t in terms))
+
+
+def make_config(**settings) -> LossConfig:
+    """Validate the loss settings and freeze them into a :class:`LossConfig`."""
+    for name in ("soft_clip_weight", "pointwise_weight", "smooth_kl_weight"):
+        settings[name] = v.check_weight(name, settings[name])
+    for name in ("pointwise_target", "pointwise_norm", "smooth_kl_support"):
+        v.check_option(name, settings[name])
+    settings["granularity_weights"] = v.check_granularity_weights(settings["granularity_weights"])
+    return LossConfig(**settings)
+
+
+def check_backend(name: str) -> None:
+    from mgll.backends import available_backends
+
+    if name not in available_backends():
+        raise ValueError(f"`backend` must be one of {available_backends()}, got {name!r}")
+
+
+def _check_pair(logits: Tensor, targets: Tensor) -> None:
+    for name, x in (("logits", logits), ("targets", targets)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"`{name}` must be 2-D (N, K), got shape {tuple(x.shape)}")
+    if logits.shape != targets.shape:
+        raise ValueError(
+            f"`targets` must have the shape of `logits` {tuple(logits.shape)}, got {tuple(targets.shape)}"
+        )
+    if not logits.is_floating_point():
+        raise TypeError(f"`logits` must be floating point, got {logits.dtype}")
+
+
+def _upcast(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    dtype = compute_dtype(logits.dtype)
+    return logits.to(dtype), targets.to(dtype)
