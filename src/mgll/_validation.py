@@ -37,7 +37,9 @@ def check_granularity_weights(value: Sequence[float] | None) -> tuple[float, ...
     if isinstance(value, Tensor):
         value = value.tolist()
     if not isinstance(value, Sequence) or isinstance(value, str) or len(value) == 0:
-        raise TypeError(f"`granularity_weights` must be a non-empty sequence of numbers, got {value!r}")
+        raise TypeError(
+            f"`granularity_weights` must be a non-empty sequence of numbers, got {value!r}"
+        )
     return tuple(check_weight(f"granularity_weights[{g}]", w) for g, w in enumerate(value))
 
 
@@ -45,7 +47,11 @@ def check_features(image: object, texts: object) -> list[Tensor]:
     """Image (N, D) and text features (a sequence of G (K_g, D) tensors) of one float dtype."""
     _check_float_matrix("image_features", image)
     if isinstance(texts, Tensor) or not isinstance(texts, Sequence) or len(texts) == 0:
-        got = f"a tensor of shape {tuple(texts.shape)}" if isinstance(texts, Tensor) else repr(type(texts).__name__)
+        got = (
+            f"a tensor of shape {tuple(texts.shape)}"
+            if isinstance(texts, Tensor)
+            else repr(type(texts).__name__)
+        )
         raise TypeError(
             "`text_features` must be a non-empty sequence of G tensors (one (K_g, D) tensor per "
             f"granularity), got {got}"
@@ -61,13 +67,17 @@ def check_features(image: object, texts: object) -> list[Tensor]:
                 f"(N={n}, D={d}), got {tuple(t.shape)}"
             )
         if t.shape[0] == 0:
-            raise ValueError(f"`text_features[{g}]` is empty (K_{g}=0); every granularity needs a text")
+            raise ValueError(
+                f"`text_features[{g}]` is empty (K_{g}=0); every granularity needs a text"
+            )
         _check_same_device(f"text_features[{g}]", t, image)
         if t.dtype != image.dtype:
             raise TypeError(
                 f"`text_features[{g}]` must have the dtype of `image_features` ({image.dtype}), got {t.dtype}"
             )
-    for name, x in [("image_features", image)] + [(f"text_features[{g}]", t) for g, t in enumerate(texts)]:
+    for name, x in [("image_features", image)] + [
+        (f"text_features[{g}]", t) for g, t in enumerate(texts)
+    ]:
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"`{name}` contains NaN or infinite values")
     return list(texts)
@@ -80,7 +90,9 @@ def check_scale_and_bias(scale: object, bias: object, image: Tensor) -> None:
         if not isinstance(value, Tensor):
             raise TypeError(f"`{name}` must be a scalar tensor, got {type(value).__name__}")
         if value.numel() != 1:
-            raise ValueError(f"`{name}` must be a scalar tensor (one element), got shape {tuple(value.shape)}")
+            raise ValueError(
+                f"`{name}` must be a scalar tensor (one element), got shape {tuple(value.shape)}"
+            )
         if not value.is_floating_point():
             raise TypeError(f"`{name}` must be a floating-point tensor, got {value.dtype}")
         _check_same_device(name, value, image)
@@ -106,7 +118,9 @@ def check_labels_or_targets(
     name, values = ("labels", labels) if labels is not None else ("targets", targets)
     g_count = len(texts)
     if isinstance(values, Tensor) or not isinstance(values, Sequence):
-        raise TypeError(f"`{name}` must be a sequence of G={g_count} tensors, got {type(values).__name__}")
+        raise TypeError(
+            f"`{name}` must be a sequence of G={g_count} tensors, got {type(values).__name__}"
+        )
     if len(values) != g_count:
         raise ValueError(
             f"`{name}` must have one entry per granularity: G={g_count} from `text_features`, "
@@ -143,7 +157,9 @@ def _check_labels(g: int, labels: Tensor, n: int, text: Tensor) -> None:
         kind = "ids" if labels.dim() == 1 else "multi-hot entries"
         raise ValueError(f"`labels[{g}]` {kind} must be non-negative, got min {int(labels.min())}")
     if labels.dim() == 2 and labels.dtype != torch.bool and bool((labels > 1).any()):
-        raise ValueError(f"`labels[{g}]` multi-hot entries must be 0 or 1, got max {int(labels.max())}")
+        raise ValueError(
+            f"`labels[{g}]` multi-hot entries must be 0 or 1, got max {int(labels.max())}"
+        )
 
 
 def _check_targets(g: int, targets: Tensor, n: int, text: Tensor) -> None:

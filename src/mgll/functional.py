@@ -230,9 +230,7 @@ def mgll_loss(
         cooccurrence_from_labels(x) if mode == "paired" else CoOccurrence("dense", x)
         for x in values
     ]
-    problem = build_problem(
-        image_features, texts, logit_scale, logit_bias, cooc, config, normalize
-    )
+    problem = build_problem(image_features, texts, logit_scale, logit_bias, cooc, config, normalize)
     terms = _run(problem, config, backend, image_features)
     if output_dict:
         return terms._asdict()

@@ -16,7 +16,9 @@ def compute(problem: Problem, config: LossConfig) -> LossTerms:
     n = problem.num_images
     zero = problem.scale.new_zeros(())
     soft_clip, pointwise, row_logits = zero, zero, []
-    for g, (text, cooc, cols) in enumerate(zip(problem.texts, problem.cooc, problem.cols, strict=True)):
+    for g, (text, cooc, cols) in enumerate(
+        zip(problem.texts, problem.cooc, problem.cols, strict=True)
+    ):
         lam = config.lam(g)
         rows_z = problem.scale * problem.image[problem.rows] @ text.T  # (n_local, K_g)
         rows_c = cooc.block(problem.rows, slice(None), rows_z.dtype)
@@ -40,7 +42,9 @@ def compute(problem: Problem, config: LossConfig) -> LossTerms:
     )
 
 
-def _pointwise(logits: Tensor, cooc: Tensor, problem: Problem, config: LossConfig, n: int) -> Tensor:
+def _pointwise(
+    logits: Tensor, cooc: Tensor, problem: Problem, config: LossConfig, n: int
+) -> Tensor:
     if problem.bias is not None:
         logits = logits + problem.bias
     if config.pointwise_target == "binary":
