@@ -2,13 +2,13 @@
 
 import os
 
-# Must be set before triton is imported anywhere: without a GPU the kernels run interpreted.
-if not os.environ.get("CUDA_VISIBLE_DEVICES") and "TRITON_INTERPRET" not in os.environ:
-    os.environ["TRITON_INTERPRET"] = "1"
-
 import pytest
 import torch
 from hypothesis import settings
+
+# Must be set before triton is imported anywhere: without a GPU the kernels run interpreted.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
 settings.register_profile("long", max_examples=500, deadline=None)
