@@ -1,10 +1,24 @@
 """mgll: Multi-Granular Language Learning as a drop-in CLIP loss for PyTorch."""
 
-from mgll import functional
+from mgll import functional, targets, text
 from mgll.backends import available_backends
 from mgll.functional import mgll_loss
 from mgll.loss import MGLLLoss
+from mgll.text import Granularity, LabelHierarchy, MultiGranularTextBuilder
+from mgll.zeroshot import ZeroShotClassifier
 
 __version__ = "0.1.0"
 
-__all__ = ["MGLLLoss", "__version__", "available_backends", "functional", "mgll_loss"]
+__all__ = [
+    "Granularity",
+    "LabelHierarchy",
+    "MGLLLoss",
+    "MultiGranularTextBuilder",
+    "ZeroShotClassifier",
+    "__version__",
+    "available_backends",
+    "functional",
+    "mgll_loss",
+    "targets",
+    "text",
+]

@@ -1,0 +1,406 @@
+r"""Soft-target constructors: co-occurrence matrices C (N x K) from labels (SPEC section 6).
+
+Every function is a pure tensor function returning a float32 (or wider) matrix that can be
+passed to :class:`mgll.MGLLLoss` as a bank ``targets[g]`` entry, or to
+:func:`mgll.functional.soft_clip_loss`.  ``C[i, k] > 0`` means "text k describes image i".
+
+How the loss reads C, per direction (SPEC 2.1): the image-to-text term uses C normalised per
+**row** (:math:`W^r`, each image's distribution over texts) and the text-to-image term uses C
+normalised per **column** (:math:`W^c`, each text's distribution over images).  A constructor
+that is *symmetric* (``b`` omitted, so K = N) gives the same un-normalised weights in both
+directions; its two normalisations still differ unless C is an equivalence relation
+(:func:`from_ids`).  :func:`normalize` makes either normalisation explicit.
+
+Shape letters: N rows (images), K columns (texts), C_g label classes at a granularity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "expand_ancestors",
+    "from_hierarchy",
+    "from_ids",
+    "from_multi_hot",
+    "normalize",
+    "similarity_softmax",
+    "smooth",
+]
+
+_MODES = ("any", "count", "jaccard")
+
+
+def from_ids(
+    ids_a: Tensor | Sequence[Hashable], ids_b: Tensor | Sequence[Hashable] | None = None
+) -> Tensor:
+    r"""Equality co-occurrence from one class id per sample.
+
+    .. math::
+        C_{ik} = \mathbb 1[\mathrm{ids\_a}_i = \mathrm{ids\_b}_k]
+
+    Symmetric when ``ids_b`` is omitted (``ids_b = ids_a``), and then an equivalence relation:
+    the row-normalised (image-to-text) and column-normalised (text-to-image) weights are
+    transposes of each other, each spreading mass evenly over the samples of the same class.
+    Equals the loss's own rule for paired ``labels[g]`` given as (N,) ids.
+
+    Args:
+        ids_a: integer ids, or a list of hashable keys (strings, tuples, ...).
+        ids_b: the column ids (a text bank's classes); default ``ids_a``.  Must be of the same
+            kind as ``ids_a`` (both tensors, or both lists of keys).
+
+    Shape:
+        - ids_a: (N,)
+        - ids_b: (K,)
+        - Output: (N, K) float32, entries 0 or 1
+
+    Raises:
+        TypeError: a tensor of floating dtype, or keys that are not hashable.
+        ValueError: a tensor that is not 1-D.
+
+    Example:
+        >>> from_ids(["DR", "AMD", "DR"])
+        tensor([[1., 0., 1.],
+                [0., 1., 0.],
+                [1., 0., 1.]])
+    """
+    a = _ids_tensor("ids_a", ids_a)
+    if ids_b is None:
+        b = a
+    elif isinstance(ids_a, Tensor) != isinstance(ids_b, Tensor):
+        raise TypeError(
+            "`ids_b` must be of the same kind as `ids_a` (both tensors or both sequences of "
+            f"keys), got {type(ids_a).__name__} and {type(ids_b).__name__}"
+        )
+    elif isinstance(ids_a, Tensor):
+        b = _ids_tensor("ids_b", ids_b)
+    else:
+        a, b = _encode_keys(ids_a, ids_b)
+    return (a[:, None] == b[None, :].to(a.device)).to(torch.float32)
+
+
+def from_multi_hot(a: Tensor, b: Tensor | None = None, mode: str = "any") -> Tensor:
+    r"""Co-occurrence from the overlap of multi-hot label sets.
+
+    .. math::
+        \text{any: } C_{ik} = \mathbb 1[|a_i \cap b_k| > 0] \qquad
+        \text{count: } C_{ik} = |a_i \cap b_k| \qquad
+        \text{jaccard: } C_{ik} = \frac{|a_i \cap b_k|}{|a_i \cup b_k|}\ (0 \text{ if empty})
+
+    Symmetric when ``b`` is omitted.  With overlapping label sets C is *not* an equivalence
+    relation, so the row-normalised (image-to-text) and column-normalised (text-to-image)
+    weights are not transposes of each other; the loss normalises each direction on its own.
+    A sample without any label has an all-zero row and column (never an anchor).
+    ``mode="any"`` equals the loss's own rule for paired ``labels[g]`` given as multi-hot.
+
+    Args:
+        a: multi-hot label sets of the rows, entries 0/1 (bool, integer or float).
+        b: label sets of the columns; default ``a``.
+        mode: ``"any"`` (binary overlap), ``"count"`` (number of shared labels) or
+            ``"jaccard"`` (intersection over union).
+
+    Shape:
+        - a: (N, C_g)
+        - b: (K, C_g)
+        - Output: (N, K) float32
+
+    Raises:
+        ValueError: entries other than 0/1, shapes that do not match, or an unknown ``mode``.
+        TypeError: a non-tensor input.
+
+    Example:
+        >>> a = torch.tensor([[1, 1, 0], [0, 1, 0], [0, 0, 1]])
+        >>> from_multi_hot(a, mode="jaccard")
+        tensor([[1.0000, 0.5000, 0.0000],
+                [0.5000, 1.0000, 0.0000],
+                [0.0000, 0.0000, 1.0000]])
+    """
+    if mode not in _MODES:
+        raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}")
+    x = _multi_hot("a", a)
+    y = x if b is None else _multi_hot("b", b, classes=x.shape[1])
+    inter = x @ y.T
+    if mode == "any":
+        return (inter > 0).to(inter.dtype)
+    if mode == "count":
+        return inter
+    union = x.sum(1, keepdim=True) + y.sum(1)[None, :] - inter
+    return inter / torch.where(union > 0, union, torch.ones_like(union))
+
+
+def expand_ancestors(a: Tensor, ancestors: Tensor) -> Tensor:
+    r"""Add every label's ancestors to multi-hot label sets ("a fine label implies its parents").
+
+    .. math::
+        \hat a_{ic} = \max\big(a_{ic},\ \max_{c'} a_{ic'} A_{c'c}\big)
+
+    Args:
+        a: multi-hot label sets, entries 0/1.
+        ancestors: A with ``A[c, p] = 1`` when class p is a (transitive) ancestor of class c,
+            as returned by :meth:`mgll.text.LabelHierarchy.matrix`.
+
+    Shape:
+        - a: (N, C_g)
+        - ancestors: (C_g, C_g)
+        - Output: (N, C_g) float32, entries 0 or 1
+
+    Example:
+        >>> A = torch.tensor([[0, 0], [1, 0]])  # class 1 ("NPDR") has ancestor class 0 ("DR")
+        >>> expand_ancestors(torch.tensor([[0, 1]]), A)
+        tensor([[1., 1.]])
+    """
+    x = _multi_hot("a", a)
+    anc = _ancestor_matrix(ancestors, x.shape[1])
+    return ((x + x @ anc) > 0).to(x.dtype)
+
+
+def from_hierarchy(
+    a: Tensor, b: Tensor | None = None, *, ancestors: Tensor, ancestor_credit: float = 0.0
+) -> Tensor:
+    r"""Co-occurrence over a label hierarchy, with optional partial credit for relatives.
+
+    .. math::
+        C_{ik} = \begin{cases}
+            1 & \text{if } \hat a_i \cap b_k \ne \emptyset \text{ or } a_i \cap \hat b_k \ne \emptyset
+              \quad\text{(one implies the other)}\\
+            \text{ancestor\_credit} & \text{else if } \hat a_i \cap \hat b_k \ne \emptyset
+              \quad\text{(they only share an ancestor)}\\
+            0 & \text{otherwise}
+        \end{cases}
+
+    where :math:`\hat a` adds the ancestors (:func:`expand_ancestors`).  An image labelled
+    "moderate NPDR" is a full positive of the bank text "DR" (its ancestor), and with
+    ``ancestor_credit=0.5`` a half positive of "severe NPDR" (a sibling under "NPDR").
+    ``ancestor_credit=1`` is the any-overlap of the expanded sets, which is what
+    :class:`mgll.text.MultiGranularTextBuilder` produces with a hierarchy.  Symmetric when
+    ``b`` is omitted; directions are normalised separately by the loss (not an equivalence
+    relation in general).
+
+    Args:
+        a: multi-hot label sets of the rows, entries 0/1.
+        b: label sets of the columns; default ``a``.
+        ancestors: (C_g, C_g) ancestor matrix, see :func:`expand_ancestors`.
+        ancestor_credit: weight in [0, 1] for pairs related only through a shared ancestor.
+
+    Shape:
+        - a: (N, C_g)
+        - b: (K, C_g)
+        - Output: (N, K) float32
+
+    Example:
+        >>> A = torch.tensor([[0, 0, 0], [1, 0, 0], [1, 0, 0]])  # DR <- NPDR, DR <- PDR
+        >>> a = torch.tensor([[0, 1, 0], [0, 0, 1]])  # an NPDR image, a PDR image
+        >>> from_hierarchy(a, torch.eye(3), ancestors=A, ancestor_credit=0.5)  # bank: DR, NPDR, PDR
+        tensor([[1.0000, 1.0000, 0.5000],
+                [1.0000, 0.5000, 1.0000]])
+    """
+    if isinstance(ancestor_credit, bool) or not isinstance(ancestor_credit, (int, float)):
+        raise TypeError(f"`ancestor_credit` must be a number, got {type(ancestor_credit).__name__}")
+    if not 0.0 <= ancestor_credit <= 1.0:
+        raise ValueError(f"`ancestor_credit` must be in [0, 1], got {ancestor_credit}")
+    x = _multi_hot("a", a)
+    y = x if b is None else _multi_hot("b", b, classes=x.shape[1])
+    x_up, y_up = expand_ancestors(x, ancestors), expand_ancestors(y, ancestors)
+    implied = ((x_up @ y.T) + (x @ y_up.T)) > 0
+    related = (x_up @ y_up.T) > 0
+    out = torch.where(implied, 1.0, torch.where(related, float(ancestor_credit), 0.0))
+    return out.to(x.dtype)
+
+
+def normalize(C: Tensor, dim: int) -> Tensor:
+    r"""Normalise C per direction; lines without a positive stay zero.
+
+    .. math::
+        \text{dim}=1:\ W^r_{ik} = \frac{C_{ik}}{\sum_{k'} C_{ik'}} \qquad
+        \text{dim}=0:\ W^c_{ik} = \frac{C_{ik}}{\sum_{i'} C_{i'k}}
+
+    ``dim=1`` gives the image-to-text weights (each row a distribution over texts);
+    ``dim=0`` gives the text-to-image weights (each column a distribution over images).
+    The result is symmetric only if C is symmetric with equal line sums.
+
+    Args:
+        C: non-negative co-occurrence.
+        dim: 1 (rows, image-to-text) or 0 (columns, text-to-image).
+
+    Shape:
+        - C: (N, K)
+        - Output: (N, K), the dtype of C promoted to at least float32
+
+    Example:
+        >>> normalize(torch.tensor([[1.0, 1.0], [0.0, 0.0]]), dim=1)
+        tensor([[0.5000, 0.5000],
+                [0.0000, 0.0000]])
+    """
+    c = _cooc("C", C)
+    if dim not in (0, 1, -1, -2):
+        raise ValueError(f"`dim` must be 0 (columns) or 1 (rows) of the (N, K) matrix, got {dim}")
+    sums = c.sum(dim, keepdim=True)
+    return c / torch.where(sums > 0, sums, torch.ones_like(sums))
+
+
+def smooth(C: Tensor, epsilon: float, dim: int = 1) -> Tensor:
+    r"""Label smoothing of a normalised target, line by line.
+
+    .. math::
+        \tilde W = (1-\varepsilon)\, W + \varepsilon / L
+
+    where W is C normalised along ``dim`` (:func:`normalize`) and L the length of that line
+    (K for rows, N for columns).  Lines without a positive stay zero (they are not anchors).
+    Not symmetric in general; smoothing makes every entry of an anchored line positive, so
+    use it with the soft pointwise target (``pointwise_target="soft"``) or with
+    :func:`mgll.functional.soft_clip_loss` in the direction it was normalised for.
+
+    Args:
+        C: non-negative co-occurrence (normalised or not; it is normalised first).
+        epsilon: smoothing mass in [0, 1).
+        dim: 1 (rows, image-to-text, default) or 0 (columns, text-to-image).
+
+    Shape:
+        - C: (N, K)
+        - Output: (N, K)
+
+    Example:
+        >>> smooth(torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]), 0.2)
+        tensor([[0.8500, 0.0500, 0.0500, 0.0500],
+                [0.0000, 0.0000, 0.0000, 0.0000]])
+    """
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
+        raise TypeError(f"`epsilon` must be a number, got {type(epsilon).__name__}")
+    if not 0.0 <= epsilon < 1.0:
+        raise ValueError(f"`epsilon` must be in [0, 1), got {epsilon}")
+    w = normalize(C, dim)
+    anchored = (w.sum(dim, keepdim=True) > 0).to(w.dtype)
+    return (1.0 - epsilon) * w + anchored * (epsilon / w.shape[dim])
+
+
+def similarity_softmax(a: Tensor, b: Tensor | None = None, temperature: float = 1.0) -> Tensor:
+    r"""MedCLIP-style soft targets: a softmax over label-vector cosine similarity.
+
+    .. math::
+        W_{ik} = \frac{\exp(\cos(a_i, b_k)/\tau)}{\sum_{k'} \exp(\cos(a_i, b_{k'})/\tau)}
+
+    MedCLIP uses :math:`\tau = 1`, which keeps targets close to uniform; a small temperature
+    sharpens them towards the rows' best matches.  The result is already row-normalised (the
+    image-to-text weights); the loss column-normalises it for text-to-image.  Not symmetric,
+    even with ``b`` omitted.  Rows whose label vector is all zero stay zero (no anchor), and
+    columns with a zero label vector get no mass.
+
+    Args:
+        a: label vectors of the rows (multi-hot or soft, non-negative).
+        b: label vectors of the columns; default ``a``.
+        temperature: :math:`\tau > 0`.
+
+    Shape:
+        - a: (N, C_g)
+        - b: (K, C_g)
+        - Output: (N, K) float32, rows sum to 1 or 0
+
+    Example:
+        >>> a = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+        >>> similarity_softmax(a, temperature=0.1).round(decimals=4)
+        tensor([[0.9493, 0.0507],
+                [0.0507, 0.9493]])
+    """
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"`temperature` must be a number, got {type(temperature).__name__}")
+    if not temperature > 0:
+        raise ValueError(f"`temperature` must be positive, got {temperature}")
+    x = _cooc("a", a)
+    y = x if b is None else _cooc("b", b)
+    if y.dim() != 2 or y.shape[1] != x.shape[1]:
+        raise ValueError(f"`b` must have shape (K, C_g={x.shape[1]}), got {tuple(y.shape)}")
+    xn, yn = _unit_rows(x), _unit_rows(y)
+    logits = (xn @ yn.T) / temperature
+    col_ok = (y.abs().sum(1) > 0)[None, :]
+    logits = logits.masked_fill(~col_ok, float("-inf"))
+    row_ok = (x.abs().sum(1, keepdim=True) > 0) & col_ok.any()
+    w = torch.softmax(torch.where(row_ok, logits, torch.zeros_like(logits)), dim=1)
+    return torch.where(row_ok, w, torch.zeros_like(w))
+
+
+def _unit_rows(x: Tensor) -> Tensor:
+    norm = x.norm(dim=1, keepdim=True)
+    return x / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+def _ids_tensor(name: str, ids: object) -> Tensor:
+    if isinstance(ids, Tensor):
+        if ids.is_floating_point() or ids.is_complex():
+            raise TypeError(f"`{name}` must hold integer or bool ids, got dtype {ids.dtype}")
+        if ids.dim() != 1:
+            raise ValueError(f"`{name}` must be 1-D (N,), got shape {tuple(ids.shape)}")
+        return ids
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise TypeError(
+            f"`{name}` must be a 1-D integer tensor or a sequence of hashable keys, got "
+            f"{type(ids).__name__}"
+        )
+    return _encode_keys(ids, ids)[0]
+
+
+def _encode_keys(a: Sequence[Hashable], b: Sequence[Hashable]) -> tuple[Tensor, Tensor]:
+    codes: dict[Hashable, int] = {}
+    out = []
+    for name, keys in (("ids_a", a), ("ids_b", b)):
+        row = []
+        for j, key in enumerate(keys):
+            try:
+                row.append(codes.setdefault(key, len(codes)))
+            except TypeError:
+                raise TypeError(
+                    f"`{name}[{j}]` must be hashable (an id or a key such as a string), got "
+                    f"{type(key).__name__}"
+                ) from None
+        out.append(torch.tensor(row, dtype=torch.long))
+    return out[0], out[1]
+
+
+def _multi_hot(name: str, x: object, classes: int | None = None) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"`{name}` must be a (rows, C_g) multi-hot tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"`{name}` must be 2-D (rows, C_g) multi-hot, got shape {tuple(x.shape)}")
+    if classes is not None and x.shape[1] != classes:
+        raise ValueError(
+            f"`{name}` must have C_g={classes} columns to match `a`, got {tuple(x.shape)}"
+        )
+    if x.is_complex():
+        raise TypeError(f"`{name}` must be real 0/1 entries, got dtype {x.dtype}")
+    if x.dtype != torch.bool and bool(((x != 0) & (x != 1)).any()):
+        bad = x[(x != 0) & (x != 1)][0].item()
+        raise ValueError(f"`{name}` multi-hot entries must be 0 or 1, got {bad}")
+    return x.to(
+        torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
+    )
+
+
+def _ancestor_matrix(ancestors: object, classes: int) -> Tensor:
+    if not isinstance(ancestors, Tensor):
+        raise TypeError(
+            f"`ancestors` must be a (C_g, C_g) tensor (LabelHierarchy.matrix), got "
+            f"{type(ancestors).__name__}"
+        )
+    if tuple(ancestors.shape) != (classes, classes):
+        raise ValueError(
+            f"`ancestors` must have shape (C_g, C_g) = {(classes, classes)} to match the label "
+            f"sets, got {tuple(ancestors.shape)}"
+        )
+    return (ancestors != 0).to(torch.float32)
+
+
+def _cooc(name: str, x: object) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"`{name}` must be 2-D, got shape {tuple(x.shape)}")
+    if x.is_complex():
+        raise TypeError(f"`{name}` must be real, got dtype {x.dtype}")
+    x = x.to(torch.promote_types(x.dtype, torch.float32)) if x.is_floating_point() else x.float()
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"`{name}` contains NaN or infinite values")
+    if bool((x < 0).any()):
+        raise ValueError(f"`{name}` must be non-negative, got min {float(x.min())}")
+    return x
