@@ -12,7 +12,7 @@ assert "site-packages" in mgll.__file__, f"imported the source tree, not the whe
 optional = {"mgll.backends.triton_kernels"}  # needs the [triton] extra, absent here on purpose
 modules = [m.name for m in pkgutil.walk_packages(mgll.__path__, "mgll.")]
 for name in modules:
-    if name in optional or name.startswith("mgll.integrations."):
+    if name in optional:
         continue
     importlib.import_module(name)
 for name in mgll.__all__:
