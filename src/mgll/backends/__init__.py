@@ -16,6 +16,7 @@ Backend = Callable[[Problem, LossConfig], LossTerms]
 #: Backend name -> module implementing ``compute``.  ``"auto"`` picks among these.
 BACKENDS: dict[str, str] = {
     "reference": "mgll.backends.reference",
+    "triton": "mgll.backends.triton_kernels",
 }
 
 

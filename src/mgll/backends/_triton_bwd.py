@@ -1,0 +1,328 @@
+"""Backward kernels of ``backend="triton"``: recompute tiles, accumulate dX and dT.
+
+See :mod:`mgll.backends._triton_fwd` for the data layout.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from mgll.backends._triton_tiles import _dot_rows, _log_mixture, _sigmoid, _targets
+
+#: Fields of the per-row backward coefficients (dim 1 of ``ROWF``).
+RF_LSE, RF_CE, RF_INV, RF_PW, RF_KL, RF_KLV = (tl.constexpr(i) for i in range(6))
+N_ROW_FIELDS = tl.constexpr(6)
+#: Fields of the per-column backward coefficients (dim 1 of ``COLF``).
+CF_LSE, CF_CE, CF_INV = (tl.constexpr(i) for i in range(3))
+N_COL_FIELDS = tl.constexpr(3)
+
+
+@triton.jit
+def _dz_tile(
+    X,
+    T_g,
+    TGT,
+    ROWF,
+    COLF,
+    g,
+    scale,
+    bias,
+    lm,
+    offs_i,
+    offs_k,
+    mask_i,
+    mask_k,
+    N,
+    KMAX,
+    D,
+    NCLS,
+    KIND: tl.constexpr,
+    HAS_CE: tl.constexpr,
+    HAS_PW: tl.constexpr,
+    HAS_KL: tl.constexpr,
+    SOFT_Y: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    r"""dL/dZ^g on an (image rows x text columns) tile, the raw dot X T^T, and the pointwise part.
+
+    .. math::
+        dZ = a_i (P - C/c_i) + a'_k (P' - C/c'_k) + w_i (\sigma(Z + b) - Y)
+             + v_i P (\log P - \log M - \mathrm{KL}_i)
+
+    with every coefficient (``ROWF``, ``COLF``) zero outside the lines this process owns.
+    """
+    u = _dot_rows(X, T_g, offs_i, offs_k, mask_i, mask_k, D, BLOCK_D, PREC)
+    z = scale * u
+    c = _targets(TGT, g, offs_i, offs_k, mask_i, mask_k, N, KMAX, NCLS, KIND, False, BLOCK_C)
+    rowf = ROWF + g * N_ROW_FIELDS * N + offs_i
+    lse_r = tl.load(rowf + RF_LSE * N, mask=mask_i, other=0.0)
+    inv_r = tl.load(rowf + RF_INV * N, mask=mask_i, other=0.0)
+    lq = tl.minimum(z - lse_r[:, None], 0.0)  # <= 0 for owned rows; clamps the others
+    p = tl.exp(lq)
+    dz = tl.zeros((offs_i.shape[0], offs_k.shape[0]), dtype=tl.float32)
+    gpw = tl.zeros((offs_i.shape[0], offs_k.shape[0]), dtype=tl.float32)
+    if HAS_CE:
+        ce_r = tl.load(rowf + RF_CE * N, mask=mask_i, other=0.0)
+        colf = COLF + g * N_COL_FIELDS * KMAX + offs_k
+        lse_c = tl.load(colf + CF_LSE * KMAX, mask=mask_k, other=0.0)
+        ce_c = tl.load(colf + CF_CE * KMAX, mask=mask_k, other=0.0)
+        inv_c = tl.load(colf + CF_INV * KMAX, mask=mask_k, other=0.0)
+        p_c = tl.exp(tl.minimum(z - lse_c[None, :], 0.0))
+        dz += ce_r[:, None] * (p - c * inv_r[:, None])
+        dz += ce_c[None, :] * (p_c - c * inv_c[None, :])
+    if HAS_PW:
+        w_pw = tl.load(rowf + RF_PW * N, mask=mask_i, other=0.0)
+        y = c * inv_r[:, None] if SOFT_Y else (c > 0).to(tl.float32)
+        gpw = w_pw[:, None] * (_sigmoid(z + bias) - y)
+        dz += gpw
+    if HAS_KL:
+        w_kl = tl.load(rowf + RF_KL * N, mask=mask_i, other=0.0)
+        kl = tl.load(rowf + RF_KLV * N, mask=mask_i, other=0.0)
+        dz += w_kl[:, None] * p * (lq - lm - kl[:, None])
+    valid = mask_i[:, None] & mask_k[None, :]
+    return tl.where(valid, dz, 0.0), u, tl.where(valid, gpw, 0.0)
+
+
+@triton.jit
+def _accumulate(
+    OUT, B, w, offs_o, offs_b, mask_o, mask_b, D, BLOCK_D: tl.constexpr, PREC: tl.constexpr
+):
+    """``OUT[offs_o, :] += w @ B[offs_b, :]`` for the fp32 (*, D) buffer OUT this program owns."""
+    w = w.to(B.dtype.element_ty)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        b = tl.load(
+            B + offs_b[:, None] * D + offs_d[None, :],
+            mask=mask_b[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        ptrs = OUT + offs_o[:, None] * D + offs_d[None, :]
+        mask = mask_o[:, None] & mask_d[None, :]
+        acc = tl.load(ptrs, mask=mask, other=0.0)
+        acc = tl.dot(w, b, acc, input_precision=PREC)
+        tl.store(ptrs, acc, mask=mask)
+    tl.debug_barrier()  # the next tile reads what this one wrote, possibly from another thread
+
+
+@triton.jit
+def dx_kernel(
+    X,
+    T,
+    TGT,
+    ROWF,
+    COLF,
+    DX,
+    RED,
+    SCALE,
+    BIAS,
+    KS,
+    row_lo,
+    row_hi,
+    col_lo,
+    col_hi,
+    N,
+    KMAX,
+    D,
+    NCLS,
+    G: tl.constexpr,
+    KIND: tl.constexpr,
+    HAS_CE: tl.constexpr,
+    HAS_PW: tl.constexpr,
+    HAS_KL: tl.constexpr,
+    SOFT_Y: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WRITE_DX: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """One image row block: ``DX[i] += sum_g sum_k dZ^g_ik T^g_k`` (without the factor s).
+
+    Also writes per-row partial sums ``RED[0, i] = sum dZ * X T^T`` (for d(scale)) and
+    ``RED[1, i] = sum dZ_pointwise`` (for d(bias)).  A block holding no owned row only visits
+    the owned text columns ``col_lo..col_hi`` (union over granularities).
+    """
+    pid = tl.program_id(0)
+    scale = tl.load(SCALE)
+    bias = tl.load(BIAS) if HAS_BIAS else 0.0
+    offs_i = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_i = offs_i < N
+    owned = (pid * BLOCK_M < row_hi) & (pid * BLOCK_M + BLOCK_M > row_lo)
+    k_lo = tl.where(owned, 0, col_lo)
+    k_hi = tl.where(owned, KMAX, col_hi)
+    d_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    d_bias = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_N):
+        offs_k = k0 + tl.arange(0, BLOCK_N)
+        lm = 0.0
+        if HAS_KL:
+            lm = _log_mixture(
+                X,
+                T,
+                ROWF + RF_LSE * N,
+                N_ROW_FIELDS * N,
+                scale,
+                offs_i,
+                offs_k,
+                mask_i,
+                offs_k < N,
+                N,
+                D,
+                G,
+                BLOCK_D,
+                PREC,
+            )
+        for g in tl.static_range(G):
+            k_g = tl.load(KS + g)
+            if k0 < k_g:
+                mask_k = (offs_k < k_hi) & (offs_k < k_g)
+                T_g = T + g * KMAX * D
+                dz, u, gpw = _dz_tile(
+                    X,
+                    T_g,
+                    TGT,
+                    ROWF,
+                    COLF,
+                    g,
+                    scale,
+                    bias,
+                    lm,
+                    offs_i,
+                    offs_k,
+                    mask_i,
+                    mask_k,
+                    N,
+                    KMAX,
+                    D,
+                    NCLS,
+                    KIND,
+                    HAS_CE,
+                    HAS_PW,
+                    HAS_KL,
+                    SOFT_Y,
+                    BLOCK_D,
+                    BLOCK_C,
+                    PREC,
+                )
+                d_scale += tl.sum(dz * u, 1)
+                d_bias += tl.sum(gpw, 1)
+                if WRITE_DX:
+                    _accumulate(DX, T_g, dz, offs_i, offs_k, mask_i, mask_k, D, BLOCK_D, PREC)
+    tl.store(RED + offs_i, d_scale, mask=mask_i)
+    tl.store(RED + N + offs_i, d_bias, mask=mask_i)
+
+
+@triton.jit
+def dt_kernel(
+    X,
+    T,
+    TGT,
+    ROWF,
+    COLF,
+    DT,
+    SCALE,
+    BIAS,
+    KS,
+    row_lo,
+    row_hi,
+    col_lo,
+    col_hi,
+    N,
+    KMAX,
+    D,
+    NCLS,
+    G: tl.constexpr,
+    KIND: tl.constexpr,
+    HAS_CE: tl.constexpr,
+    HAS_PW: tl.constexpr,
+    HAS_KL: tl.constexpr,
+    SOFT_Y: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """One text column block: ``DT[g, k] += sum_i dZ^g_ik X_i`` (without the factor s).
+
+    A block holding no owned column only visits the owned image rows ``row_lo..row_hi``.
+    """
+    pid = tl.program_id(0)
+    scale = tl.load(SCALE)
+    bias = tl.load(BIAS) if HAS_BIAS else 0.0
+    offs_k = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    owned = (pid * BLOCK_N < col_hi) & (pid * BLOCK_N + BLOCK_N > col_lo)
+    i_lo = tl.where(owned, 0, row_lo)
+    i_hi = tl.where(owned, N, row_hi)
+    for i0 in range(i_lo, i_hi, BLOCK_M):
+        offs_i = i0 + tl.arange(0, BLOCK_M)
+        mask_i = offs_i < i_hi
+        lm = 0.0
+        if HAS_KL:
+            lm = _log_mixture(
+                X,
+                T,
+                ROWF + RF_LSE * N,
+                N_ROW_FIELDS * N,
+                scale,
+                offs_i,
+                offs_k,
+                mask_i,
+                offs_k < N,
+                N,
+                D,
+                G,
+                BLOCK_D,
+                PREC,
+            )
+        for g in tl.static_range(G):
+            k_g = tl.load(KS + g)
+            if pid * BLOCK_N < k_g:
+                mask_k = offs_k < k_g
+                T_g = T + g * KMAX * D
+                dz, _u, _gpw = _dz_tile(
+                    X,
+                    T_g,
+                    TGT,
+                    ROWF,
+                    COLF,
+                    g,
+                    scale,
+                    bias,
+                    lm,
+                    offs_i,
+                    offs_k,
+                    mask_i,
+                    mask_k,
+                    N,
+                    KMAX,
+                    D,
+                    NCLS,
+                    KIND,
+                    HAS_CE,
+                    HAS_PW,
+                    HAS_KL,
+                    SOFT_Y,
+                    BLOCK_D,
+                    BLOCK_C,
+                    PREC,
+                )
+                _accumulate(
+                    DT + g * KMAX * D,
+                    X,
+                    tl.trans(dz),
+                    offs_k,
+                    offs_i,
+                    mask_k,
+                    mask_i,
+                    D,
+                    BLOCK_D,
+                    PREC,
+                )

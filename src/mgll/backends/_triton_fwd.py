@@ -1,0 +1,165 @@
+"""Triton kernels of ``backend="triton"`` (imported only by :mod:`mgll.backends.triton_kernels`).
+
+Layout shared by every kernel.  ``X`` is the (N, D) image features, ``T`` the (G, K_max, D) text
+features of all granularities stacked (bank granularities with fewer texts are zero-padded and
+masked by ``KS[g] = K_g``).  Logits are never stored: every kernel recomputes its
+(BLOCK_M x BLOCK_N) tiles ``Z = s * X_i T_k^T`` with fp32 accumulation, looping over D in
+chunks of BLOCK_D.  The co-occurrence C^g is rebuilt per tile from what the batch carries
+(``KIND``): 0 = paired integer ids (``TGT`` (G, N) int32, ``C_ik = ids_i == ids_k``),
+1 = paired multi-hot label sets (``TGT`` (G, N, C_max) float, ``C_ik = <a_i, a_k> > 0``),
+2 = bank targets (``TGT`` (G, N, K_max) float, loaded as is).
+
+Forward: :func:`stats_kernel` keeps online log-sum-exp and target-weighted sums per row (image
+rows against texts) or per column (texts against images, ``TEXT_ROWS``); :func:`kl_kernel`
+computes the paired smooth KL in log space from the row log-sum-exps.  Backward:
+:func:`dx_kernel` (one program per image row block) and :func:`dt_kernel` (one program per text
+column block) recompute the tiles, form dL/dZ and accumulate dX and dT without atomics; the
+row-block kernel also writes per-row partial sums for d(scale) and d(bias).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from mgll.backends._triton_tiles import NEG, _dot_rows, _log_mixture, _softplus, _targets
+
+#: Fields of the per-line statistics written by ``stats_kernel`` (dim 1 of its output).
+ST_LSE, ST_C, ST_CZ, ST_SP, ST_YZ, ST_Y = (tl.constexpr(i) for i in range(6))
+N_STATS = tl.constexpr(6)
+
+
+@triton.jit
+def stats_kernel(
+    X,
+    T,
+    TGT,
+    OUT,
+    SCALE,
+    BIAS,
+    KS,
+    LO,
+    HI,
+    N,
+    KMAX,
+    D,
+    NCLS,
+    TEXT_ROWS: tl.constexpr,
+    KIND: tl.constexpr,
+    POINTWISE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Per-line statistics of granularity ``g = program_id(1)`` for lines ``LO[g]..HI[g]``.
+
+    Lines are image rows against all K_g texts, or (``TEXT_ROWS``) text columns against all N
+    images.  Writes ``OUT[g, :, line]``: log-sum-exp, sum C, sum C z, and with ``POINTWISE``
+    sum softplus(z + b), sum 1[C>0] z and sum 1[C>0].
+    """
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    k_g = tl.load(KS + g)
+    lo = tl.load(LO + g)
+    hi = tl.load(HI + g)
+    scale = tl.load(SCALE)
+    bias = tl.load(BIAS) if HAS_BIAS else 0.0
+    T_g = T + g.to(tl.int64) * KMAX * D
+    if TEXT_ROWS:
+        A, B, n_other = T_g, X, N
+    else:
+        A, B, n_other = X, T_g, k_g
+    start = lo + pid * BLOCK_M
+    offs_a = start + tl.arange(0, BLOCK_M)
+    mask_a = offs_a < hi
+    end = tl.where(start < hi, n_other, 0)
+
+    m = tl.full((BLOCK_M,), NEG, dtype=tl.float32)
+    l = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    s_c = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    s_cz = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    s_sp = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    s_yz = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    s_y = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for b0 in range(0, end, BLOCK_N):
+        offs_b = b0 + tl.arange(0, BLOCK_N)
+        mask_b = offs_b < n_other
+        z = scale * _dot_rows(A, B, offs_a, offs_b, mask_a, mask_b, D, BLOCK_D, PREC)
+        z_lse = tl.where(mask_b[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z_lse, 1))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(z_lse - m_new[:, None]), 1)
+        m = m_new
+        c = _targets(
+            TGT, g, offs_a, offs_b, mask_a, mask_b, N, KMAX, NCLS, KIND, TEXT_ROWS, BLOCK_C
+        )
+        c = tl.where(mask_b[None, :], c, 0.0)
+        s_c += tl.sum(c, 1)
+        s_cz += tl.sum(c * z, 1)
+        if POINTWISE:
+            sp = _softplus(z + bias)
+            s_sp += tl.sum(tl.where(mask_b[None, :], sp, 0.0), 1)
+            y = (c > 0).to(tl.float32)
+            s_yz += tl.sum(y * z, 1)
+            s_y += tl.sum(y, 1)
+    n_lines = KMAX if TEXT_ROWS else N
+    out = OUT + g * N_STATS * n_lines + offs_a
+    tl.store(out + ST_LSE * n_lines, m + tl.log(l), mask=mask_a)
+    tl.store(out + ST_C * n_lines, s_c, mask=mask_a)
+    tl.store(out + ST_CZ * n_lines, s_cz, mask=mask_a)
+    if POINTWISE:
+        tl.store(out + ST_SP * n_lines, s_sp, mask=mask_a)
+        tl.store(out + ST_YZ * n_lines, s_yz, mask=mask_a)
+        tl.store(out + ST_Y * n_lines, s_y, mask=mask_a)
+
+
+@triton.jit
+def kl_kernel(
+    X,
+    T,
+    LSE,
+    OUT,
+    SCALE,
+    LO,
+    HI,
+    N,
+    D,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """``OUT[g, i] = KL(P^g_i || M_i)`` for paired granularities (K_g = N), rows ``LO..HI``.
+
+    ``LSE`` is (G, N): the row log-sum-exps from ``stats_kernel``.  All in log space: for a
+    fixed (i, k) the G log-probabilities are ``Z^g_ik - lse^g_i``.
+    """
+    lo = tl.load(LO)
+    hi = tl.load(HI)
+    scale = tl.load(SCALE)
+    start = lo + tl.program_id(0) * BLOCK_M
+    offs_i = start + tl.arange(0, BLOCK_M)
+    mask_i = offs_i < hi
+    end = tl.where(start < hi, N, 0)
+    offs_g = tl.arange(0, GP)
+    acc = tl.zeros((BLOCK_M, GP), dtype=tl.float32)
+    for k0 in range(0, end, BLOCK_N):
+        offs_k = k0 + tl.arange(0, BLOCK_N)
+        mask_k = offs_k < N
+        lm = _log_mixture(
+            X, T, LSE, N, scale, offs_i, offs_k, mask_i, mask_k, N, D, G, BLOCK_D, PREC
+        )
+        for g in tl.static_range(G):
+            lse = tl.load(LSE + g * N + offs_i, mask=mask_i, other=0.0)
+            z = scale * _dot_rows(
+                X, T + g * N * D, offs_i, offs_k, mask_i, mask_k, D, BLOCK_D, PREC
+            )
+            lq = tl.minimum(z - lse[:, None], 0.0)
+            term = tl.where(mask_k[None, :], tl.exp(lq) * (lq - lm), 0.0)
+            acc += tl.where(offs_g[None, :] == g, tl.sum(term, 1)[:, None], 0.0)
+    ptrs = OUT + offs_g[None, :] * N + offs_i[:, None]
+    tl.store(ptrs, acc, mask=mask_i[:, None] & (offs_g[None, :] < G))

@@ -1,0 +1,125 @@
+"""Tile helpers shared by the Triton kernels of ``backend="triton"`` (see ``_triton_fwd``)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima (avoids inf - inf)
+
+
+@triton.jit
+def _dot_rows(A, B, offs_a, offs_b, mask_a, mask_b, D, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """<A[offs_a], B[offs_b]> for row-major (*, D) matrices: a (len(a), len(b)) fp32 tile."""
+    acc = tl.zeros((offs_a.shape[0], offs_b.shape[0]), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        a = tl.load(
+            A + offs_a[:, None] * D + offs_d[None, :],
+            mask=mask_a[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            B + offs_b[:, None] * D + offs_d[None, :],
+            mask=mask_b[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _targets(
+    TGT,
+    g,
+    offs_r,
+    offs_c,
+    mask_r,
+    mask_c,
+    N,
+    KMAX,
+    NCLS,
+    KIND: tl.constexpr,
+    TEXT_ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """The tile of C^g (float 0/1 or bank weights) for tile rows ``offs_r`` and columns ``offs_c``.
+
+    Tile rows are images and columns texts, or the other way round when ``TEXT_ROWS`` (paired
+    C is symmetric; bank C is read transposed).
+    """
+    if KIND == 0:
+        a = tl.load(TGT + g * N + offs_r, mask=mask_r, other=-1)
+        b = tl.load(TGT + g * N + offs_c, mask=mask_c, other=-2)
+        c = (a[:, None] == b[None, :]).to(tl.float32)
+    elif KIND == 1:
+        base = TGT + g.to(tl.int64) * N * NCLS
+        overlap = tl.zeros((offs_r.shape[0], offs_c.shape[0]), dtype=tl.float32)
+        for c0 in range(0, NCLS, BLOCK_C):
+            offs_l = c0 + tl.arange(0, BLOCK_C)
+            mask_l = offs_l < NCLS
+            la = tl.load(
+                base + offs_r[:, None] * NCLS + offs_l[None, :],
+                mask=mask_r[:, None] & mask_l[None, :],
+                other=0.0,
+            )
+            lb = tl.load(
+                base + offs_c[:, None] * NCLS + offs_l[None, :],
+                mask=mask_c[:, None] & mask_l[None, :],
+                other=0.0,
+            )
+            overlap = tl.dot(la, tl.trans(lb), overlap)
+        c = (overlap > 0).to(tl.float32)
+    else:
+        base = TGT + g.to(tl.int64) * N * KMAX
+        if TEXT_ROWS:
+            ptrs = base + offs_c[None, :].to(tl.int64) * KMAX + offs_r[:, None]
+        else:
+            ptrs = base + offs_r[:, None].to(tl.int64) * KMAX + offs_c[None, :]
+        c = tl.load(ptrs, mask=mask_r[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+    return c
+
+
+@triton.jit
+def _softplus(x):
+    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _sigmoid(x):
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _log_mixture(
+    X,
+    T,
+    LSE,
+    lse_stride,
+    scale,
+    offs_i,
+    offs_k,
+    mask_i,
+    mask_k,
+    N,
+    D,
+    G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """log M_ik = logsumexp_g(Z^g_ik - lse^g_i) - log G for the paired (identity) smooth KL.
+
+    ``T`` is (G, N, D); ``LSE + g * lse_stride`` holds the N row log-sum-exps of granularity g.
+    """
+    mx = tl.full((offs_i.shape[0], offs_k.shape[0]), NEG, dtype=tl.float32)
+    sm = tl.zeros((offs_i.shape[0], offs_k.shape[0]), dtype=tl.float32)
+    for g in tl.static_range(G):
+        lse = tl.load(LSE + g * lse_stride + offs_i, mask=mask_i, other=0.0)
+        z = scale * _dot_rows(X, T + g * N * D, offs_i, offs_k, mask_i, mask_k, D, BLOCK_D, PREC)
+        lq = tl.minimum(z - lse[:, None], 0.0)
+        mx_new = tl.maximum(mx, lq)
+        sm = sm * tl.exp(mx - mx_new) + tl.exp(lq - mx_new)
+        mx = mx_new
+    return mx + tl.log(sm) - tl.log(G * 1.0)

@@ -1,0 +1,211 @@
+r"""``backend="triton"``: fused Triton kernels for the heavy N x K_g parts (SPEC section 5).
+
+Tiled like flash-attention / Inf-CL: logits :math:`Z^g = s\,X T^{g\top}` are recomputed tile by
+tile from the features and never stored.  Forward: one program per image row block (and one
+per text column block for the t2i direction) keeps an online log-sum-exp and target-weighted
+sums, writing a few numbers per row -- the losses are assembled from these O(N + K_g) buffers.
+The paired smooth KL (identity maps) is a second row pass in log space.  Backward recomputes
+the tiles, forms :math:`\partial L/\partial Z` and accumulates dX by image row blocks and dT by
+text column blocks (two kernels, no atomics), plus d(scale) and d(bias).  Extra memory is
+O(G (N + K_max) + N D + G K_max D): the stacked text features and the fp32 gradient buffers.
+
+The smooth KL with non-identity maps (bank mode, or ``smooth_kl_support="coarse"``) needs
+:math:`\operatorname{softmax}(Z^g) T^g` with a K_g x J map; it is computed with plain torch ops
+(:func:`mgll._terms.smooth_kl_rows`, checkpointed in row chunks so only one chunk's logits are
+held at a time).  Everything else runs in the kernels.
+
+Precision: fp32 features use exact fp32 dot products (``input_precision="ieee"``); half
+features handed over as half (bf16/fp16) feed the tensor cores directly, with fp32
+accumulation and every statistic in fp32.  fp64 features are computed in fp32.  On the CPU the
+kernels run only under the Triton interpreter (``TRITON_INTERPRET=1`` before triton is
+imported), which is what the tests do; it is slow and meant for small shapes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from mgll._problem import LossConfig, LossTerms, Problem
+from mgll._terms import smooth_kl_rows
+from mgll.backends._triton_autograd import TritonMGLL
+
+INSTALL_HINT = 'backend="triton" needs the optional dependency triton: pip install "mgll[triton]"'
+
+#: Launch settings on CUDA and in the interpreter (tests may shrink the interpreter's tiles).
+CUDA_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 2}
+INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 32, "num_warps": 1, "num_stages": 1}
+BLOCK_C = 16  # label-class chunk of the multi-hot overlap products
+KL_CHUNK = 1024  # rows per checkpointed chunk of the torch smooth KL (non-identity maps)
+
+_KIND_IDS, _KIND_MULTI_HOT, _KIND_DENSE = 0, 1, 2
+
+
+def compute(problem: Problem, config: LossConfig) -> LossTerms:
+    """The three weighted MGLL terms of ``problem`` with the Triton kernels.
+
+    Raises:
+        ImportError: triton is not installed.
+        ValueError: the features are on a device the kernels cannot run on, or ``problem.rows``
+            / ``problem.cols`` is a slice with a step.
+    """
+    fwd, bwd = _kernels()
+    interpreted = _is_interpreted(fwd.stats_kernel)
+    device = problem.image.device
+    if device.type != "cuda" and not (device.type == "cpu" and interpreted):
+        raise ValueError(
+            f'backend="triton" runs on CUDA tensors, got features on {device}; use '
+            'backend="fused" or "tiled" there (tests run the kernels on the CPU with '
+            "TRITON_INTERPRET=1 set before triton is imported)"
+        )
+    plan = _Plan.build(problem, config, fwd, bwd, interpreted)
+    soft_clip, pointwise, smooth_kl = TritonMGLL.apply(
+        plan, problem.image, problem.scale, problem.bias, *problem.texts
+    )
+    if plan.torch_kl:
+        smooth_kl = smooth_kl + config.smooth_kl_weight * _torch_smooth_kl(problem, plan)
+    dtype = problem.scale.dtype
+    return LossTerms(soft_clip.to(dtype), pointwise.to(dtype), smooth_kl.to(dtype))
+
+
+def _kernels():
+    try:
+        return (
+            importlib.import_module("mgll.backends._triton_fwd"),
+            importlib.import_module("mgll.backends._triton_bwd"),
+        )
+    except ImportError as exc:
+        if exc.name is not None and exc.name.split(".")[0] == "triton":
+            raise ImportError(INSTALL_HINT) from exc
+        raise
+
+
+def _is_interpreted(kernel) -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(kernel, InterpretedFunction)
+
+
+def _span(s: slice, n: int, name: str) -> tuple[int, int]:
+    start, stop, step = s.indices(n)
+    if step != 1:
+        raise ValueError(f'backend="triton" needs `{name}` to be a contiguous slice, got {s}')
+    return start, max(start, stop)
+
+
+@dataclass
+class _Plan:
+    """Everything about a batch the kernels need besides the differentiable tensors."""
+
+    n: int
+    ks: list[int]
+    kind: int
+    targets: Tensor
+    n_classes: int
+    rows: tuple[int, int]
+    cols: list[tuple[int, int]]
+    weights: tuple[float, float, float]
+    lam: Tensor
+    norms: Tensor
+    has_ce: bool
+    has_pw: bool
+    has_kl: bool
+    torch_kl: bool
+    soft_y: bool
+    dtype: torch.dtype
+    prec: str
+    blocks: dict
+    block_c: int
+    problem: Problem
+    fwd: ModuleType
+    bwd: ModuleType
+
+    @staticmethod
+    def build(problem: Problem, config: LossConfig, fwd, bwd, interpreted: bool) -> _Plan:
+        n, g = problem.num_images, problem.num_granularities
+        device = problem.image.device
+        kind, targets, n_classes = _stack_targets(problem)
+        feature_dtype = problem.image.dtype
+        half = feature_dtype in (torch.float16, torch.bfloat16) and not interpreted
+        ks = [t.shape[0] for t in problem.texts]
+        kl_on = config.smooth_kl_weight != 0 and g > 1
+        identity = all(m is None for m in problem.kl_maps)
+        return _Plan(
+            n=n,
+            ks=ks,
+            kind=kind,
+            targets=targets,
+            n_classes=n_classes,
+            rows=_span(problem.rows, n, "problem.rows"),
+            cols=[
+                _span(c, k, f"problem.cols[{i}]")
+                for i, (c, k) in enumerate(zip(problem.cols, ks, strict=True))
+            ],
+            weights=(config.soft_clip_weight, config.pointwise_weight, config.smooth_kl_weight),
+            lam=torch.tensor([config.lam(i) for i in range(g)], device=device),
+            norms=torch.tensor(
+                [float(n * k) if config.pointwise_norm == "pairs" else float(n) for k in ks],
+                device=device,
+            ),
+            has_ce=config.soft_clip_weight != 0,
+            has_pw=config.pointwise_weight != 0,
+            has_kl=kl_on and identity,
+            torch_kl=kl_on and not identity,
+            soft_y=config.pointwise_target == "soft",
+            dtype=feature_dtype if half else torch.float32,
+            prec="ieee",
+            blocks=INTERPRETER_BLOCKS if interpreted else CUDA_BLOCKS,
+            block_c=BLOCK_C,
+            problem=problem,
+            fwd=fwd,
+            bwd=bwd,
+        )
+
+
+def _stack_targets(problem: Problem) -> tuple[int, Tensor, int]:
+    """C^g of every granularity in one tensor, in the form the kernels rebuild tiles from."""
+    cooc = problem.cooc
+    device = problem.image.device
+    kinds = {c.kind for c in cooc}
+    if kinds == {"ids"}:
+        ids = [torch.unique(c.data, return_inverse=True)[1] for c in cooc]
+        return _KIND_IDS, torch.stack(ids).to(device=device, dtype=torch.int32), 0
+    if kinds <= {"ids", "multi_hot"}:  # paired; ids become one-hot label sets
+        sets = [
+            torch.nn.functional.one_hot(torch.unique(c.data, return_inverse=True)[1])
+            if c.kind == "ids"
+            else c.data
+            for c in cooc
+        ]
+        width = max(s.shape[1] for s in sets)
+        out = torch.zeros(len(sets), problem.num_images, width, device=device)
+        for g, s in enumerate(sets):
+            out[g, :, : s.shape[1]] = s.to(device=device, dtype=torch.float32)
+        return _KIND_MULTI_HOT, out, width
+    kmax = max(t.shape[0] for t in problem.texts)
+    out = torch.zeros(len(cooc), problem.num_images, kmax, device=device)
+    for g, c in enumerate(cooc):
+        out[g, :, : c.shape[1]] = c.data.to(device=device, dtype=torch.float32)
+    return _KIND_DENSE, out, 0
+
+
+def _torch_smooth_kl(problem: Problem, plan: _Plan) -> Tensor:
+    """Smooth KL for non-identity maps with torch ops, in checkpointed row chunks (see module)."""
+    lo, hi = plan.rows
+
+    def chunk(image: Tensor, scale: Tensor, *texts: Tensor) -> Tensor:
+        return smooth_kl_rows([scale * image @ t.T for t in texts], problem.kl_maps)
+
+    total = problem.scale.new_zeros(())
+    for start in range(lo, hi, KL_CHUNK):
+        args = (problem.image[start : min(hi, start + KL_CHUNK)], problem.scale, *problem.texts)
+        if torch.is_grad_enabled() and any(a.requires_grad for a in args):
+            total = total + checkpoint(chunk, *args, use_reentrant=False)
+        else:
+            total = total + chunk(*args)
+    return total / plan.n
