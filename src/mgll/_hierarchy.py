@@ -59,7 +59,7 @@ class LabelHierarchy:
             self._labels = frozenset(vocab)
         else:
             self._labels = frozenset(named)
-        self._ancestors = {label: self._walk(label) for label in self._labels}
+        self._ancestors = {x: self._walk(x) for x in sorted(self._labels, key=label_key)}
 
     @classmethod
     def from_dict(

@@ -6,10 +6,11 @@ passed to :class:`mgll.MGLLLoss` as a bank ``targets[g]`` entry, or to
 
 How the loss reads C, per direction (SPEC 2.1): the image-to-text term uses C normalised per
 **row** (:math:`W^r`, each image's distribution over texts) and the text-to-image term uses C
-normalised per **column** (:math:`W^c`, each text's distribution over images).  A constructor
-that is *symmetric* (``b`` omitted, so K = N) gives the same un-normalised weights in both
-directions; its two normalisations still differ unless C is an equivalence relation
-(:func:`from_ids`).  :func:`normalize` makes either normalisation explicit.
+normalised per **column** (:math:`W^c`, each text's distribution over images).  For a
+*symmetric* C (``b`` omitted, so K = N: a paired batch) :math:`W^c = (W^r)^\top`, so both
+directions see the same weights; for a bank C (K texts of their own, not symmetric) the two
+normalisations genuinely differ and the text-to-image side must use the column-normalised
+one.  :func:`normalize` makes either normalisation explicit.
 
 Shape letters: N rows (images), K columns (texts), C_g label classes at a granularity.
 """
@@ -90,10 +91,10 @@ def from_multi_hot(a: Tensor, b: Tensor | None = None, mode: str = "any") -> Ten
         \text{count: } C_{ik} = |a_i \cap b_k| \qquad
         \text{jaccard: } C_{ik} = \frac{|a_i \cap b_k|}{|a_i \cup b_k|}\ (0 \text{ if empty})
 
-    Symmetric when ``b`` is omitted.  With overlapping label sets C is *not* an equivalence
-    relation, so the row-normalised (image-to-text) and column-normalised (text-to-image)
-    weights are not transposes of each other; the loss normalises each direction on its own.
-    A sample without any label has an all-zero row and column (never an anchor).
+    Symmetric when ``b`` is omitted; with overlapping label sets it is not an equivalence
+    relation (not transitive: {DR, DME} overlaps {DR} and {DME}, which do not overlap), so a
+    sample's positives need not be each other's.  Each direction is normalised on its own by
+    the loss (rows for image-to-text, columns for text-to-image).  A sample without any label has an all-zero row and column (never an anchor).
     ``mode="any"`` equals the loss's own rule for paired ``labels[g]`` given as multi-hot.
 
     Args:
@@ -164,20 +165,23 @@ def from_hierarchy(
 
     .. math::
         C_{ik} = \begin{cases}
-            1 & \text{if } \hat a_i \cap b_k \ne \emptyset \text{ or } a_i \cap \hat b_k \ne \emptyset
-              \quad\text{(one implies the other)}\\
+            1 & \text{if } \hat a_i \cap b_k \ne \emptyset
+              \quad\text{(text k names a label of image i or one of its ancestors)}\\
             \text{ancestor\_credit} & \text{else if } \hat a_i \cap \hat b_k \ne \emptyset
               \quad\text{(they only share an ancestor)}\\
             0 & \text{otherwise}
         \end{cases}
 
-    where :math:`\hat a` adds the ancestors (:func:`expand_ancestors`).  An image labelled
-    "moderate NPDR" is a full positive of the bank text "DR" (its ancestor), and with
-    ``ancestor_credit=0.5`` a half positive of "severe NPDR" (a sibling under "NPDR").
-    ``ancestor_credit=1`` is the any-overlap of the expanded sets, which is what
-    :class:`mgll.text.MultiGranularTextBuilder` produces with a hierarchy.  Symmetric when
-    ``b`` is omitted; directions are normalised separately by the loss (not an equivalence
-    relation in general).
+    where :math:`\hat a` adds the ancestors (:func:`expand_ancestors`): a fine label implies
+    its ancestors, not the other way round.  An image labelled "moderate NPDR" is a full
+    positive of the bank text "DR"; an image labelled only "DR" is not a full positive of the
+    text "NPDR" (it may be PDR), and with ``ancestor_credit=0.5`` both it and a "PDR" image are
+    half positives of "NPDR".  The default ``ancestor_credit=0`` is what
+    :class:`mgll.text.MultiGranularTextBuilder` produces in bank mode; ``ancestor_credit=1`` is
+    the any-overlap of the expanded sets (symmetric when ``b`` is omitted; the builder's paired
+    labels with a hierarchy).  For ``0 <= ancestor_credit < 1`` the result is **not**
+    symmetric, even with ``b`` omitted: the rows are images, the columns texts; the loss
+    normalises rows (image-to-text) and columns (text-to-image) separately.
 
     Args:
         a: multi-hot label sets of the rows, entries 0/1.
@@ -204,7 +208,7 @@ def from_hierarchy(
     x = _multi_hot("a", a)
     y = x if b is None else _multi_hot("b", b, classes=x.shape[1])
     x_up, y_up = expand_ancestors(x, ancestors), expand_ancestors(y, ancestors)
-    implied = ((x_up @ y.T) + (x @ y_up.T)) > 0
+    implied = (x_up @ y.T) > 0
     related = (x_up @ y_up.T) > 0
     out = torch.where(implied, 1.0, torch.where(related, float(ancestor_credit), 0.0))
     return out.to(x.dtype)
