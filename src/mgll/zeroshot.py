@@ -246,6 +246,9 @@ def _prompts(classes, templates, granularities) -> dict:
             raise TypeError(
                 f"`classes` must be a sequence of labels or a mapping, got {type(classes).__name__}"
             )
+        dup = sorted({repr(c) for c in classes if list(classes).count(c) > 1})
+        if dup:
+            raise ValueError(f"`classes` must be distinct, got repeated {', '.join(dup)}")
         if templates is None and not granularities:
             templates = ["{}"]
         for t in templates or ():
