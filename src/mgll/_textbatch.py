@@ -96,7 +96,7 @@ class GranularityTexts:
 
     @property
     def loss_input(self) -> Tensor:
-        """``labels`` (paired) or ``targets`` (bank): this granularity's entry for the loss."""
+        """This granularity's entry for the loss: ``labels`` (paired) or ``targets`` (bank)."""
         return self.labels if self.mode == "paired" else self.targets
 
     def multi_hot(self) -> Tensor:
