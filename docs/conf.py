@@ -53,6 +53,8 @@ autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_typehints_description_target = "documented"
 autodoc_preserve_defaults = True
+# nn.Module's generic "Define the computation performed at every call" is noise on every loss.
+autodoc_inherit_docstrings = False
 autodoc_mock_imports: list[str] = []  # nothing is mocked: optional parts import lazily
 
 napoleon_google_docstring = True
