@@ -167,6 +167,11 @@ class ZeroShotClassifier(nn.Module):
                 f"`image_features` must have shape (M, D={d}) to match the prototypes, got "
                 f"{tuple(x.shape)}"
             )
+        if x.device != self.prototypes.device:
+            raise ValueError(
+                f"`image_features` is on {x.device} but the prototypes are on "
+                f"{self.prototypes.device}; move the classifier with `.to(device)`"
+            )
         return x
 
 
