@@ -1,7 +1,7 @@
 """mgll: Multi-Granular Language Learning as a drop-in CLIP loss for PyTorch."""
 
 from mgll import functional, targets, text
-from mgll.backends import available_backends
+from mgll.backends import available_backends, get_memory_budget, set_memory_budget
 from mgll.functional import mgll_loss
 from mgll.loss import MGLLLoss
 from mgll.text import Granularity, LabelHierarchy, MultiGranularTextBuilder
@@ -18,7 +18,9 @@ __all__ = [
     "__version__",
     "available_backends",
     "functional",
+    "get_memory_budget",
     "mgll_loss",
+    "set_memory_budget",
     "targets",
     "text",
 ]

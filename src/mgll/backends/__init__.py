@@ -7,6 +7,8 @@ when first used, so optional ones (triton) never load with ``import mgll``.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import numbers
 from collections.abc import Callable
 
 from mgll._problem import LossConfig, LossTerms, Problem
@@ -16,6 +18,8 @@ Backend = Callable[[Problem, LossConfig], LossTerms]
 #: Backend name -> module implementing ``compute``.  ``"auto"`` picks among these.
 BACKENDS: dict[str, str] = {
     "reference": "mgll.backends.reference",
+    "fused": "mgll.backends.fused",
+    "tiled": "mgll.backends.tiled",
     "triton": "mgll.backends.triton_kernels",
 }
 
@@ -32,6 +36,74 @@ def resolve_backend(name: str, problem: Problem) -> Backend:
     return importlib.import_module(BACKENDS[name]).compute
 
 
+#: Default of :func:`set_memory_budget`: 2 GiB for the full-size buffers of ``"fused"``.
+DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+
+_memory_budget = DEFAULT_MEMORY_BUDGET
+
+
+def set_memory_budget(nbytes: int | None) -> None:
+    """Set how many bytes ``backend="auto"`` may spend on full-size logit buffers.
+
+    ``"auto"`` picks ``"fused"`` while the :math:`N \times K_g` logits and their gradient of
+    all granularities fit in this budget, and ``"tiled"`` (which never holds them) beyond it.
+    The budget is a process-wide setting; ``None`` restores the default (2 GiB).
+
+    Args:
+        nbytes: the budget in bytes, a positive integer, or None for the default.
+
+    Raises:
+        TypeError: if ``nbytes`` is not an integer or None.
+        ValueError: if ``nbytes`` is not positive.
+
+    Example:
+        >>> import mgll
+        >>> mgll.set_memory_budget(512 * 1024**2)
+        >>> mgll.get_memory_budget()
+        536870912
+        >>> mgll.set_memory_budget(None)
+    """
+    global _memory_budget
+    if nbytes is None:
+        _memory_budget = DEFAULT_MEMORY_BUDGET
+        return
+    if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral):
+        raise TypeError(f"`nbytes` must be an integer number of bytes or None, got {type(nbytes).__name__}")
+    if nbytes <= 0:
+        raise ValueError(f"`nbytes` must be positive, got {nbytes}")
+    _memory_budget = int(nbytes)
+
+
+def get_memory_budget() -> int:
+    """The budget in bytes that ``backend="auto"`` allows the full-size logit buffers.
+
+    Example:
+        >>> import mgll
+        >>> mgll.get_memory_budget() > 0
+        True
+    """
+    return _memory_budget
+
+
+def logits_bytes(problem: Problem) -> int:
+    """Bytes of the logits and their gradient that ``"fused"`` would hold for ``problem``."""
+    n, item = problem.num_images, problem.image.element_size()
+    rows = len(range(n)[problem.rows])
+    total = 0
+    for text, cols in zip(problem.texts, problem.cols, strict=True):
+        k = text.shape[0]
+        total += n * k if problem.is_full else rows * k + n * len(range(k)[cols])
+    return 2 * item * total
+
+
 def choose_backend(problem: Problem) -> str:
-    """The fastest backend available for ``problem``."""
-    return "reference"
+    """The fastest backend available for ``problem``.
+
+    ``"triton"`` on CUDA tensors when Triton is installed and the backend is registered;
+    otherwise ``"fused"``, or ``"tiled"`` when the logits and their gradient would exceed the
+    budget of :func:`set_memory_budget`.
+    """
+    on_cuda = problem.image.device.type == "cuda"
+    if on_cuda and "triton" in BACKENDS and importlib.util.find_spec("triton") is not None:
+        return "triton"
+    return "tiled" if logits_bytes(problem) > get_memory_budget() else "fused"

@@ -1,0 +1,280 @@
+r"""``backend="tiled"``: never holds an N x K matrix; logits are recomputed tile by tile.
+
+Forward walks over (row tile, column tile) pairs of every stack of granularities, computing
+each tile :math:`Z = s\,X_I T_J^\top` from the features and keeping only per-row and
+per-column statistics: online log-sum-exp (running maximum and rescaled sum, as in
+flash-attention and Inf-CL), the target-weighted sums :math:`\sum C Z` of the soft-CLIP term,
+and the pointwise sums.  Targets come block by block from :meth:`CoOccurrence.block`, so
+paired labels are never expanded to N x N.  Once a row tile's log-sum-exp is complete, a second
+pass over its column tiles computes the smooth KL (paired: in log space from the G tiles of the
+same samples; pooled supports: accumulating :math:`u^g = P^g T^g` per row tile).
+
+Backward recomputes every tile, forms its :math:`\partial L/\partial Z` from the saved
+statistics (:mod:`mgll.backends._blockmath`) and accumulates
+:math:`\partial X_I \mathrel{+}= s\,\partial Z\,T_J` and
+:math:`\partial T_J \mathrel{+}= s\,\partial Z^\top X_I` at once.
+
+Extra memory: :math:`O((N + \sum_g K_g)\,G)` statistics and a few tiles of ``TILE`` elements
+(plus one (rows of a tile) x J buffer for pooled smooth-KL supports of J groups).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from mgll._problem import LossConfig, LossTerms, Problem
+from mgll.backends import _blockmath as bm
+
+#: Image rows per tile and text columns per tile (a few MB of float32 per temporary).
+TILE_ROWS = 256
+TILE_COLS = 2048
+
+
+def compute(problem: Problem, config: LossConfig) -> LossTerms:
+    plan = bm.make_plan(problem, config)
+    zero = problem.scale.new_zeros(())
+    if not plan.blocks:
+        return LossTerms(zero, zero, zero)
+    out = _TiledLoss.apply(plan, problem.image, problem.scale, problem.bias, *problem.texts)
+    return LossTerms(*out)
+
+
+class _TiledLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan: bm.Plan, image: Tensor, scale: Tensor, bias: Tensor | None, *texts):
+        values, saved = _forward(plan, image, scale, bias, texts)
+        ctx.plan, ctx.saved = plan, saved
+        ctx.save_for_backward(image, scale, *texts)
+        return values[0], values[1], values[2]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_clip: Tensor, g_pw: Tensor, g_kl: Tensor):
+        image, scale, *texts = ctx.saved_tensors
+        plan: bm.Plan = ctx.plan
+        stats = bm.scaled(plan.stats, (g_clip, g_pw, g_kl))
+        with torch.autocast(image.device.type, enabled=False):
+            grads = _backward(plan, stats, ctx.saved, image, scale, plan.problem.bias, texts)
+        d_image, ds, db, d_texts = grads
+        d_bias = None if plan.problem.bias is None else db
+        return None, d_image, ds, d_bias, *d_texts
+
+
+class _Tiles:
+    """The tiles of one block: row tiles of the block's images, column tiles per stack."""
+
+    def __init__(self, plan: bm.Plan, blk: bm.Block, image: Tensor, scale: Tensor, texts):
+        p = plan.problem
+        self.plan, self.blk, self.scale = plan, blk, scale
+        self.x = image[blk.rows]
+        self.n_all = p.num_images
+        self.stacks = [torch.stack([texts[g][blk.cols[g]] for g in gs]) for gs in blk.groups]
+
+    def row_tiles(self):
+        n = self.x.shape[0]
+        for a in range(0, n, TILE_ROWS):
+            yield (
+                a,
+                slice(a, a + TILE_ROWS),
+                bm.sub(self.blk.rows, self.n_all, slice(a, a + TILE_ROWS)),
+            )
+
+    def col_tiles(self, j: int):
+        """Column tiles of stack j: (local slice, global column slice per granularity)."""
+        gs, k = self.blk.groups[j], self.stacks[j].shape[1]
+        p = self.plan.problem
+        for b in range(0, k, TILE_COLS):
+            local = slice(b, b + TILE_COLS)
+            cols = list(self.blk.cols)
+            for g in gs:
+                cols[g] = bm.sub(self.blk.cols[g], p.texts[g].shape[0], local)
+            yield local, cols
+
+    def logits(self, rows: slice, j: int, local: slice) -> Tensor:
+        return torch.matmul(self.x[rows], self.stacks[j][:, local].transpose(1, 2)).mul_(self.scale)
+
+
+def _forward(plan: bm.Plan, image, scale, bias, texts):
+    st, p = plan.stats, plan.problem
+    values = [scale.new_zeros(()) for _ in range(3)]
+    saved = []
+    for blk in plan.blocks:
+        tiles = _Tiles(plan, blk, image, scale, texts)
+        n = tiles.x.shape[0]
+        rlse = [z.new_empty(len(gs), n, 1) for gs, z in zip(blk.groups, tiles.stacks, strict=True)]
+        col_top = [
+            z.new_full((len(gs), 1, z.shape[1]), -torch.inf)
+            for gs, z in zip(blk.groups, tiles.stacks, strict=True)
+        ]
+        col_sum = [torch.zeros_like(t) for t in col_top]
+        kl_rows = image.new_zeros(p.num_granularities, n, 1)
+        for _, rsl, rows in tiles.row_tiles():
+            for j, gs in enumerate(blk.groups):
+                r = tiles.x[rsl].shape[0]
+                top = image.new_full((len(gs), r, 1), -torch.inf)
+                total = image.new_zeros(len(gs), r, 1)
+                for local, cols in tiles.col_tiles(j):
+                    z = tiles.logits(rsl, j, local)
+                    _tile_values(plan, st, blk, gs, z, rows, cols, bias, values)
+                    if blk.do_rows:
+                        top, total = _online(z, top, total, -1)
+                    if plan.ce and blk.do_cols:
+                        col_top[j][..., local], col_sum[j][..., local] = _online(
+                            z, col_top[j][..., local], col_sum[j][..., local], 1
+                        )
+                if blk.do_rows:
+                    rlse[j][:, rsl] = top + total.log()
+                    if plan.ce:
+                        mass = bm.stacked(st.row_mass, gs, rows, 1) * bm.scalars(st.w_row, gs)
+                        values[0] += (mass * rlse[j][:, rsl]).sum()
+            if plan.kl and blk.do_rows:
+                values[2] += st.w_kl * _kl_forward(plan, st, tiles, rsl, rlse, kl_rows)
+        clse = []
+        for j, gs in enumerate(blk.groups):
+            clse.append(col_top[j] + col_sum[j].log())
+            if plan.ce and blk.do_cols:
+                cols = blk.cols[gs[0]]
+                mass = bm.stacked(st.col_mass, gs, cols, 2) * bm.scalars(st.w_col, gs)
+                values[0] += (mass * clse[j]).sum()
+        saved.append((rlse, clse, kl_rows))
+    return values, saved
+
+
+def _online(z: Tensor, top: Tensor, total: Tensor, dim: int):
+    """Running maximum and rescaled sum of exp along ``dim`` (online log-sum-exp)."""
+    new_top = torch.maximum(top, z.amax(dim, keepdim=True))
+    safe = torch.where(new_top == -torch.inf, torch.zeros_like(new_top), new_top)
+    total = total * torch.exp(top - safe) + torch.sub(z, safe).exp_().sum(dim, keepdim=True)
+    return new_top, total
+
+
+def _coef(st: bm.Stats, blk: bm.Block, gs, rows, cols) -> Tensor | float:
+    coef = 0.0
+    if blk.do_rows:
+        coef = bm.stacked(st.row_inv, gs, rows, 1) * bm.scalars(st.w_row, gs)
+    if blk.do_cols:
+        w = bm.scalars(st.w_col, gs)
+        coef = coef + bm.stacked(st.col_inv, gs, cols[gs[0]], 2) * w
+    return coef
+
+
+def _target(plan, st, blk, gs, rows, cols, dtype):
+    need = plan.ce or (plan.pw and blk.do_rows)
+    return bm.targets(plan.problem, gs, rows, cols, dtype) if need else None
+
+
+def _pw_target(st: bm.Stats, gs, c: Tensor, rows, dtype) -> Tensor:
+    return c * bm.stacked(st.row_inv, gs, rows, 1) if st.soft_target else (c > 0).to(dtype)
+
+
+def _tile_values(plan, st, blk, gs, z, rows, cols, bias, values):
+    """The target-weighted CE sums and the pointwise sums of one tile."""
+    c = _target(plan, st, blk, gs, rows, cols, z.dtype)
+    if plan.ce:
+        values[0] -= (c * _coef(st, blk, gs, rows, cols) * z).sum()
+    if plan.pw and blk.do_rows:
+        sums, _ = bm.pointwise(z, _pw_target(st, gs, c, rows, z.dtype), bias, False)
+        values[1] += (sums * bm.scalars(st.w_pw, gs).flatten()).sum()
+
+
+def _kl_forward(plan, st: bm.Stats, tiles: _Tiles, rsl, rlse, kl_rows) -> Tensor:
+    """Smooth-KL sum of one row tile (second pass over its columns)."""
+    if st.kl_identity:  # paired samples: one stack, all G granularities on the same samples
+        for local, _ in tiles.col_tiles(0):
+            z = tiles.logits(rsl, 0, local)
+            lr = rlse[0][:, rsl]
+            a = _kl_identity_terms(z, lr)[0]
+            kl_rows[:, rsl] += a.sum(-1, keepdim=True)
+        return kl_rows[:, rsl].sum()
+    return _pooled(plan, st, tiles, rsl, rlse)[0]
+
+
+def _kl_identity_terms(z: Tensor, rlse: Tensor):
+    lq = z - rlse
+    q = lq.exp()
+    lm = q.mean(0).clamp_min_(torch.finfo(q.dtype).tiny).log_()
+    return lq.sub_(lm).mul_(q), q
+
+
+def _pooled(plan, st: bm.Stats, tiles: _Tiles, rsl, rlse):
+    """u^g = P^g T^g for one row tile, accumulated over column tiles, then the pooled KL."""
+    p = plan.problem
+    us: dict[int, Tensor] = {}
+    for j, gs in enumerate(tiles.blk.groups):
+        for local, cols in tiles.col_tiles(j):
+            prob = torch.sub(tiles.logits(rsl, j, local), rlse[j][:, rsl]).exp_()
+            for i, g in enumerate(gs):
+                if not st.kl_part[g]:
+                    continue
+                t = p.kl_maps[g]
+                part = prob[i] if t is None else prob[i] @ t[cols[g]]
+                us[g] = part if g not in us else us[g] + part
+    taking = sorted(us)
+    value, _, gu, dot = bm.kl_from_u([us[g] for g in taking])
+    return value, {g: (gu[i], dot[i]) for i, g in enumerate(taking)}
+
+
+def _backward(plan: bm.Plan, st: bm.Stats, saved, image, scale, bias, texts):
+    d_image = torch.zeros_like(image)
+    d_texts = [torch.zeros_like(t) for t in texts]
+    ds, db = scale.new_zeros(()), scale.new_zeros(())
+    for blk, (rlse, clse, kl_rows) in zip(plan.blocks, saved, strict=True):
+        tiles = _Tiles(plan, blk, image, scale, texts)
+        d_x = d_image[blk.rows]
+        for _, rsl, rows in tiles.row_tiles():
+            pooled = None
+            if plan.kl and blk.do_rows and not st.kl_identity:
+                pooled = _pooled(plan, st, tiles, rsl, rlse)[1]
+            for j, gs in enumerate(blk.groups):
+                for local, cols in tiles.col_tiles(j):
+                    z = tiles.logits(rsl, j, local)
+                    lse = (rlse[j][:, rsl], clse[j][..., local])
+                    dz, dbias = _tile_grad(
+                        plan, st, blk, gs, z, rows, cols, bias, lse, kl_rows[:, rsl], pooled
+                    )
+                    ds = ds + (dz * z).sum() / scale
+                    db = db + dbias
+                    t = tiles.stacks[j][:, local]
+                    d_x[rsl] += torch.matmul(dz, t).sum(0).mul_(scale)
+                    dt = torch.matmul(dz.transpose(1, 2), tiles.x[rsl]).mul_(scale)
+                    for i, g in enumerate(gs):
+                        d_texts[g][cols[g]] += dt[i]
+    return d_image, ds, db, d_texts
+
+
+def _tile_grad(plan, st: bm.Stats, blk, gs, z, rows, cols, bias, lse, kl_rows, pooled):
+    """dL/dZ of one tile from the saved statistics, and its share of dL/db."""
+    p = plan.problem
+    c = _target(plan, st, blk, gs, rows, cols, z.dtype)
+    dz = torch.zeros_like(z)
+    prob = None
+    if blk.do_rows and (plan.ce or plan.kl):
+        prob = torch.sub(z, lse[0]).exp_()
+    if plan.ce:
+        dz.sub_(c * _coef(st, blk, gs, rows, cols))
+        if blk.do_rows:
+            dz.addcmul_(prob, bm.stacked(st.row_mass, gs, rows, 1) * bm.scalars(st.w_row, gs))
+        if blk.do_cols:
+            mass = bm.stacked(st.col_mass, gs, cols[gs[0]], 2) * bm.scalars(st.w_col, gs)
+            dz.addcmul_(torch.sub(z, lse[1]).exp_(), mass)
+    dbias = z.new_zeros(())
+    if plan.pw and blk.do_rows:
+        _, grad = bm.pointwise(z, _pw_target(st, gs, c, rows, z.dtype), bias, True)
+        grad.mul_(bm.scalars(st.w_pw, gs))
+        dbias = grad.sum()
+        dz.add_(grad)
+    if plan.kl and blk.do_rows:
+        if st.kl_identity:
+            a, q = _kl_identity_terms(z, lse[0])
+            dz.add_(a.sub_(q * kl_rows).mul_(st.w_kl))
+        else:
+            for i, g in enumerate(gs):
+                if g in pooled:
+                    t = p.kl_maps[g]
+                    grad = bm.kl_general_grad(
+                        prob[i], None if t is None else t[cols[g]], *pooled[g]
+                    )
+                    dz[i].add_(grad.mul_(st.w_kl))
+    return dz, dbias
