@@ -351,6 +351,21 @@ def test_paired_with_hierarchy_shares_ancestors():
         declared.build([{"dx": "moderate NPDR"}])
 
 
+def test_random_descriptions_and_multi_hot_view():
+    g = Granularity("dx", "{}", {"DR": ["a", "b", "c"]})
+    builder = MultiGranularTextBuilder([g])
+    anns = [{"dx": "DR"}] * 30
+    first = builder.build(anns)[0]
+    assert set(first.texts) == {"a"}  # no rng: the first description
+    drawn = builder.build(anns, rng=random.Random(1))[0]
+    assert set(drawn.texts) == {"a", "b", "c"}
+    assert drawn.texts == builder.build(anns, rng=random.Random(1))[0].texts
+    assert drawn.labels.tolist() == [0] * 30  # the label, not the text, decides co-occurrence
+    bank = builder.build([{"dx": "DR"}, {}], "bank")[0]
+    assert bank.multi_hot().tolist() == [[True], [False]]
+    assert hash(g) == hash(Granularity("dx", "{}", {"DR": "x"}))  # hashable despite the dict
+
+
 # ---------------------------------------------------------------- encoding
 
 

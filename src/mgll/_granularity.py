@@ -46,7 +46,7 @@ class Granularity:
 
     name: str
     template: str = "{}"
-    descriptions: Mapping[Label, str | Sequence[str]] | None = None
+    descriptions: Mapping[Label, str | Sequence[str]] | None = field(default=None, hash=False)
     key: str | None = field(default=None, kw_only=True)
     classes: Sequence[Label] | None = field(default=None, kw_only=True)
     joiner: str = field(default=", ", kw_only=True)
