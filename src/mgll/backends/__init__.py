@@ -43,7 +43,7 @@ _memory_budget = DEFAULT_MEMORY_BUDGET
 
 
 def set_memory_budget(nbytes: int | None) -> None:
-    """Set how many bytes ``backend="auto"`` may spend on full-size logit buffers.
+    r"""Set how many bytes ``backend="auto"`` may spend on full-size logit buffers.
 
     ``"auto"`` picks ``"fused"`` while the :math:`N \times K_g` logits and their gradient of
     all granularities fit in this budget, and ``"tiled"`` (which never holds them) beyond it.
