@@ -153,7 +153,13 @@ class PresentTocTree(TocTree):
         return super().run()
 
 
+def _reread_pages_with_present_toctrees(app, env, added, changed, removed) -> list[str]:
+    """Re-read the pages that hold a ``present-toctree``: which pages exist may have changed."""
+    return [doc for doc in ("index",) if doc in env.found_docs]
+
+
 def setup(app):
     app.add_directive("present-toctree", PresentTocTree)
+    app.connect("env-get-outdated", _reread_pages_with_present_toctrees)
     app.connect("doctree-read", _docstring_doctests_in_module_namespace)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
