@@ -82,6 +82,15 @@ class GranularityTexts:
         labels: paired mode: (N,) long class ids or (N, C_g) bool multi-hot; else None.
         targets: bank mode: (N, K_g) float32 co-occurrence (``targets[:, k]`` is
             ``classes[k]``); else None.
+
+    Example:
+        >>> from mgll.text import Granularity, MultiGranularTextBuilder
+        >>> builder = MultiGranularTextBuilder([Granularity("disease", "an image of {}")])
+        >>> part = builder.build([{"disease": "DR"}, {"disease": "AMD"}, {"disease": "DR"}])[0]
+        >>> part.texts, part.inverse
+        (('an image of DR', 'an image of AMD', 'an image of DR'), tensor([0, 1, 0]))
+        >>> part.classes, part.labels
+        (('AMD', 'DR'), tensor([1, 0, 1]))
     """
 
     name: str
@@ -117,6 +126,24 @@ class TextBatch(Sequence[GranularityTexts]):
 
     ``batch.encode(encode_fn)`` gives the ``text_features`` list and ``batch.loss_kwargs()``
     the ``labels=``/``targets=`` keyword for :class:`mgll.MGLLLoss`.
+
+    Example:
+        >>> from mgll.text import Granularity, MultiGranularTextBuilder
+        >>> builder = MultiGranularTextBuilder([Granularity("disease"), Granularity("note")])
+        >>> batch = builder.build(
+        ...     [
+        ...         {"disease": "DR", "note": "exudates"},
+        ...         {"disease": "AMD", "note": "drusen"},
+        ...         {"disease": "DR", "note": "drusen"},
+        ...     ],
+        ...     mode="bank",
+        ... )
+        >>> batch
+        TextBatch(mode='bank', disease: 2 texts, note: 2 texts)
+        >>> features = batch.encode(lambda strings: torch.randn(len(strings), 8))  # (K_g, D)
+        >>> image = torch.randn(3, 8, requires_grad=True)  # (N, D)
+        >>> loss = mgll.MGLLLoss()(image, features, torch.tensor(10.0), **batch.loss_kwargs())
+        >>> loss.backward()
     """
 
     def __init__(self, parts: tuple[GranularityTexts, ...], mode: str) -> None:

@@ -78,6 +78,21 @@ class MultiGranularTextBuilder:
     Args:
         granularities: the G granularities, in the order of the loss's ``text_features``.
         hierarchy: ``None``, one :class:`LabelHierarchy`, or ``{granularity name: hierarchy}``.
+
+    Example:
+        >>> hierarchy = LabelHierarchy({"moderate NPDR": "DR", "severe NPDR": "DR"})
+        >>> builder = MultiGranularTextBuilder(
+        ...     [Granularity("disease", "a fundus image of {}")], hierarchy
+        ... )
+        >>> batch = builder.build(
+        ...     [{"disease": "moderate NPDR"}, {"disease": "DR"}, {"disease": "AMD"}], mode="bank"
+        ... )
+        >>> batch["disease"].texts
+        ('a fundus image of AMD', 'a fundus image of DR', 'a fundus image of moderate NPDR')
+        >>> batch["disease"].targets  # the moderate NPDR image is also a positive of "DR"
+        tensor([[0., 1., 1.],
+                [0., 1., 0.],
+                [1., 0., 0.]])
     """
 
     def __init__(

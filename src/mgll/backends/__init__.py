@@ -25,7 +25,13 @@ BACKENDS: dict[str, str] = {
 
 
 def available_backends() -> tuple[str, ...]:
-    """Names accepted by ``MGLLLoss(backend=...)`` on this installation."""
+    """Names accepted by ``MGLLLoss(backend=...)`` on this installation.
+
+    Example:
+        >>> import mgll
+        >>> mgll.available_backends()[:2]
+        ('auto', 'reference')
+    """
     return ("auto", *BACKENDS)
 
 
