@@ -139,6 +139,16 @@ def test_public_names_are_documented(documented, module_name):
     assert not missing, f"public but without an entry in the API reference (docs/api/): {missing}"
 
 
+@pytest.mark.parametrize("module_name", public_modules())
+def test_public_callables_have_examples(module_name):
+    missing = [
+        dotted
+        for dotted, obj in public_names(module_name).items()
+        if callable(obj) and ">>>" not in (inspect.getdoc(obj) or "")
+    ]
+    assert not missing, f"docstrings without an example (a '>>>' doctest): {missing}"
+
+
 def test_missing_pages_are_left_out_and_failing_examples_fail(tmp_path):
     """The harness itself: a page not yet written is skipped, a wrong example fails the build."""
     src = tmp_path / "src"
