@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from mgll import _validation as v
+from mgll import distributed
 from mgll._cooc import CoOccurrence, normalize_rows
 from mgll._problem import (
     LossConfig,
@@ -190,6 +191,11 @@ def mgll_loss(
     normalize: bool = True,
     backend: str = "auto",
     output_dict: bool = False,
+    gather_with_grad: bool = False,
+    local_loss: bool = False,
+    rank: int | None = None,
+    world_size: int | None = None,
+    group: object = None,
 ) -> Tensor | dict[str, Tensor]:
     r"""The full MGLL loss from features (SPEC 2.4); see :class:`mgll.MGLLLoss` for the options.
 
@@ -203,6 +209,9 @@ def mgll_loss(
         - labels[g]: (N,) integer ids or (N, C_g) multi-hot (paired)
         - targets[g]: (N, K_g) non-negative co-occurrence (bank)
         - Output: scalar, or a dict of the three weighted terms
+
+    Under ``torch.distributed`` the loss is that of the global batch; ``gather_with_grad``,
+    ``local_loss``, ``rank``, ``world_size`` and ``group`` are described in :mod:`mgll.distributed`.
 
     Example:
         >>> img, txt = torch.randn(8, 32, requires_grad=True), torch.randn(8, 32)
@@ -221,17 +230,25 @@ def mgll_loss(
         smooth_kl_reference=smooth_kl_reference,
     )
     check_backend(backend)
+    dist_options = distributed.check_options(gather_with_grad, local_loss, rank, world_size, group)
     texts = v.check_features(image_features, text_features)
     v.check_scale_and_bias(logit_scale, logit_bias, image_features)
     mode, values = v.check_labels_or_targets(labels, targets, image_features, texts)
     v.check_granularity_count(config.granularity_weights, len(texts))
     v.check_reference(config.smooth_kl_reference, len(texts))
+    batch = distributed.gather_batch(image_features, texts, mode, values, dist_options)
     cooc = [
         cooccurrence_from_labels(x) if mode == "paired" else CoOccurrence("dense", x)
-        for x in values
+        for x in batch.values
     ]
-    problem = build_problem(image_features, texts, logit_scale, logit_bias, cooc, config, normalize)
+    problem = build_problem(
+        batch.image, batch.texts, logit_scale, logit_bias, cooc, config, normalize
+    )
+    if batch.cols is not None:  # distributed local loss: this rank's rows and columns only
+        problem.rows, problem.cols = batch.rows, batch.cols
     terms = _run(problem, config, backend, image_features)
+    if batch.loss_factor != 1:
+        terms = LossTerms(*(batch.loss_factor * t for t in terms))
     if output_dict:
         return terms._asdict()
     return terms.soft_clip_loss + terms.pointwise_loss + terms.smooth_kl_loss

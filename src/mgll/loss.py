@@ -7,6 +7,7 @@ from dataclasses import asdict
 
 from torch import Tensor, nn
 
+from mgll.distributed import check_options
 from mgll.functional import check_backend, make_config, mgll_loss
 
 
@@ -34,6 +35,18 @@ class MGLLLoss(nn.Module):
             ``"coarse"``; default: the one with the fewest groups in the batch.
         normalize: L2-normalise the features (default True).
         backend: ``"auto"`` or a name from :func:`mgll.available_backends`.
+        gather_with_grad: under ``torch.distributed``, gather the features with their
+            gradients (needed by ``local_loss``); without it every rank computes the full loss
+            and its own features' gradient is scaled so that DDP's averaging stays exact.
+        local_loss: each rank computes only its own image rows and text columns against the
+            global batch (O(N_r x N) per rank); needs ``gather_with_grad=True``.
+        rank: this process's rank; default and check: the group's.
+        world_size: the number of processes; default and check: the group's size.  1 never
+            gathers; more than 1 without an initialised process group is an error.
+        group: the process group to gather over (default: the default group).  With none
+            initialised, or a group of size 1, nothing is gathered.  See
+            :mod:`mgll.distributed` for what each rank returns and why DDP's averaged
+            gradients equal those of one process on the concatenated batch.
 
     Shape:
         - image_features: (N, D)
@@ -66,6 +79,11 @@ class MGLLLoss(nn.Module):
         smooth_kl_reference: int | None = None,
         normalize: bool = True,
         backend: str = "auto",
+        gather_with_grad: bool = False,
+        local_loss: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        group: object = None,
     ) -> None:
         super().__init__()
         self.config = make_config(
@@ -81,6 +99,9 @@ class MGLLLoss(nn.Module):
         check_backend(backend)
         self.normalize = bool(normalize)
         self.backend = backend
+        options = check_options(gather_with_grad, local_loss, rank, world_size, group)
+        self.gather_with_grad, self.local_loss = options.gather_with_grad, options.local_loss
+        self.rank, self.world_size, self.group = options.rank, options.world_size, options.group
 
     @classmethod
     def reference_compatible(cls, **overrides) -> MGLLLoss:
@@ -121,8 +142,16 @@ class MGLLLoss(nn.Module):
             normalize=self.normalize,
             backend=self.backend,
             output_dict=output_dict,
+            gather_with_grad=self.gather_with_grad,
+            local_loss=self.local_loss,
+            rank=self.rank,
+            world_size=self.world_size,
+            group=self.group,
         )
 
     def extra_repr(self) -> str:
         settings = {**asdict(self.config), "normalize": self.normalize, "backend": self.backend}
-        return ", ".join(f"{k}={v!r}" for k, v in settings.items())
+        settings.update(gather_with_grad=self.gather_with_grad, local_loss=self.local_loss)
+        settings.update(rank=self.rank, world_size=self.world_size)
+        group = "None" if self.group is None else f"<{type(self.group).__name__}>"
+        return ", ".join(f"{k}={v!r}" for k, v in settings.items()) + f", group={group}"
