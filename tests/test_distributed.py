@@ -1,9 +1,10 @@
 """Distributed MGLL on gloo (CPU): DDP on W ranks equals one process on the concatenated batch.
 
-One spawn per world size runs every configuration (backend x mode x distributed setting) and
-the bad-configuration scenarios in the workers; the tests then compare each configuration with
-a single process in this one.  The process group lives on a FileStore (no network) with a short
-timeout, and every test has a pytest timeout, so a hang fails instead of blocking CI.
+The W = 2 and W = 3 groups are spawned once, side by side; their workers run every
+configuration (backend x mode x distributed setting) and the bad-configuration scenarios, and
+the tests compare each configuration with a single process in this one.  The process groups
+rendezvous on a FileStore, gloo's connections stay on the loopback interface, collectives have
+a short timeout and every test a pytest timeout, so a hang fails instead of blocking CI.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import datetime
 import functools
 import math
+import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -130,8 +133,16 @@ def case_id(case) -> str:
 # --- the workers ------------------------------------------------------------------------------
 
 
+def loopback_env() -> dict[str, str]:
+    """Keep gloo's connections on the loopback interface (no network)."""
+    names = {name for _, name in socket.if_nameindex()}
+    loopback = next((n for n in ("lo", "lo0") if n in names), None)
+    return {"GLOO_SOCKET_IFNAME": loopback} if loopback else {}
+
+
 def _worker(rank: int, world: int, folder: str) -> None:
     torch.set_num_threads(1)
+    os.environ.update(loopback_env())
     store = dist.FileStore(f"{folder}/store", world)
     timeout = datetime.timedelta(seconds=120)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
@@ -361,11 +372,13 @@ def test_functional_takes_the_same_options():
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("setting", ["full", "local"])
-def test_group_of_size_one_gathers_nothing(tmp_path, setting):
+def test_group_of_size_one_gathers_nothing(tmp_path, monkeypatch, setting):
     image, texts, labels = _paired_inputs()
     scale = torch.tensor(10.0, dtype=image.dtype)
     expected = mgll.MGLLLoss()(image, texts, scale, labels=labels)
     (grad,) = torch.autograd.grad(expected, image)
+    for name, value in loopback_env().items():
+        monkeypatch.setenv(name, value)
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
@@ -409,8 +422,9 @@ def test_torchrun_example_matches_one_process(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     command += ["--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0"]
     command += [str(example), "--steps", "2", "--batch-size", "15", "--local-loss", "--check"]
+    env = {**os.environ, **loopback_env()}
     result = subprocess.run(
-        command, capture_output=True, text=True, timeout=TIMEOUT - 10, cwd=tmp_path
+        command, capture_output=True, text=True, timeout=TIMEOUT - 10, cwd=tmp_path, env=env
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "check: DDP gradients equal one process on the global batch" in result.stdout
