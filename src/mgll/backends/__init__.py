@@ -74,7 +74,9 @@ def set_memory_budget(nbytes: int | None) -> None:
         _memory_budget = DEFAULT_MEMORY_BUDGET
         return
     if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral):
-        raise TypeError(f"`nbytes` must be an integer number of bytes or None, got {type(nbytes).__name__}")
+        raise TypeError(
+            f"`nbytes` must be an integer number of bytes or None, got {type(nbytes).__name__}"
+        )
     if nbytes <= 0:
         raise ValueError(f"`nbytes` must be positive, got {nbytes}")
     _memory_budget = int(nbytes)

@@ -154,26 +154,61 @@ def sub(outer: slice, length: int, inner: slice) -> slice:
     return slice(r.start, r.stop, r.step)
 
 
-def size(s: slice, length: int) -> int:
-    return len(range(length)[s])
-
-
 # ------------------------------------------------------------------------- block pieces
 
 
-def targets(problem: Problem, gs: list[int], rows: slice, cols: list[slice], dtype) -> Tensor:
+@dataclass
+class GroupView:
+    """Weights of one stack of granularities over one block's rows (n) and columns (k)."""
+
+    gs: list[int]
+    cols: slice  # global text columns, the same for every granularity of the stack
+    row_inv: Tensor | None  # (G', n, 1) w_row / row sum of C    (soft CLIP, row side)
+    row_mass: Tensor | None  # (G', n, 1) w_row * anchor
+    col_inv: Tensor | None  # (G', 1, k) w_col / column sum of C (soft CLIP, column side)
+    col_mass: Tensor | None  # (G', 1, k)
+    w_pw: Tensor | None  # (G', 1, 1) pointwise weight, None when the block has no pointwise part
+    y_coef: Tensor | None  # Y = C * y_coef ((G', n, 1) or (G', 1, 1)); None: Y = 1[C > 0]
+    ids: Tensor | None  # (G', N) stacked class ids when every C of the stack is paired ids
+
+
+def group_view(plan: Plan, st: Stats, blk: Block, gs: list[int], dtype) -> GroupView:
+    p = plan.problem
+    rows, cols = blk.rows, blk.cols[gs[0]]
+
+    def rowwise(values):
+        return torch.stack([values[g][rows] for g in gs]).unsqueeze(2)
+
+    def colwise(values):
+        return torch.stack([values[g][cols] for g in gs]).unsqueeze(1)
+
+    def weights(values):
+        return torch.stack([values[g] for g in gs]).reshape(-1, 1, 1)
+
+    v = GroupView(gs, cols, None, None, None, None, None, None, None)
+    if plan.ce and blk.do_rows:
+        v.row_inv = rowwise(st.row_inv) * weights(st.w_row)
+        v.row_mass = rowwise(st.row_mass) * weights(st.w_row)
+    if plan.ce and blk.do_cols:
+        v.col_inv = colwise(st.col_inv) * weights(st.w_col)
+        v.col_mass = colwise(st.col_mass) * weights(st.w_col)
+    if plan.pw and blk.do_rows:
+        v.w_pw = weights(st.w_pw)
+        if st.soft_target:
+            v.y_coef = rowwise(st.row_inv) * v.w_pw
+        elif all(p.cooc[g].paired for g in gs):  # C is 0/1: binary targets are C itself
+            v.y_coef = v.w_pw
+    if all(p.cooc[g].kind == "ids" for g in gs):
+        v.ids = torch.stack([p.cooc[g].data for g in gs])
+    return v
+
+
+def targets(problem: Problem, v: GroupView, rows: slice, cols: list[slice], dtype) -> Tensor:
     """C^g[rows, cols[g]] for the stacked granularities: (G', r, k)."""
-    return torch.stack([problem.cooc[g].block(rows, cols[g], dtype) for g in gs])
-
-
-def stacked(values: list[Tensor], gs: list[int], index: slice, dim: int) -> Tensor:
-    """Per-granularity vectors indexed by ``index`` as (G', r, 1) (dim=1) or (G', 1, k) (dim=2)."""
-    out = torch.stack([values[g][index] for g in gs])
-    return out.unsqueeze(2) if dim == 1 else out.unsqueeze(1)
-
-
-def scalars(values: list[Tensor], gs: list[int]) -> Tensor:
-    return torch.stack([values[g] for g in gs]).reshape(-1, 1, 1)
+    if v.ids is not None:
+        c = cols[v.gs[0]]
+        return (v.ids[:, rows, None] == v.ids[:, None, c]).to(dtype)
+    return torch.stack([problem.cooc[g].block(rows, cols[g], dtype) for g in v.gs])
 
 
 def row_softmax(z: Tensor) -> tuple[Tensor, Tensor]:
@@ -184,21 +219,80 @@ def row_softmax(z: Tensor) -> tuple[Tensor, Tensor]:
     return p.div_(total), top + total.log()
 
 
-def pointwise(z: Tensor, y: Tensor, bias: Tensor | None, want_grad: bool):
-    """Per-granularity sums of softplus(x) - y x, x = z + b, and sigmoid(x) - y.
+def _part(x: Tensor | None, s: slice, dim: int) -> Tensor | None:
+    if x is None:
+        return None
+    return x[:, s] if dim == 1 else x[..., s]
 
-    Uses exp and log only (``log1p`` and ``softplus`` are scalar loops on some CPUs):
-    :math:`\\log(1+e) = \\log(u)\\,e/(u-1)` with :math:`u = 1 + e`, exact to a few ulp.
+
+def tile_terms(z, c, v: GroupView, rs: slice, cs: slice, bias, prob, clse, want_grad: bool):
+    r"""A tile's share of the terms that need no log-sum-exp, and its whole dL/dZ.
+
+    ``rs``/``cs`` index the tile's rows/columns inside the block (``v``'s vectors); ``prob``
+    is the row softmax of the tile and ``clse`` the column log-sum-exp (when those sides are
+    owned and wanted).  Returns the soft-CLIP share :math:`-\sum W Z`, the pointwise sum, dZ
+    (or None) and the pointwise share of dL/db.
+    """
+    row_inv, row_mass = _part(v.row_inv, rs, 1), _part(v.row_mass, rs, 1)
+    col_inv, col_mass = _part(v.col_inv, cs, 2), _part(v.col_mass, cs, 2)
+    y_coef = v.y_coef if v.y_coef is None or v.y_coef.shape[1] == 1 else v.y_coef[:, rs]
+    zero = z.new_zeros(())
+    ce, pw, db = zero, zero, zero
+    # the parts linear in Z: -sum_ik C_ik Z_ik (row_inv_i + col_inv_k + y_coef_i)
+    coef = [x for x in (row_inv, col_inv, y_coef) if x is not None]
+    if coef:
+        cz = c * z
+        row_sums = cz.sum(-1, keepdim=True)
+        if row_inv is not None:
+            ce = ce - (row_inv * row_sums).sum()
+        if col_inv is not None:
+            ce = ce - (col_inv * cz.sum(1, keepdim=True)).sum()
+        if y_coef is not None:
+            pw = pw - (y_coef * row_sums).sum()
+    dz = None
+    if want_grad:
+        dz = torch.zeros_like(z)
+        if coef:
+            total = coef[0] if len(coef) == 1 else sum(coef[1:], coef[0])
+            dz.addcmul_(c, total, value=-1)
+        if row_mass is not None:
+            dz.addcmul_(prob, row_mass)
+        if col_mass is not None:
+            dz.addcmul_(torch.sub(z, clse).exp_(), col_mass)
+    if v.w_pw is not None:
+        if y_coef is not None:  # sum of the weighted targets
+            wy = (y_coef * c.sum(-1, keepdim=True)).sum()
+        else:  # binary targets of a weighted C
+            y = (c > 0).to(z.dtype)
+            pw = pw - (v.w_pw * (y * z).sum((1, 2), keepdim=True)).sum()
+            wy = (v.w_pw * y.sum((1, 2), keepdim=True)).sum()
+            if want_grad:
+                dz.addcmul_(y, v.w_pw, value=-1)
+        sums, sig = softplus(z, bias, want_grad)
+        pw = pw + (v.w_pw.flatten() * sums).sum()
+        if bias is not None:
+            pw = pw - wy * bias
+        if want_grad:
+            dz.addcmul_(sig, v.w_pw)
+            db = (v.w_pw.flatten() * sig.sum((1, 2))).sum() - wy
+    return ce, pw, dz, db
+
+
+def softplus(z: Tensor, bias: Tensor | None, want_grad: bool):
+    r"""Per-granularity sums of softplus(z + b) and, with ``want_grad``, sigmoid(z + b).
+
+    :math:`\mathrm{softplus}(x) = \tfrac12(x + |x|) + \log(1 + e^{-|x|})`, with
+    :math:`\log(1+e)` computed as :math:`\log u + (e - (u - 1))/u`, :math:`u = 1 + e`: exact
+    to a few ulp, and only ``exp`` and ``log`` (``log1p`` and ``softplus`` are scalar loops on
+    some CPUs).
     """
     x = z if bias is None else z + bias
-    e = x.abs().neg_().exp_()
+    ax = x.abs()
+    e = ax.neg().exp_()
     u = e + 1
-    lp = torch.where(u == 1, e, u.log() * e / (u - 1))
-    value = (x.clamp_min(0).add_(lp).sub_(y * x)).sum((1, 2))
-    if not want_grad:
-        return value, None
-    sig = torch.where(x >= 0, 1.0 / u, e / u)
-    return value, sig.sub_(y)
+    delta = e.sub_(u - 1).div_(u)
+    sums = 0.5 * (x.sum((1, 2)) + ax.sum((1, 2))) + u.log_().sum((1, 2)) + delta.sum((1, 2))
+    return sums, (torch.sigmoid(x) if want_grad else None)
 
 
 # ------------------------------------------------------------------------------ smooth KL

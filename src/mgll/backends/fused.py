@@ -26,8 +26,8 @@ from torch.autograd.function import once_differentiable
 from mgll._problem import LossConfig, LossTerms, Problem
 from mgll.backends import _blockmath as bm
 
-#: Elements per chunk of a stack of logits (a few hundred KB: the chunk stays in cache).
-CHUNK = 1 << 16
+#: Elements per chunk of rows (all stacks together): about half a MB of float32 per temporary.
+CHUNK = 1 << 17
 
 
 def compute(problem: Problem, config: LossConfig) -> LossTerms:
@@ -56,159 +56,118 @@ class _FusedLoss(torch.autograd.Function):
     def backward(ctx, g_clip: Tensor, g_pw: Tensor, g_kl: Tensor):
         image, scale, *texts = ctx.saved_tensors
         plan: bm.Plan = ctx.plan
-        active = [
-            g for g, on in zip((g_clip, g_pw, g_kl), (plan.ce, plan.pw, plan.kl), strict=True) if on
-        ]
+        outputs = (g_clip, g_pw, g_kl)
+        active = [g for g, on in zip(outputs, (plan.ce, plan.pw, plan.kl), strict=True) if on]
         with torch.autocast(image.device.type, enabled=False):
             if all(torch.equal(active[0], g) for g in active[1:]):
-                dz_blocks, ds, db = ctx.grads
-                factor = active[0] if active else scale.new_zeros(())
+                dz_blocks, db = ctx.grads
+                factor = active[0]
             else:  # different gradients per term: recompute dZ with the weights scaled
-                stats = bm.scaled(plan.stats, (g_clip, g_pw, g_kl))
+                stats = bm.scaled(plan.stats, outputs)
                 bias = plan.problem.bias
-                _, (dz_blocks, ds, db) = _run(plan, stats, image, scale, bias, texts, True)
+                _, (dz_blocks, db) = _run(plan, stats, image, scale, bias, texts, True)
                 factor = scale.new_ones(())
-            d_image, d_texts = _feature_grads(plan, image, texts, scale * factor, dz_blocks)
+            d_image, d_scale, d_texts = _feature_grads(plan, image, texts, scale, dz_blocks)
         ctx.grads = None
         d_bias = None if plan.problem.bias is None else db * factor
-        return None, d_image, ds * factor, d_bias, *d_texts
+        return None, d_image * factor, d_scale * factor, d_bias, *(t * factor for t in d_texts)
 
 
-def _feature_grads(plan: bm.Plan, image: Tensor, texts, factor: Tensor, dz_blocks):
-    """dX = s dZ T and dT = s dZ^T X, block by block and stack by stack."""
+def _feature_grads(plan: bm.Plan, image: Tensor, texts, scale: Tensor, dz_blocks):
+    """dX = s dZ T, dT = s dZ^T X and ds = sum dZ * Z / s = sum (dZ T) * X, block by block."""
     d_image = torch.zeros_like(image)
     d_texts = [torch.zeros_like(t) for t in texts]
+    d_scale = scale.new_zeros(())
     for blk, dzs in zip(plan.blocks, dz_blocks, strict=True):
         x = image[blk.rows]
         for gs, dz in zip(blk.groups, dzs, strict=True):
             t = torch.stack([texts[g][blk.cols[g]] for g in gs])
-            d_image[blk.rows] += torch.matmul(dz, t).sum(0).mul_(factor)
-            dt = torch.matmul(dz.transpose(1, 2), x).mul_(factor)
+            dx = torch.bmm(dz, t).sum(0)
+            d_scale = d_scale + (dx * x).sum()
+            d_image[blk.rows] += dx.mul_(scale)
+            dt = torch.bmm(dz.transpose(1, 2), x.expand(len(gs), *x.shape)).mul_(scale)
             for j, g in enumerate(gs):
                 d_texts[g][blk.cols[g]] += dt[j]
-    return d_image, d_texts
+    return d_image, d_scale, d_texts
 
 
 def _run(plan: bm.Plan, st: bm.Stats, image, scale, bias, texts, want_grad: bool):
     """The three weighted terms; with ``want_grad`` also dZ per block (in the logits' memory)."""
     values = [scale.new_zeros(()) for _ in range(3)]
-    ds, db = scale.new_zeros(()), scale.new_zeros(())
+    db = scale.new_zeros(())
     dz_blocks = []
     for blk in plan.blocks:
-        zs = _block(plan, st, blk, image, scale, bias, texts, want_grad, values)
-        dz_blocks.append([z for z, _ in zs])
-        ds = ds + sum(d for _, (d, _) in zs)
-        db = db + sum(b for _, (_, b) in zs)
-    return values, (dz_blocks, ds, db)
+        zs, block_db = _block(plan, st, blk, image, scale, bias, texts, want_grad, values)
+        dz_blocks.append(zs)
+        db = db + block_db
+    return values, (dz_blocks, db)
 
 
 def _block(plan, st: bm.Stats, blk: bm.Block, image, scale, bias, texts, want_grad, values):
     p = plan.problem
     n_all, dtype = p.num_images, image.dtype
     x = image[blk.rows]
-    n = x.shape[0]
+    views = [bm.group_view(plan, st, blk, gs, dtype) for gs in blk.groups]
     zs = []
     for gs in blk.groups:
         t = torch.stack([texts[g][blk.cols[g]] for g in gs])
-        zs.append(torch.matmul(x, t.transpose(1, 2)).mul_(scale))
-    cols = [
-        _column_side(plan, st, blk, gs, z, values) for gs, z in zip(blk.groups, zs, strict=True)
-    ]
-    width = sum(z.shape[0] * z.shape[2] for z in zs)
-    step = max(1, bm_chunk(width))
-    acc = [[scale.new_zeros(()), scale.new_zeros(())] for _ in zs]
-    for a in range(0, n, step):
-        rows = bm.sub(blk.rows, n_all, slice(a, a + step))
+        zs.append(torch.bmm(x.expand(len(gs), *x.shape), t.transpose(1, 2)).mul_(scale))
+    clses = [_column_lse(v, z, values) for v, z in zip(views, zs, strict=True)]
+    step = max(1, CHUNK // max(1, sum(z.shape[0] * z.shape[2] for z in zs)))
+    db = scale.new_zeros(())
+    need_prob = blk.do_rows and (plan.ce or plan.kl)
+    need_c = plan.ce or (plan.pw and blk.do_rows)
+    for a in range(0, x.shape[0], step):
+        rs = slice(a, a + step)
+        rows = bm.sub(blk.rows, n_all, rs)
         parts = []
-        for gs, z, col in zip(blk.groups, zs, cols, strict=True):
-            chunk = z[:, a : a + step]
-            parts.append(
-                _chunk(plan, st, blk, gs, chunk, rows, col, bias, dtype, want_grad, values)
+        for v, z, clse in zip(views, zs, clses, strict=True):
+            chunk = z[:, rs]
+            c = bm.targets(p, v, rows, blk.cols, dtype) if need_c else None
+            prob, rlse = bm.row_softmax(chunk) if need_prob else (None, None)
+            ce, pw, dz, dbias = bm.tile_terms(
+                chunk, c, v, rs, slice(None), bias, prob, clse, want_grad
             )
+            if v.row_mass is not None:
+                ce = ce + (v.row_mass[:, rs] * rlse).sum()
+            values[0] += ce
+            values[1] += pw
+            db = db + dbias
+            parts.append((dz, prob, rlse))
         if plan.kl and blk.do_rows:
-            _smooth_kl(plan, st, blk, zs, a, step, parts, want_grad, values)
+            _smooth_kl(plan, st, blk, zs, rs, parts, want_grad, values)
         if want_grad:
-            for j, (z, (dz, dbias, _, _)) in enumerate(zip(zs, parts, strict=True)):
-                chunk = z[:, a : a + step]
-                acc[j][0] = acc[j][0] + (dz * chunk).sum() / scale
-                acc[j][1] = acc[j][1] + dbias
-                chunk.copy_(dz)
-    return [(z, tuple(a)) for z, a in zip(zs, acc, strict=True)]
+            for z, (dz, _, _) in zip(zs, parts, strict=True):
+                z[:, rs].copy_(dz)
+    return zs, db
 
 
-def bm_chunk(width: int) -> int:
-    return CHUNK // max(width, 1)
-
-
-def _column_side(plan, st: bm.Stats, blk: bm.Block, gs, z: Tensor, values):
+def _column_lse(v: bm.GroupView, z: Tensor, values) -> Tensor | None:
     """Column log-sum-exp of a stack (one pass over the logits) and its share of the t2i term."""
-    if not (plan.ce and blk.do_cols):
+    if v.col_mass is None:
         return None
-    cols = blk.cols[gs[0]]
     top = z.amax(1, keepdim=True)
     total = torch.zeros_like(top)
-    step = max(1, bm_chunk(z.shape[0] * z.shape[2]))
+    step = max(1, CHUNK // max(1, z.shape[0] * z.shape[2]))
     for a in range(0, z.shape[1], step):
         total += torch.sub(z[:, a : a + step], top).exp_().sum(1, keepdim=True)
-    clse = top + total.log()
-    w_col = bm.scalars(st.w_col, gs)
-    inv = bm.stacked(st.col_inv, gs, cols, 2) * w_col
-    mass = bm.stacked(st.col_mass, gs, cols, 2) * w_col
-    values[0] += (mass * clse).sum()
-    return clse, inv, mass
+    clse = top + total.log_()
+    values[0] += (v.col_mass * clse).sum()
+    return clse
 
 
-def _chunk(plan, st: bm.Stats, blk, gs, z, rows, col, bias, dtype, want_grad, values):
-    """One chunk of rows of one stack: its share of the terms and its dZ."""
-    p = plan.problem
-    need_c = plan.ce or (plan.pw and blk.do_rows)
-    c = bm.targets(p, gs, rows, blk.cols, dtype) if need_c else None
-    dz = torch.zeros_like(z) if want_grad else None
-    prob = rlse = None
-    if plan.ce:
-        coef = 0
-        if blk.do_rows:
-            coef = bm.stacked(st.row_inv, gs, rows, 1) * bm.scalars(st.w_row, gs)
-        if col is not None:
-            coef = coef + col[1]
-        cw = c * coef
-        values[0] -= (cw * z).sum()
-        if want_grad:
-            dz.sub_(cw)
-    if blk.do_rows and (plan.ce or plan.kl):
-        prob, rlse = bm.row_softmax(z)
-        if plan.ce:
-            mass = bm.stacked(st.row_mass, gs, rows, 1) * bm.scalars(st.w_row, gs)
-            values[0] += (mass * rlse).sum()
-            if want_grad:
-                dz.addcmul_(prob, mass)
-    if col is not None and want_grad:
-        dz.addcmul_(torch.sub(z, col[0]).exp_(), col[2])
-    dbias = z.new_zeros(())
-    if plan.pw and blk.do_rows:
-        y = c * bm.stacked(st.row_inv, gs, rows, 1) if st.soft_target else (c > 0).to(dtype)
-        w = bm.scalars(st.w_pw, gs)
-        sums, grad = bm.pointwise(z, y, bias, want_grad)
-        values[1] += (sums * w.flatten()).sum()
-        if want_grad:
-            grad.mul_(w)
-            dbias = grad.sum()
-            dz.add_(grad)
-    return dz, dbias, prob, rlse
-
-
-def _smooth_kl(plan, st: bm.Stats, blk, zs, a, step, parts, want_grad, values):
+def _smooth_kl(plan, st: bm.Stats, blk, zs, rs, parts, want_grad, values):
     """The smooth-KL share of a chunk of full rows (all granularities at once)."""
     p = plan.problem
     if st.kl_identity:  # paired samples: one stack holding every granularity
-        (dz, _, prob, rlse), z = parts[0], zs[0][:, a : a + step]
-        sums, grad = bm.kl_identity(z, prob, rlse, want_grad)
+        dz, prob, rlse = parts[0]
+        sums, grad = bm.kl_identity(zs[0][:, rs], prob, rlse, want_grad)
         values[2] += sums.sum() * st.w_kl
         if want_grad:
             dz.add_(grad.mul_(st.w_kl))
         return
     probs, where = [None] * p.num_granularities, {}
-    for gs, (_, _, prob, _) in zip(blk.groups, parts, strict=True):
+    for gs, (_, prob, _) in zip(blk.groups, parts, strict=True):
         for j, g in enumerate(gs):
             probs[g] = prob[j]
             where[g] = j

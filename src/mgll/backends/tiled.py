@@ -102,8 +102,9 @@ def _forward(plan: bm.Plan, image, scale, bias, texts):
     saved = []
     for blk in plan.blocks:
         tiles = _Tiles(plan, blk, image, scale, texts)
+        views = [bm.group_view(plan, st, blk, gs, image.dtype) for gs in blk.groups]
         n = tiles.x.shape[0]
-        rlse = [z.new_empty(len(gs), n, 1) for gs, z in zip(blk.groups, tiles.stacks, strict=True)]
+        rlse = [z.new_zeros(len(gs), n, 1) for gs, z in zip(blk.groups, tiles.stacks, strict=True)]
         col_top = [
             z.new_full((len(gs), 1, z.shape[1]), -torch.inf)
             for gs, z in zip(blk.groups, tiles.stacks, strict=True)
@@ -111,33 +112,33 @@ def _forward(plan: bm.Plan, image, scale, bias, texts):
         col_sum = [torch.zeros_like(t) for t in col_top]
         kl_rows = image.new_zeros(p.num_granularities, n, 1)
         for _, rsl, rows in tiles.row_tiles():
-            for j, gs in enumerate(blk.groups):
+            for j, v in enumerate(views):
                 r = tiles.x[rsl].shape[0]
-                top = image.new_full((len(gs), r, 1), -torch.inf)
-                total = image.new_zeros(len(gs), r, 1)
+                top = image.new_full((len(v.gs), r, 1), -torch.inf)
+                total = image.new_zeros(len(v.gs), r, 1)
                 for local, cols in tiles.col_tiles(j):
                     z = tiles.logits(rsl, j, local)
-                    _tile_values(plan, st, blk, gs, z, rows, cols, bias, values)
+                    c = _target(plan, blk, v, rows, cols, z.dtype)
+                    ce, pw, _, _ = bm.tile_terms(z, c, v, rsl, local, bias, None, None, False)
+                    values[0] += ce
+                    values[1] += pw
                     if blk.do_rows:
                         top, total = _online(z, top, total, -1)
-                    if plan.ce and blk.do_cols:
+                    if v.col_mass is not None:
                         col_top[j][..., local], col_sum[j][..., local] = _online(
                             z, col_top[j][..., local], col_sum[j][..., local], 1
                         )
                 if blk.do_rows:
                     rlse[j][:, rsl] = top + total.log()
-                    if plan.ce:
-                        mass = bm.stacked(st.row_mass, gs, rows, 1) * bm.scalars(st.w_row, gs)
-                        values[0] += (mass * rlse[j][:, rsl]).sum()
+                    if v.row_mass is not None:
+                        values[0] += (v.row_mass[:, rsl] * rlse[j][:, rsl]).sum()
             if plan.kl and blk.do_rows:
                 values[2] += st.w_kl * _kl_forward(plan, st, tiles, rsl, rlse, kl_rows)
         clse = []
-        for j, gs in enumerate(blk.groups):
+        for j, v in enumerate(views):
             clse.append(col_top[j] + col_sum[j].log())
-            if plan.ce and blk.do_cols:
-                cols = blk.cols[gs[0]]
-                mass = bm.stacked(st.col_mass, gs, cols, 2) * bm.scalars(st.w_col, gs)
-                values[0] += (mass * clse[j]).sum()
+            if v.col_mass is not None:
+                values[0] += (v.col_mass * clse[j]).sum()
         saved.append((rlse, clse, kl_rows))
     return values, saved
 
@@ -150,33 +151,9 @@ def _online(z: Tensor, top: Tensor, total: Tensor, dim: int):
     return new_top, total
 
 
-def _coef(st: bm.Stats, blk: bm.Block, gs, rows, cols) -> Tensor | float:
-    coef = 0.0
-    if blk.do_rows:
-        coef = bm.stacked(st.row_inv, gs, rows, 1) * bm.scalars(st.w_row, gs)
-    if blk.do_cols:
-        w = bm.scalars(st.w_col, gs)
-        coef = coef + bm.stacked(st.col_inv, gs, cols[gs[0]], 2) * w
-    return coef
-
-
-def _target(plan, st, blk, gs, rows, cols, dtype):
+def _target(plan, blk, v: bm.GroupView, rows, cols, dtype):
     need = plan.ce or (plan.pw and blk.do_rows)
-    return bm.targets(plan.problem, gs, rows, cols, dtype) if need else None
-
-
-def _pw_target(st: bm.Stats, gs, c: Tensor, rows, dtype) -> Tensor:
-    return c * bm.stacked(st.row_inv, gs, rows, 1) if st.soft_target else (c > 0).to(dtype)
-
-
-def _tile_values(plan, st, blk, gs, z, rows, cols, bias, values):
-    """The target-weighted CE sums and the pointwise sums of one tile."""
-    c = _target(plan, st, blk, gs, rows, cols, z.dtype)
-    if plan.ce:
-        values[0] -= (c * _coef(st, blk, gs, rows, cols) * z).sum()
-    if plan.pw and blk.do_rows:
-        sums, _ = bm.pointwise(z, _pw_target(st, gs, c, rows, z.dtype), bias, False)
-        values[1] += (sums * bm.scalars(st.w_pw, gs).flatten()).sum()
+    return bm.targets(plan.problem, v, rows, cols, dtype) if need else None
 
 
 def _kl_forward(plan, st: bm.Stats, tiles: _Tiles, rsl, rlse, kl_rows) -> Tensor:
@@ -184,8 +161,7 @@ def _kl_forward(plan, st: bm.Stats, tiles: _Tiles, rsl, rlse, kl_rows) -> Tensor
     if st.kl_identity:  # paired samples: one stack, all G granularities on the same samples
         for local, _ in tiles.col_tiles(0):
             z = tiles.logits(rsl, 0, local)
-            lr = rlse[0][:, rsl]
-            a = _kl_identity_terms(z, lr)[0]
+            a = _kl_identity_terms(z, rlse[0][:, rsl])[0]
             kl_rows[:, rsl] += a.sum(-1, keepdim=True)
         return kl_rows[:, rsl].sum()
     return _pooled(plan, st, tiles, rsl, rlse)[0]
@@ -222,55 +198,56 @@ def _backward(plan: bm.Plan, st: bm.Stats, saved, image, scale, bias, texts):
     ds, db = scale.new_zeros(()), scale.new_zeros(())
     for blk, (rlse, clse, kl_rows) in zip(plan.blocks, saved, strict=True):
         tiles = _Tiles(plan, blk, image, scale, texts)
+        views = [bm.group_view(plan, st, blk, gs, image.dtype) for gs in blk.groups]
         d_x = d_image[blk.rows]
         for _, rsl, rows in tiles.row_tiles():
             pooled = None
             if plan.kl and blk.do_rows and not st.kl_identity:
                 pooled = _pooled(plan, st, tiles, rsl, rlse)[1]
-            for j, gs in enumerate(blk.groups):
+            x = tiles.x[rsl]
+            for j, v in enumerate(views):
                 for local, cols in tiles.col_tiles(j):
                     z = tiles.logits(rsl, j, local)
                     lse = (rlse[j][:, rsl], clse[j][..., local])
                     dz, dbias = _tile_grad(
-                        plan, st, blk, gs, z, rows, cols, bias, lse, kl_rows[:, rsl], pooled
+                        plan,
+                        st,
+                        blk,
+                        v,
+                        z,
+                        rsl,
+                        local,
+                        rows,
+                        cols,
+                        bias,
+                        lse,
+                        kl_rows[:, rsl],
+                        pooled,
                     )
-                    ds = ds + (dz * z).sum() / scale
                     db = db + dbias
-                    t = tiles.stacks[j][:, local]
-                    d_x[rsl] += torch.matmul(dz, t).sum(0).mul_(scale)
-                    dt = torch.matmul(dz.transpose(1, 2), tiles.x[rsl]).mul_(scale)
-                    for i, g in enumerate(gs):
+                    dx = torch.matmul(dz, tiles.stacks[j][:, local]).sum(0)
+                    ds = ds + (dx * x).sum()
+                    d_x[rsl] += dx.mul_(scale)
+                    dt = torch.matmul(dz.transpose(1, 2), x).mul_(scale)
+                    for i, g in enumerate(v.gs):
                         d_texts[g][cols[g]] += dt[i]
     return d_image, ds, db, d_texts
 
 
-def _tile_grad(plan, st: bm.Stats, blk, gs, z, rows, cols, bias, lse, kl_rows, pooled):
+def _tile_grad(plan, st: bm.Stats, blk, v, z, rsl, local, rows, cols, bias, lse, kl_rows, pooled):
     """dL/dZ of one tile from the saved statistics, and its share of dL/db."""
     p = plan.problem
-    c = _target(plan, st, blk, gs, rows, cols, z.dtype)
-    dz = torch.zeros_like(z)
+    c = _target(plan, blk, v, rows, cols, z.dtype)
     prob = None
     if blk.do_rows and (plan.ce or plan.kl):
         prob = torch.sub(z, lse[0]).exp_()
-    if plan.ce:
-        dz.sub_(c * _coef(st, blk, gs, rows, cols))
-        if blk.do_rows:
-            dz.addcmul_(prob, bm.stacked(st.row_mass, gs, rows, 1) * bm.scalars(st.w_row, gs))
-        if blk.do_cols:
-            mass = bm.stacked(st.col_mass, gs, cols[gs[0]], 2) * bm.scalars(st.w_col, gs)
-            dz.addcmul_(torch.sub(z, lse[1]).exp_(), mass)
-    dbias = z.new_zeros(())
-    if plan.pw and blk.do_rows:
-        _, grad = bm.pointwise(z, _pw_target(st, gs, c, rows, z.dtype), bias, True)
-        grad.mul_(bm.scalars(st.w_pw, gs))
-        dbias = grad.sum()
-        dz.add_(grad)
+    _, _, dz, dbias = bm.tile_terms(z, c, v, rsl, local, bias, prob, lse[1], True)
     if plan.kl and blk.do_rows:
         if st.kl_identity:
             a, q = _kl_identity_terms(z, lse[0])
-            dz.add_(a.sub_(q * kl_rows).mul_(st.w_kl))
+            dz.add_(a.addcmul_(q, kl_rows, value=-1).mul_(st.w_kl))
         else:
-            for i, g in enumerate(gs):
+            for i, g in enumerate(v.gs):
                 if g in pooled:
                     t = p.kl_maps[g]
                     grad = bm.kl_general_grad(
