@@ -36,23 +36,17 @@ class TritonMGLL(torch.autograd.Function):
         x = image.detach().to(plan.dtype).contiguous()
         t = _stack_texts(texts, kmax, plan.dtype)
         s = scale.detach().float().reshape(1)
-        b = bias.detach().float().reshape(1) if bias is not None else s
+        b = bias.detach().float().reshape(1) if bias is not None else torch.zeros_like(s)
         blk = plan.blocks
         ks = torch.tensor(plan.ks, device=dev, dtype=torch.int32)
-        common = dict(
-            KIND=plan.kind,
-            HAS_BIAS=bias is not None,
-            BLOCK_C=plan.block_c,
-            PREC=plan.prec,
-            **blk,
-        )
+        common = dict(KIND=plan.kind, BLOCK_C=plan.block_c, PREC=plan.prec, **blk)
         r_lo, r_hi = plan.rows
         lo = torch.full((g,), r_lo, device=dev, dtype=torch.int32)
         hi = torch.full((g,), r_hi, device=dev, dtype=torch.int32)
         stats_r = torch.zeros(g, int(fwd.N_STATS), n, device=dev)
         fwd.stats_kernel[(_cdiv(r_hi - r_lo, blk["BLOCK_M"]), g)](
             x, t, plan.targets, stats_r, s, b, ks, lo, hi, n, kmax, d, plan.n_classes,
-            TEXT_ROWS=False, POINTWISE=plan.has_pw, **common,
+            TEXT_ROWS=False, **common,
         )  # fmt: skip
         stats_c = torch.zeros(g, int(fwd.N_STATS), kmax, device=dev)
         if plan.has_ce:
@@ -61,7 +55,7 @@ class TritonMGLL(torch.autograd.Function):
             width = max(c[1] - c[0] for c in plan.cols)
             fwd.stats_kernel[(_cdiv(width, blk["BLOCK_M"]), g)](
                 x, t, plan.targets, stats_c, s, b, ks, c_lo, c_hi, n, kmax, d, plan.n_classes,
-                TEXT_ROWS=True, POINTWISE=False, **common,
+                TEXT_ROWS=True, **common,
             )  # fmt: skip
         kl = torch.zeros(g, n, device=dev)
         if plan.has_kl:
@@ -124,18 +118,9 @@ class TritonMGLL(torch.autograd.Function):
         ks = torch.tensor(plan.ks, device=dev, dtype=torch.int32)
         c_lo, c_hi = min(c[0] for c in plan.cols), max(c[1] for c in plan.cols)
         flags = dict(
-            G=g,
-            KIND=plan.kind,
-            HAS_CE=plan.has_ce,
-            HAS_PW=plan.has_pw,
-            HAS_KL=plan.has_kl,
-            SOFT_Y=plan.soft_y,
-            HAS_BIAS=ctx.has_bias,
-            BLOCK_C=plan.block_c,
-            PREC=plan.prec,
-            **plan.blocks,
+            KIND=plan.kind, HAS_KL=plan.has_kl, BLOCK_C=plan.block_c, PREC=plan.prec, **plan.blocks
         )
-        args = (r_lo, r_hi, c_lo, c_hi, n, kmax, d, plan.n_classes)
+        args = (r_lo, r_hi, c_lo, c_hi, n, kmax, d, plan.n_classes, g, int(plan.soft_y))
         need = ctx.needs_input_grad
         d_image = d_scale = d_bias = None
         if need[1] or need[2] or need[3]:
@@ -143,7 +128,7 @@ class TritonMGLL(torch.autograd.Function):
             red = torch.zeros(2, n, device=dev)
             bwd.dx_kernel[(_cdiv(n, plan.blocks["BLOCK_M"]),)](
                 x, t, plan.targets, rowf, colf, dx, red, s, b, ks, *args,
-                WRITE_DX=need[1], **flags,
+                int(need[1]), **flags,
             )  # fmt: skip
             d_image = (s * dx).to(ctx.dtypes[0]) if need[1] else None
             d_scale = red[0].sum().reshape(()) if need[2] else None
@@ -179,7 +164,10 @@ def _ce_lines(stats: Tensor, fwd) -> Tensor:
 def _anchor_counts(plan, stats_r: Tensor, stats_c: Tensor, fwd) -> tuple[Tensor, Tensor]:
     """|A_r| and |A_c| per granularity over the *whole* batch (global normalisers)."""
     problem = plan.problem
-    if problem.is_full and plan.has_ce:
+    if not plan.has_ce:  # only the soft CLIP term uses them
+        zeros = stats_r.new_zeros(stats_r.shape[0])
+        return zeros, zeros
+    if problem.is_full:
         n_rows = (stats_r[:, int(fwd.ST_C)] > 0).sum(1)
         n_cols = (stats_c[:, int(fwd.ST_C)] > 0).sum(1)
         return n_rows, n_cols

@@ -37,11 +37,9 @@ def _dz_tile(
     KMAX,
     D,
     NCLS,
+    soft_y,
     KIND: tl.constexpr,
-    HAS_CE: tl.constexpr,
-    HAS_PW: tl.constexpr,
     HAS_KL: tl.constexpr,
-    SOFT_Y: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_C: tl.constexpr,
     PREC: tl.constexpr,
@@ -62,22 +60,18 @@ def _dz_tile(
     inv_r = tl.load(rowf + RF_INV * N, mask=mask_i, other=0.0)
     lq = tl.minimum(z - lse_r[:, None], 0.0)  # <= 0 for owned rows; clamps the others
     p = tl.exp(lq)
-    dz = tl.zeros((offs_i.shape[0], offs_k.shape[0]), dtype=tl.float32)
-    gpw = tl.zeros((offs_i.shape[0], offs_k.shape[0]), dtype=tl.float32)
-    if HAS_CE:
-        ce_r = tl.load(rowf + RF_CE * N, mask=mask_i, other=0.0)
-        colf = COLF + g * N_COL_FIELDS * KMAX + offs_k
-        lse_c = tl.load(colf + CF_LSE * KMAX, mask=mask_k, other=0.0)
-        ce_c = tl.load(colf + CF_CE * KMAX, mask=mask_k, other=0.0)
-        inv_c = tl.load(colf + CF_INV * KMAX, mask=mask_k, other=0.0)
-        p_c = tl.exp(tl.minimum(z - lse_c[None, :], 0.0))
-        dz += ce_r[:, None] * (p - c * inv_r[:, None])
-        dz += ce_c[None, :] * (p_c - c * inv_c[None, :])
-    if HAS_PW:
-        w_pw = tl.load(rowf + RF_PW * N, mask=mask_i, other=0.0)
-        y = c * inv_r[:, None] if SOFT_Y else (c > 0).to(tl.float32)
-        gpw = w_pw[:, None] * (_sigmoid(z + bias) - y)
-        dz += gpw
+    # soft CLIP in both directions and pointwise; coefficients are zero when a term is off
+    ce_r = tl.load(rowf + RF_CE * N, mask=mask_i, other=0.0)
+    colf = COLF + g * N_COL_FIELDS * KMAX + offs_k
+    lse_c = tl.load(colf + CF_LSE * KMAX, mask=mask_k, other=0.0)
+    ce_c = tl.load(colf + CF_CE * KMAX, mask=mask_k, other=0.0)
+    inv_c = tl.load(colf + CF_INV * KMAX, mask=mask_k, other=0.0)
+    p_c = tl.exp(tl.minimum(z - lse_c[None, :], 0.0))
+    dz = ce_r[:, None] * (p - c * inv_r[:, None]) + ce_c[None, :] * (p_c - c * inv_c[None, :])
+    w_pw = tl.load(rowf + RF_PW * N, mask=mask_i, other=0.0)
+    y = tl.where(soft_y != 0, c * inv_r[:, None], (c > 0).to(tl.float32))
+    gpw = w_pw[:, None] * (_sigmoid(z + bias) - y)
+    dz += gpw
     if HAS_KL:
         w_kl = tl.load(rowf + RF_KL * N, mask=mask_i, other=0.0)
         kl = tl.load(rowf + RF_KLV * N, mask=mask_i, other=0.0)
@@ -108,7 +102,21 @@ def _accumulate(
     tl.debug_barrier()  # the next tile reads what this one wrote, possibly from another thread
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=[
+        "row_lo",
+        "row_hi",
+        "col_lo",
+        "col_hi",
+        "N",
+        "KMAX",
+        "D",
+        "NCLS",
+        "G",
+        "soft_y",
+        "write_dx",
+    ]
+)
 def dx_kernel(
     X,
     T,
@@ -128,14 +136,11 @@ def dx_kernel(
     KMAX,
     D,
     NCLS,
-    G: tl.constexpr,
+    G,
+    soft_y,
+    write_dx,
     KIND: tl.constexpr,
-    HAS_CE: tl.constexpr,
-    HAS_PW: tl.constexpr,
     HAS_KL: tl.constexpr,
-    SOFT_Y: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    WRITE_DX: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -150,7 +155,7 @@ def dx_kernel(
     """
     pid = tl.program_id(0)
     scale = tl.load(SCALE)
-    bias = tl.load(BIAS) if HAS_BIAS else 0.0
+    bias = tl.load(BIAS)
     offs_i = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_i = offs_i < N
     owned = (pid * BLOCK_M < row_hi) & (pid * BLOCK_M + BLOCK_M > row_lo)
@@ -178,7 +183,7 @@ def dx_kernel(
                 BLOCK_D,
                 PREC,
             )
-        for g in tl.static_range(G):
+        for g in range(G):
             k_g = tl.load(KS + g)
             if k0 < k_g:
                 mask_k = (offs_k < k_hi) & (offs_k < k_g)
@@ -201,24 +206,35 @@ def dx_kernel(
                     KMAX,
                     D,
                     NCLS,
+                    soft_y,
                     KIND,
-                    HAS_CE,
-                    HAS_PW,
                     HAS_KL,
-                    SOFT_Y,
                     BLOCK_D,
                     BLOCK_C,
                     PREC,
                 )
                 d_scale += tl.sum(dz * u, 1)
                 d_bias += tl.sum(gpw, 1)
-                if WRITE_DX:
+                if write_dx != 0:
                     _accumulate(DX, T_g, dz, offs_i, offs_k, mask_i, mask_k, D, BLOCK_D, PREC)
     tl.store(RED + offs_i, d_scale, mask=mask_i)
     tl.store(RED + N + offs_i, d_bias, mask=mask_i)
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=[
+        "row_lo",
+        "row_hi",
+        "col_lo",
+        "col_hi",
+        "N",
+        "KMAX",
+        "D",
+        "NCLS",
+        "G",
+        "soft_y",
+    ]
+)
 def dt_kernel(
     X,
     T,
@@ -237,13 +253,10 @@ def dt_kernel(
     KMAX,
     D,
     NCLS,
-    G: tl.constexpr,
+    G,
+    soft_y,
     KIND: tl.constexpr,
-    HAS_CE: tl.constexpr,
-    HAS_PW: tl.constexpr,
     HAS_KL: tl.constexpr,
-    SOFT_Y: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -256,7 +269,7 @@ def dt_kernel(
     """
     pid = tl.program_id(0)
     scale = tl.load(SCALE)
-    bias = tl.load(BIAS) if HAS_BIAS else 0.0
+    bias = tl.load(BIAS)
     offs_k = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     owned = (pid * BLOCK_N < col_hi) & (pid * BLOCK_N + BLOCK_N > col_lo)
     i_lo = tl.where(owned, 0, row_lo)
@@ -282,7 +295,7 @@ def dt_kernel(
                 BLOCK_D,
                 PREC,
             )
-        for g in tl.static_range(G):
+        for g in range(G):
             k_g = tl.load(KS + g)
             if pid * BLOCK_N < k_g:
                 mask_k = offs_k < k_g
@@ -305,11 +318,9 @@ def dt_kernel(
                     KMAX,
                     D,
                     NCLS,
+                    soft_y,
                     KIND,
-                    HAS_CE,
-                    HAS_PW,
                     HAS_KL,
-                    SOFT_Y,
                     BLOCK_D,
                     BLOCK_C,
                     PREC,

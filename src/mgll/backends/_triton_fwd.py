@@ -29,7 +29,7 @@ ST_LSE, ST_C, ST_CZ, ST_SP, ST_YZ, ST_Y = (tl.constexpr(i) for i in range(6))
 N_STATS = tl.constexpr(6)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "KMAX", "D", "NCLS"])
 def stats_kernel(
     X,
     T,
@@ -46,8 +46,6 @@ def stats_kernel(
     NCLS,
     TEXT_ROWS: tl.constexpr,
     KIND: tl.constexpr,
-    POINTWISE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -57,7 +55,7 @@ def stats_kernel(
     """Per-line statistics of granularity ``g = program_id(1)`` for lines ``LO[g]..HI[g]``.
 
     Lines are image rows against all K_g texts, or (``TEXT_ROWS``) text columns against all N
-    images.  Writes ``OUT[g, :, line]``: log-sum-exp, sum C, sum C z, and with ``POINTWISE``
+    images.  Writes ``OUT[g, :, line]``: log-sum-exp, sum C, sum C z, and for image rows
     sum softplus(z + b), sum 1[C>0] z and sum 1[C>0].
     """
     pid = tl.program_id(0)
@@ -66,7 +64,7 @@ def stats_kernel(
     lo = tl.load(LO + g)
     hi = tl.load(HI + g)
     scale = tl.load(SCALE)
-    bias = tl.load(BIAS) if HAS_BIAS else 0.0
+    bias = tl.load(BIAS)
     T_g = T + g.to(tl.int64) * KMAX * D
     if TEXT_ROWS:
         A, B, n_other = T_g, X, N
@@ -98,7 +96,7 @@ def stats_kernel(
         c = tl.where(mask_b[None, :], c, 0.0)
         s_c += tl.sum(c, 1)
         s_cz += tl.sum(c * z, 1)
-        if POINTWISE:
+        if not TEXT_ROWS:
             sp = _softplus(z + bias)
             s_sp += tl.sum(tl.where(mask_b[None, :], sp, 0.0), 1)
             y = (c > 0).to(tl.float32)
@@ -106,16 +104,16 @@ def stats_kernel(
             s_y += tl.sum(y, 1)
     n_lines = KMAX if TEXT_ROWS else N
     out = OUT + g * N_STATS * n_lines + offs_a
-    tl.store(out + ST_LSE * n_lines, m + tl.log(l), mask=mask_a)
+    tl.store(out + ST_LSE * n_lines, m + tl.log(tl.maximum(l, 1e-30)), mask=mask_a)
     tl.store(out + ST_C * n_lines, s_c, mask=mask_a)
     tl.store(out + ST_CZ * n_lines, s_cz, mask=mask_a)
-    if POINTWISE:
+    if not TEXT_ROWS:
         tl.store(out + ST_SP * n_lines, s_sp, mask=mask_a)
         tl.store(out + ST_YZ * n_lines, s_yz, mask=mask_a)
         tl.store(out + ST_Y * n_lines, s_y, mask=mask_a)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "D", "G"])
 def kl_kernel(
     X,
     T,
@@ -126,7 +124,7 @@ def kl_kernel(
     HI,
     N,
     D,
-    G: tl.constexpr,
+    G,
     GP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -153,7 +151,7 @@ def kl_kernel(
         lm = _log_mixture(
             X, T, LSE, N, scale, offs_i, offs_k, mask_i, mask_k, N, D, G, BLOCK_D, PREC
         )
-        for g in tl.static_range(G):
+        for g in range(G):
             lse = tl.load(LSE + g * N + offs_i, mask=mask_i, other=0.0)
             z = scale * _dot_rows(
                 X, T + g * N * D, offs_i, offs_k, mask_i, mask_k, D, BLOCK_D, PREC

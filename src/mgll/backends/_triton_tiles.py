@@ -54,7 +54,7 @@ def _targets(
         b = tl.load(TGT + g * N + offs_c, mask=mask_c, other=-2)
         c = (a[:, None] == b[None, :]).to(tl.float32)
     elif KIND == 1:
-        base = TGT + g.to(tl.int64) * N * NCLS
+        base = TGT + (g * N).to(tl.int64) * NCLS
         overlap = tl.zeros((offs_r.shape[0], offs_c.shape[0]), dtype=tl.float32)
         for c0 in range(0, NCLS, BLOCK_C):
             offs_l = c0 + tl.arange(0, BLOCK_C)
@@ -72,7 +72,7 @@ def _targets(
             overlap = tl.dot(la, tl.trans(lb), overlap)
         c = (overlap > 0).to(tl.float32)
     else:
-        base = TGT + g.to(tl.int64) * N * KMAX
+        base = TGT + (g * N).to(tl.int64) * KMAX
         if TEXT_ROWS:
             ptrs = base + offs_c[None, :].to(tl.int64) * KMAX + offs_r[:, None]
         else:
@@ -105,7 +105,7 @@ def _log_mixture(
     mask_k,
     N,
     D,
-    G: tl.constexpr,
+    G,
     BLOCK_D: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -115,7 +115,7 @@ def _log_mixture(
     """
     mx = tl.full((offs_i.shape[0], offs_k.shape[0]), NEG, dtype=tl.float32)
     sm = tl.zeros((offs_i.shape[0], offs_k.shape[0]), dtype=tl.float32)
-    for g in tl.static_range(G):
+    for g in range(G):
         lse = tl.load(LSE + g * lse_stride + offs_i, mask=mask_i, other=0.0)
         z = scale * _dot_rows(X, T + g * N * D, offs_i, offs_k, mask_i, mask_k, D, BLOCK_D, PREC)
         lq = tl.minimum(z - lse[:, None], 0.0)

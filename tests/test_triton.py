@@ -1,0 +1,247 @@
+"""The ``triton`` backend against ``reference``: values and gradients.
+
+Without a GPU the kernels run in the Triton interpreter (``TRITON_INTERPRET=1``, set by
+``conftest.py``), which is slow: shapes stay small, with tiles of 16 so every case still
+crosses several row, column and D tiles (partial last tiles included).  On CUDA the same cases
+run compiled, plus the half-precision cases marked ``cuda``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason='backend="triton" needs triton: pip install "mgll[triton]"')
+
+from mgll._cooc import CoOccurrence
+from mgll._problem import LossConfig, build_problem
+from mgll.backends import reference, triton_kernels
+from mgll.functional import mgll_loss
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+F32 = dict(rtol=1e-5, atol=2e-6)
+HALF = dict(rtol=2e-2, atol=2e-3)
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (bf16 tensor-core path)")
+
+
+@pytest.fixture(autouse=True)
+def _small_tiles(monkeypatch):
+    """16 x 16 tiles and D chunks of 16 in the interpreter: several tiles on small inputs."""
+    monkeypatch.setitem(triton_kernels.INTERPRETER_BLOCKS, "BLOCK_M", 16)
+    monkeypatch.setitem(triton_kernels.INTERPRETER_BLOCKS, "BLOCK_N", 16)
+    monkeypatch.setitem(triton_kernels.INTERPRETER_BLOCKS, "BLOCK_D", 16)
+
+
+# ---------------------------------------------------------------------------- builders
+
+
+def _cooc(mode: str, n: int, ks: list[int], gen: torch.Generator) -> list[CoOccurrence]:
+    out = []
+    for g, k in enumerate(ks):
+        if mode == "ids":
+            out.append(CoOccurrence("ids", torch.randint(0, 2 + 2 * g, (n,), generator=gen)))
+        elif mode == "multi_hot":
+            hot = torch.rand(n, 3 + 9 * g, generator=gen) < 0.3  # g = 2: 21 classes, 2 chunks
+            hot[0] = False  # a sample without labels: an empty row and column
+            out.append(CoOccurrence("multi_hot", hot))
+        elif mode == "mixed":  # paired, ids at one granularity and label sets at the other
+            kind = "ids" if g % 2 == 0 else "multi_hot"
+            data = torch.randint(0, 3, (n,), generator=gen)
+            out.append(CoOccurrence(kind, data if kind == "ids" else torch.rand(n, 4) < 0.4))
+        else:
+            c = (torch.rand(n, k, generator=gen) < 0.4).float() * torch.rand(n, k, generator=gen)
+            c[0] = 0  # an image with no positive
+            c[:, -1] = 0  # a text with no positive
+            out.append(CoOccurrence("dense", c * 2))
+    return [CoOccurrence(c.kind, c.data.to(DEVICE)) for c in out]
+
+
+def _case(mode="ids", n=24, ks=None, g=2, d=20, scale=8.0, bias=True, seed=0, dtype=None):
+    ks = ks if ks is not None else [n] * g
+    if mode != "bank":
+        ks = [n] * len(ks)
+    gen = torch.Generator().manual_seed(seed)
+    dtype = dtype or torch.float32
+    image = torch.randn(n, d, generator=gen).to(DEVICE, dtype).requires_grad_()
+    texts = [torch.randn(k, d, generator=gen).to(DEVICE, dtype).requires_grad_() for k in ks]
+    s = torch.tensor(scale, device=DEVICE, dtype=dtype, requires_grad=True)
+    b = torch.tensor(-1.5, device=DEVICE, dtype=dtype, requires_grad=True) if bias else None
+    return image, texts, s, b, _cooc(mode, n, ks, gen)
+
+
+def _compare(case, config=None, rows=None, cols=None, tol=F32, operand_dtype=None):
+    """Weighted terms and all gradients of ``triton`` equal ``reference`` on one Problem."""
+    image, texts, s, b, cooc = case
+    config = config or LossConfig()
+    leaves = [image, *texts, s] + ([b] if b is not None else [])
+    results = []
+    for backend in (reference, triton_kernels):
+        problem = build_problem(image, texts, s, b, cooc, config, normalize=True)
+        if rows is not None:
+            problem.rows = rows
+        if cols is not None:
+            problem.cols = cols
+        if backend is triton_kernels and operand_dtype is not None:
+            problem.image = problem.image.to(operand_dtype)
+            problem.texts = [t.to(operand_dtype) for t in problem.texts]
+        terms = torch.stack([t.float() for t in backend.compute(problem, config)])
+        grads = torch.autograd.grad(terms.sum(), leaves, allow_unused=True)
+        results.append((terms.detach(), grads))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, **tol)
+    for i, (x, y) in enumerate(zip(got_grads, want_grads, strict=True)):
+        if y is None:
+            assert x is None or not x.abs().any(), f"leaf {i}: unexpected gradient"
+        else:
+            assert x is not None, f"leaf {i}: missing gradient"
+            torch.testing.assert_close(x.float(), y.float(), **tol, msg=f"gradient of leaf {i}")
+    return got
+
+
+# ---------------------------------------------------------------------------- equality
+
+
+@pytest.mark.parametrize("g", [1, 2, 3])
+@pytest.mark.parametrize("mode", ["ids", "multi_hot", "bank"])
+def test_matches_reference(mode, g):
+    _compare(_case(mode, ks=[24, 17, 9][:g], g=g))
+
+
+def test_mixed_ids_and_label_sets():
+    _compare(_case("mixed", g=2))
+
+
+@pytest.mark.parametrize("target,norm,bias", [("soft", "pairs", True), ("binary", "images", False)])
+def test_pointwise_options(target, norm, bias):
+    config = LossConfig(pointwise_target=target, pointwise_norm=norm)
+    _compare(_case("multi_hot", bias=bias), config)
+
+
+@pytest.mark.parametrize("mode,g", [("ids", 2), ("multi_hot", 3), ("bank", 2)])
+def test_coarse_support(mode, g):
+    config = LossConfig(smooth_kl_support="coarse")
+    _compare(_case(mode, ks=[24, 17, 11][:g], g=g), config)
+
+
+def test_coarse_reference_override():
+    config = LossConfig(smooth_kl_support="coarse", smooth_kl_reference=2)
+    _compare(_case("ids", n=20, g=3), config)
+
+
+@pytest.mark.parametrize(
+    "weights,lam",
+    [((1.0, 0.0, 0.0), None), ((0.0, 0.0, 2.0), None), ((0.5, 2.0, 1.5), (1.0, 0.0, 3.0))],
+)
+def test_term_and_granularity_weights(weights, lam):
+    config = LossConfig(*weights, granularity_weights=lam)
+    _compare(_case("ids", n=20, g=3, bias=False), config)
+
+
+@pytest.mark.parametrize(
+    "mode,rows,cols",
+    [
+        ("ids", slice(5, 22), [slice(0, 13), slice(19, 36)]),
+        ("multi_hot", slice(0, 16), [slice(16, 36), slice(16, 36)]),
+        ("bank", slice(20, 24), [slice(3, 17), slice(0, 0)]),
+        ("ids", slice(5, 5), [slice(0, 36), slice(7, 9)]),
+    ],
+)
+def test_partial_rows_and_columns(mode, rows, cols):
+    """Distributed local loss: only some rows / columns, global normalisers."""
+    _compare(_case(mode, n=36, ks=[36, 17], g=2, d=12), rows=rows, cols=cols)
+
+
+def test_granularity_without_any_positive():
+    image, texts, s, b, cooc = _case("bank", n=20, ks=[20, 12], g=2, d=12)
+    cooc[1] = CoOccurrence("dense", torch.zeros_like(cooc[1].data))
+    _compare((image, texts, s, b, cooc))
+
+
+@pytest.mark.parametrize("mode", ["ids", "bank"])
+def test_extreme_scale_is_finite(mode):
+    got = _compare(
+        _case(mode, n=20, ks=[20, 10], d=12, scale=100.0), tol=dict(rtol=2e-5, atol=2e-5)
+    )
+    assert torch.isfinite(got).all()
+
+
+def test_identical_embeddings_are_finite():
+    image, texts, s, b, cooc = _case("ids", n=20, g=3, d=12, scale=100.0)
+    with torch.no_grad():
+        image.copy_(image[:1].expand_as(image))
+        for t in texts:
+            t.copy_(image)
+    _compare((image, texts, s, b, cooc), tol=dict(rtol=2e-5, atol=2e-5))
+
+
+def test_public_api_and_module_agree():
+    image, texts, s, b, cooc = _case("ids", n=20, g=2, d=12)
+    labels = [c.data for c in cooc]
+    got = mgll_loss(image, texts, s, b, labels=labels, backend="triton")
+    want = mgll_loss(image, texts, s, b, labels=labels, backend="reference")
+    torch.testing.assert_close(got, want, **F32)
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def test_strided_rows_are_rejected():
+    image, texts, s, b, cooc = _case("ids", n=20, g=1)
+    problem = build_problem(image, texts, s, b, cooc, LossConfig(), normalize=True)
+    problem.rows = slice(0, 20, 2)
+    with pytest.raises(ValueError, match=r"`problem.rows` to be a contiguous slice"):
+        triton_kernels.compute(problem, LossConfig())
+
+
+@pytest.mark.skipif(CUDA, reason="checks the CPU error; CUDA runs the kernels")
+def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(triton_kernels, "_is_interpreted", lambda kernel: False)
+    image, texts, s, _, cooc = _case("ids", n=20, g=1)
+    with pytest.raises(ValueError, match=r'runs on CUDA tensors, got features on cpu.*"fused"'):
+        mgll_loss(image, texts, s, labels=[cooc[0].data], backend="triton")
+
+
+def test_missing_triton_names_the_extra():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, mgll\n"
+        "x = torch.randn(4, 3)\n"
+        "try:\n"
+        "    mgll.functional.mgll_loss(x, [x], torch.tensor(1.0), labels=[torch.arange(4)],"
+        " backend='triton')\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert 'pip install "mgll[triton]"' in out.stdout, out.stdout + out.stderr
+
+
+# ---------------------------------------------------------------------------- CUDA only
+
+
+@cuda_only
+@pytest.mark.parametrize("mode", ["ids", "multi_hot", "bank"])
+def test_bf16_inputs_match_reference(mode):
+    """Half inputs through the public path (the core upcasts them to fp32 first)."""
+    _compare(_case(mode, n=200, ks=[200, 70, 33], g=3, d=64, dtype=torch.bfloat16), tol=HALF)
+
+
+@cuda_only
+@pytest.mark.parametrize("mode", ["ids", "bank"])
+def test_bf16_tensor_core_operands_match_reference(mode):
+    """Features handed to the kernels in bf16 (tensor-core dots, fp32 statistics)."""
+    case = _case(mode, n=256, ks=[256, 90, 40], g=3, d=96)
+    _compare(case, tol=HALF, operand_dtype=torch.bfloat16)
+
+
+@cuda_only
+def test_fp32_larger_shapes_match_reference():
+    _compare(_case("multi_hot", n=300, g=3, d=200, scale=30.0), tol=dict(rtol=1e-5, atol=1e-5))
