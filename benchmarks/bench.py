@@ -91,6 +91,7 @@ DRY_RUN = dict(
     min_time=0.01,
     max_call_s=5.0,
     time_budget_s=240.0,
+    threads=1,
 )
 
 
@@ -170,14 +171,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def plan(args: argparse.Namespace) -> list[dict]:
-    """Every point, in run order: N sweep (eager), G sweep, D sweep, then compiled points."""
+    """Every point, in run order: per dtype the N, G and D sweeps (eager), then compiled points."""
     import providers
 
     names = providers.provider_names(args.device, include_compile=bool(args.compile_n))
     if args.providers:
         names = [n for n in names if any(k in n for k in args.providers)]
     eager = [n for n in names if not n.endswith("+compile")]
-    compiled = [n for n in names if n.endswith("+compile")]
+    # compiled points last (compiling is slow), the default backend's first
+    compiled = sorted((n for n in names if n.endswith("+compile")), key=lambda n: "fused" not in n)
     points = []
     for dtype in args.dtypes:
         shapes = [("N", n, args.g0, args.d0) for n in args.n]
@@ -185,6 +187,7 @@ def plan(args: argparse.Namespace) -> list[dict]:
         shapes += [("D", args.mid_n, args.g0, d) for d in args.d if d != args.d0]
         for sweep, n, g, d in shapes:
             points += [dict(provider=p, sweep=sweep, n=n, g=g, d=d, dtype=dtype) for p in eager]
+    for dtype in args.dtypes:
         for n in args.compile_n:
             points += [
                 dict(provider=p, sweep="N", n=n, g=args.g0, d=args.d0, dtype=dtype)
@@ -203,6 +206,11 @@ def plan(args: argparse.Namespace) -> list[dict]:
 
 def precheck(spec: dict, done: list[dict], args, started: float) -> str | None:
     """Why ``spec`` is skipped before it runs (time budget, predicted too slow, OOM before)."""
+    import providers
+
+    static = providers.skip_reason(spec["provider"], spec["device"])
+    if static:
+        return static
     if time.perf_counter() - started > args.time_budget_s:
         return f"sweep time budget of {args.time_budget_s:.0f} s spent"
     same = [
@@ -356,7 +364,7 @@ def _loadavg() -> list[float] | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.in_process and args.device == "cuda":
-        import torch
+        import torch._dynamo
 
         for name in ("cache_size_limit", "recompile_limit"):
             if hasattr(torch._dynamo.config, name):

@@ -67,15 +67,15 @@ def make_inputs(
     """Random paired-mode inputs for N images, G granularities and width D."""
     if g < 1 or g > 3:
         raise ValueError(f"`g` must be 1, 2 or 3, got {g}")
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
 
     def feats() -> Tensor:
-        x = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype)
+        x = torch.randn(n, d, generator=gen, device=device).to(dtype)
         return x.requires_grad_(True)
 
     image = feats()
     texts = [feats() for _ in range(g)]
-    labels = [torch.randint(0, c, (n,), generator=gen).to(device) for c in class_counts(n, g)]
+    labels = [torch.randint(0, c, (n,), generator=gen, device=device) for c in class_counts(n, g)]
     scale = torch.tensor(LOGIT_SCALE, device=device, dtype=torch.float32, requires_grad=True)
     return Inputs(image, texts, scale, labels)
 
@@ -92,20 +92,18 @@ def provider_names(device: str, include_compile: bool = True) -> list[str]:
         if backend == "auto":
             continue
         names.append(f"mgll-{backend}")
-        if include_compile:
+        if include_compile and backend != "triton":  # triton kernels: torch.compile n/a
             names.append(f"mgll-{backend}+compile")
     return [*names, "open_clip", "floor"]
 
 
 def skip_reason(name: str, device: str) -> str | None:
     """Why provider ``name`` cannot run on ``device`` at all, or None."""
-    base, compiled = name.removesuffix("+compile"), name.endswith("+compile")
+    base = name.removesuffix("+compile")
     if base == "mgll-triton" and device != "cuda":
         return "triton backend needs CUDA (the interpreter is a test tool, not a benchmark)"
     if base == "open_clip" and importlib.util.find_spec("open_clip") is None:
         return "open_clip is not installed"
-    if compiled and base == "mgll-triton":
-        return "triton kernels are already compiled; torch.compile does not apply"
     return None
 
 

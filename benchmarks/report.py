@@ -213,6 +213,7 @@ def _grid(records, var, values, fixed, cell, title) -> list[str]:
 
 def markdown(meta: dict, records: list[dict], summary: dict) -> str:
     s = meta["settings"]
+    timers = ", ".join(sorted({r["timer"] for r in records if r.get("timer")})) or "none"
     load = f"load average {meta.get('loadavg_start')} at start, {meta.get('loadavg_end')} at end"
     lines = [
         f"# MGLL benchmark — {meta['device_name']}",
@@ -222,7 +223,7 @@ def markdown(meta: dict, records: list[dict], summary: dict) -> str:
         f"* {meta['date_utc']}; torch {meta['torch']}; mgll {meta['mgll']} "
         f"(commit {meta.get('git_commit')}); backends {', '.join(meta['mgll_backends'])}",
         f"* command: `{meta['command']}`; wall {meta.get('wall_s')} s",
-        f"* time: median ± interquartile range in ms ({'CUDA' if meta['device'] == 'cuda' else 'torch.utils.benchmark'}); "
+        f"* time: median ± interquartile range in ms ({timers}); "
         f"memory: {s['memory']}, MiB; budget: {s['budget_gb']} GB ({s['budget_enforcement']})",
         "* paired inputs, logit scale 14, class ids per granularity 8, N/8, N/2; "
         "`–` skipped (reason in results.json), OOM out of memory",
@@ -304,3 +305,59 @@ def markdown(meta: dict, records: list[dict], summary: dict) -> str:
                 f"| {r['provider']} | {r['dtype']} | {r['mode']} | " + " | ".join(vals) + " |"
             )
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------- docs (rst)
+
+
+def to_rst(md: str, images: list[str], title: str) -> str:
+    """The markdown report as reStructuredText (list-tables), followed by the plots."""
+    out = [title, "-" * len(title), ""]
+    lines = md.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("# "):
+            i += 1
+            continue
+        if line.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                if not set(lines[i]) <= set("|-: "):
+                    rows.append([c.strip() for c in lines[i].strip("|").split("|")])
+                i += 1
+            out += [".. list-table::", "   :header-rows: 1", ""]
+            for row in rows:
+                out.append("   * - " + _rst_inline(row[0] or " "))
+                out += [f"     - {_rst_inline(c) or ' '}" for c in row[1:]]
+            out.append("")
+            continue
+        if line.startswith("**") and line.endswith("**"):
+            out += [f".. rubric:: {line.strip('*')}", ""]
+        elif line.startswith("* "):
+            out.append("* " + _rst_inline(line[2:]))
+        elif line.strip():
+            out.append(_rst_inline(line))
+        else:
+            out.append("")
+        i += 1
+    for img in images:
+        out += [f".. image:: {img}", "   :width: 100%", ""]
+    return "\n".join(out) + "\n"
+
+
+def _rst_inline(text: str) -> str:
+    parts = text.split("`")
+    return "".join(f"``{p}``" if k % 2 else p.replace("*", r"\*") for k, p in enumerate(parts))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="Print a results directory as an rst section.")
+    p.add_argument("results", type=Path, help="directory holding results.md and the PNGs")
+    p.add_argument("--title", required=True)
+    p.add_argument("--images", default="", help="prefix of the image paths in the rst")
+    a = p.parse_args()
+    pngs = sorted(x.name for x in a.results.glob("*.png"))
+    print(to_rst((a.results / "results.md").read_text(), [a.images + x for x in pngs], a.title))
