@@ -1,11 +1,21 @@
 """Checks at the public boundary (SPEC section 8): clear errors before any compute.
 
 Every message names the argument, says what was expected and echoes what was received.
+
+Two kinds of check:
+
+* *structure* (types, ranks, shapes, dtypes, devices, option values) reads only tensor
+  metadata and costs nothing; it always runs.
+* *values* (finiteness, signs, zero norms) reads the data.  All value conditions of one call
+  are reduced on the tensors' device and read back with a single host synchronisation
+  (:func:`check_values`); only when one fails are they re-examined one by one to write the
+  message.  ``validate=False`` skips this part.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import numbers
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -16,15 +26,26 @@ OPTIONS = {
     "smooth_kl_support": ("samples", "coarse"),
 }
 
+#: A row whose L2 norm is at most this is "zero" for ``F.normalize`` (its default ``eps``).
+NORM_EPS = 1e-12
+
+# ----------------------------------------------------------------------------- settings
+
 
 def check_option(name: str, value: object) -> None:
     allowed = OPTIONS[name]
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}")
 
 
+def check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False, got {value!r}")
+    return value
+
+
 def check_weight(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}")
     if not (value >= 0 and value != float("inf")):
         raise ValueError(f"`{name}` must be finite and non-negative, got {value}")
@@ -41,6 +62,26 @@ def check_granularity_weights(value: Sequence[float] | None) -> tuple[float, ...
             f"`granularity_weights` must be a non-empty sequence of numbers, got {value!r}"
         )
     return tuple(check_weight(f"granularity_weights[{g}]", w) for g, w in enumerate(value))
+
+
+def check_granularity_count(weights: tuple[float, ...] | None, g_count: int) -> None:
+    if weights is not None and len(weights) != g_count:
+        raise ValueError(
+            f"`granularity_weights` must have one weight per granularity: G={g_count} from "
+            f"`text_features`, got {len(weights)}"
+        )
+
+
+def check_reference(reference: int | None, g_count: int) -> None:
+    valid = isinstance(reference, int) and not isinstance(reference, bool)
+    if reference is not None and not (valid and 0 <= reference < g_count):
+        raise ValueError(
+            f"`smooth_kl_reference` must be a granularity index in [0, {g_count - 1}] or None, "
+            f"got {reference!r}"
+        )
+
+
+# ----------------------------------------------------------------------------- structure
 
 
 def check_features(image: object, texts: object) -> list[Tensor]:
@@ -70,39 +111,32 @@ def check_features(image: object, texts: object) -> list[Tensor]:
             raise ValueError(
                 f"`text_features[{g}]` is empty (K_{g}=0); every granularity needs a text"
             )
-        _check_same_device(f"text_features[{g}]", t, image)
+        check_same_device(f"text_features[{g}]", t, image)
         if t.dtype != image.dtype:
             raise TypeError(
-                f"`text_features[{g}]` must have the dtype of `image_features` ({image.dtype}), got {t.dtype}"
+                f"`text_features[{g}]` must have the dtype of `image_features` ({image.dtype}), "
+                f"got {t.dtype}"
             )
-    for name, x in [("image_features", image)] + [
-        (f"text_features[{g}]", t) for g, t in enumerate(texts)
-    ]:
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"`{name}` contains NaN or infinite values")
     return list(texts)
 
 
+def check_scalar(name: str, value: object, like: Tensor, like_name: str = "image_features") -> None:
+    """A one-element floating-point tensor on the device of ``like``."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"`{name}` must be a scalar tensor, got {type(value).__name__}")
+    if value.numel() != 1:
+        raise ValueError(
+            f"`{name}` must be a scalar tensor (one element), got shape {tuple(value.shape)}"
+        )
+    if not value.is_floating_point():
+        raise TypeError(f"`{name}` must be a floating-point tensor, got {value.dtype}")
+    check_same_device(name, value, like, like_name)
+
+
 def check_scale_and_bias(scale: object, bias: object, image: Tensor) -> None:
-    for name, value, positive in (("logit_scale", scale, True), ("logit_bias", bias, False)):
-        if value is None and name == "logit_bias":
-            continue
-        if not isinstance(value, Tensor):
-            raise TypeError(f"`{name}` must be a scalar tensor, got {type(value).__name__}")
-        if value.numel() != 1:
-            raise ValueError(
-                f"`{name}` must be a scalar tensor (one element), got shape {tuple(value.shape)}"
-            )
-        if not value.is_floating_point():
-            raise TypeError(f"`{name}` must be a floating-point tensor, got {value.dtype}")
-        _check_same_device(name, value, image)
-        v = float(value.detach())
-        if not (v == v and abs(v) != float("inf")):
-            raise ValueError(f"`{name}` must be finite, got {v}")
-        if positive and v <= 0:
-            raise ValueError(
-                f"`{name}` must be positive (already exponentiated, open_clip convention), got {v}"
-            )
+    check_scalar("logit_scale", scale, image)
+    if bias is not None:
+        check_scalar("logit_bias", bias, image)
 
 
 def check_labels_or_targets(
@@ -127,14 +161,14 @@ def check_labels_or_targets(
             f"got {len(values)}"
         )
     n = image.shape[0]
-    for g, v in enumerate(values):
-        if not isinstance(v, Tensor):
-            raise TypeError(f"`{name}[{g}]` must be a tensor, got {type(v).__name__}")
-        _check_same_device(f"{name}[{g}]", v, image)
+    for g, x in enumerate(values):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"`{name}[{g}]` must be a tensor, got {type(x).__name__}")
+        check_same_device(f"{name}[{g}]", x, image)
         if name == "labels":
-            _check_labels(g, v, n, texts[g])
+            _check_labels(g, x, n, texts[g])
         else:
-            _check_targets(g, v, n, texts[g])
+            _check_targets(g, x, n, texts[g])
     return ("paired" if name == "labels" else "bank"), list(values)
 
 
@@ -153,43 +187,91 @@ def _check_labels(g: int, labels: Tensor, n: int, text: Tensor) -> None:
             f"paired mode (`labels`) needs one text per image: `text_features[{g}]` must have "
             f"N={n} rows, got {tuple(text.shape)}; pass a text bank with `targets` instead"
         )
-    if labels.dtype != torch.bool and bool((labels < 0).any()):
-        kind = "ids" if labels.dim() == 1 else "multi-hot entries"
-        raise ValueError(f"`labels[{g}]` {kind} must be non-negative, got min {int(labels.min())}")
-    if labels.dim() == 2 and labels.dtype != torch.bool and bool((labels > 1).any()):
-        raise ValueError(
-            f"`labels[{g}]` multi-hot entries must be 0 or 1, got max {int(labels.max())}"
-        )
 
 
 def _check_targets(g: int, targets: Tensor, n: int, text: Tensor) -> None:
     expected = (n, text.shape[0])
-    if tuple(targets.shape) != expected:
+    if targets.dim() != 2 or tuple(targets.shape) != expected:
         raise ValueError(
             f"`targets[{g}]` must have shape (N, K_{g}) = {expected} to match `image_features` and "
             f"`text_features[{g}]`, got {tuple(targets.shape)}"
         )
     if targets.is_complex():
         raise TypeError(f"`targets[{g}]` must be real, got {targets.dtype}")
-    if targets.is_floating_point() and not bool(torch.isfinite(targets).all()):
-        raise ValueError(f"`targets[{g}]` contains NaN or infinite values")
-    if targets.dtype != torch.bool and bool((targets < 0).any()):
-        raise ValueError(f"`targets[{g}]` must be non-negative, got min {float(targets.min())}")
 
 
-def check_granularity_count(weights: tuple[float, ...] | None, g_count: int) -> None:
-    if weights is not None and len(weights) != g_count:
+def check_logits_and_targets(logits: object, targets: object, bias: object = None) -> None:
+    """The (N, K) ``logits``, ``targets`` (and scalar ``bias``) of the one-term functions."""
+    for name, x in (("logits", logits), ("targets", targets)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"`{name}` must be 2-D (N, K), got shape {tuple(x.shape)}")
+    if logits.shape != targets.shape:
         raise ValueError(
-            f"`granularity_weights` must have one weight per granularity: G={g_count} from "
-            f"`text_features`, got {len(weights)}"
+            f"`targets` must have the shape of `logits` {tuple(logits.shape)}, "
+            f"got {tuple(targets.shape)}"
         )
+    if not logits.is_floating_point():
+        raise TypeError(f"`logits` must be floating point, got {logits.dtype}")
+    if targets.is_complex():
+        raise TypeError(f"`targets` must be real, got {targets.dtype}")
+    check_same_device("targets", targets, logits, like_name="logits")
+    conditions = [_finite("logits", logits), *_nonnegative("targets", targets)]
+    if bias is not None:
+        check_scalar("logit_bias", bias, logits, like_name="logits")
+        conditions.append(_scalar_condition("logit_bias", bias, positive=False))
+    check_values(conditions)
 
 
-def check_reference(reference: int | None, g_count: int) -> None:
-    if reference is not None and not (isinstance(reference, int) and 0 <= reference < g_count):
+def check_smooth_kl_inputs(logits: object, owners: object, groups: object) -> list[Tensor | None]:
+    """G logit matrices (N, K_g), ownerships (K_g, N) or None, groups (N, J) or None."""
+    if isinstance(logits, Tensor) or not isinstance(logits, Sequence) or len(logits) == 0:
+        raise TypeError(
+            f"`logits` must be a non-empty sequence of G (N, K_g) tensors, got {_describe(logits)}"
+        )
+    for g, z in enumerate(logits):
+        _check_float_matrix(f"logits[{g}]", z)
+    first = logits[0]
+    n = first.shape[0]
+    if owners is None:
+        owners = [None] * len(logits)
+    if isinstance(owners, Tensor) or not isinstance(owners, Sequence):
+        raise TypeError(
+            f"`owners` must be None or a sequence of G={len(logits)} tensors or None, "
+            f"got {_describe(owners)}"
+        )
+    if len(owners) != len(logits):
+        raise ValueError(f"`owners` must have G={len(logits)} entries, got {len(owners)}")
+    conditions = []
+    for g, (z, r) in enumerate(zip(logits, owners, strict=True)):
+        if z.shape[0] != n:
+            raise ValueError(f"`logits[{g}]` must have shape (N={n}, K_{g}), got {tuple(z.shape)}")
+        check_same_device(f"logits[{g}]", z, first, like_name="logits[0]")
+        conditions.append(_finite(f"logits[{g}]", z))
+        if r is None:
+            if z.shape[1] != n:
+                raise ValueError(
+                    f"`logits[{g}]` must be square (N, N) when `owners[{g}]` is None (paired), "
+                    f"got {tuple(z.shape)}"
+                )
+            continue
+        _check_real_tensor(f"owners[{g}]", r, (z.shape[1], n), f"(K_{g}, N)", first)
+        conditions.extend(_nonnegative(f"owners[{g}]", r))
+    if groups is not None:
+        _check_real_tensor("groups", groups, (n, None), "(N, J)", first)
+        conditions.extend(_nonnegative("groups", groups))
+    check_values(conditions)
+    return list(owners)
+
+
+def check_same_device(
+    name: str, x: Tensor, like: Tensor, like_name: str = "image_features"
+) -> None:
+    if x.device != like.device:
         raise ValueError(
-            f"`smooth_kl_reference` must be a granularity index in [0, {g_count - 1}] or None, "
-            f"got {reference!r}"
+            f"`{name}` is on {x.device} but `{like_name}` is on {like.device}; "
+            "mgll never moves tensors, put them on one device"
         )
 
 
@@ -202,9 +284,146 @@ def _check_float_matrix(name: str, x: object) -> None:
         raise ValueError(f"`{name}` must be 2-D (rows, D), got shape {tuple(x.shape)}")
 
 
-def _check_same_device(name: str, x: Tensor, image: Tensor) -> None:
-    if x.device != image.device:
+def _check_real_tensor(
+    name: str, x: object, shape: tuple[int | None, ...], letters: str, like: Tensor
+) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_complex():
+        raise TypeError(f"`{name}` must be real, got {x.dtype}")
+    if x.dim() != len(shape) or any(
+        e is not None and e != s for e, s in zip(shape, x.shape, strict=False)
+    ):
+        expected = tuple("*" if e is None else e for e in shape)
+        raise ValueError(f"`{name}` must have shape {letters} = {expected}, got {tuple(x.shape)}")
+    check_same_device(name, x, like, like_name="logits[0]")
+
+
+def _describe(x: object) -> str:
+    return f"a tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+
+
+# ----------------------------------------------------------------------------- values
+
+#: A value condition: a 0-dim bool tensor that is True when the input is valid, and the
+#: function that raises the detailed error when it is not (called on the error path only).
+Condition = tuple[Tensor, Callable[[], None]]
+
+
+def check_values(conditions: Sequence[Condition]) -> None:
+    """Evaluate every condition with one host synchronisation; raise the first failure."""
+    if not conditions:
+        return
+    if bool(torch.stack([ok for ok, _ in conditions]).all()):
+        return
+    for ok, fail in conditions:
+        if not bool(ok):
+            fail()
+    raise RuntimeError("internal error: a failing value check did not say why")  # pragma: no cover
+
+
+def batch_conditions(
+    image: Tensor,
+    texts: Sequence[Tensor],
+    scale: Tensor,
+    bias: Tensor | None,
+    mode: str,
+    values: Sequence[Tensor],
+    normalize: bool,
+) -> list[Condition]:
+    """The value conditions of :func:`mgll.functional.mgll_loss` (SPEC section 8)."""
+    features = [("image_features", image)] + [
+        (f"text_features[{g}]", t) for g, t in enumerate(texts)
+    ]
+    conditions = []
+    for name, x in features:
+        conditions.extend(_unit_norm(name, x) if normalize else [_finite(name, x)])
+    conditions.append(_scalar_condition("logit_scale", scale, positive=True))
+    if bias is not None:
+        conditions.append(_scalar_condition("logit_bias", bias, positive=False))
+    name = "labels" if mode == "paired" else "targets"
+    for g, x in enumerate(values):
+        if mode == "bank":
+            conditions.extend(_nonnegative(f"targets[{g}]", x))
+        elif x.dtype != torch.bool:
+            conditions.extend(_label_range(f"{name}[{g}]", x))
+    return conditions
+
+
+def _finite(name: str, x: Tensor) -> Condition:
+    return torch.isfinite(x.detach()).all(), lambda: _raise_not_finite(name, x)
+
+
+def _raise_not_finite(name: str, x: Tensor) -> None:
+    bad = (~torch.isfinite(x.detach())).nonzero()
+    if len(bad):
+        index = tuple(bad[0].tolist())
         raise ValueError(
-            f"`{name}` is on {x.device} but `image_features` is on {image.device}; "
-            "mgll never moves tensors, put them on one device"
+            f"`{name}` must be finite (no NaN or inf), got {x.detach()[index].item()} at "
+            f"index {index}"
         )
+
+
+def _nonnegative(name: str, x: Tensor) -> list[Condition]:
+    """Finite (when floating point) and >= 0 (when not bool): co-occurrence, owners, groups."""
+    conditions = [_finite(name, x)] if x.is_floating_point() else []
+    if x.dtype == torch.bool:
+        return conditions
+
+    def fail() -> None:
+        raise ValueError(f"`{name}` must be non-negative, got min {x.detach().min().item()}")
+
+    return [*conditions, ((x.detach() >= 0).all(), fail)]
+
+
+def _label_range(name: str, labels: Tensor) -> list[Condition]:
+    def negative() -> None:
+        kind = "ids" if labels.dim() == 1 else "multi-hot entries"
+        raise ValueError(f"`{name}` {kind} must be non-negative, got min {int(labels.min())}")
+
+    def not_binary() -> None:
+        raise ValueError(f"`{name}` multi-hot entries must be 0 or 1, got max {int(labels.max())}")
+
+    conditions = [((labels >= 0).all(), negative)]
+    if labels.dim() == 2:
+        conditions.append(((labels <= 1).all(), not_binary))
+    return conditions
+
+
+def _unit_norm(name: str, x: Tensor) -> list[Condition]:
+    """Finite entries and a row norm that ``F.normalize`` can divide by (0 < norm < inf)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    norms = torch.linalg.vector_norm(x.detach(), dim=1, dtype=dtype)
+
+    def not_finite() -> None:
+        _raise_not_finite(name, x)  # NaN or inf entries; else the norm itself overflows
+        row = int((~torch.isfinite(norms)).nonzero()[0])
+        raise ValueError(
+            f"`{name}` row {row} has finite entries but an L2 norm that overflows {dtype}; "
+            "it cannot be normalised (scale the features down)"
+        )
+
+    def zero() -> None:
+        row = int((norms <= NORM_EPS).nonzero()[0])
+        raise ValueError(
+            f"`{name}` row {row} has zero L2 norm (<= {NORM_EPS:g}, got {norms[row].item():g}); "
+            "with `normalize=True` its direction, and so every cosine logit, is undefined. "
+            "Drop or replace that row, or pass `normalize=False` with your own normalisation"
+        )
+
+    return [(torch.isfinite(norms).all(), not_finite), ((norms > NORM_EPS).all(), zero)]
+
+
+def _scalar_condition(name: str, value: Tensor, positive: bool) -> Condition:
+    v = value.detach().reshape(())
+    ok = torch.isfinite(v) & (v > 0) if positive else torch.isfinite(v)
+
+    def fail() -> None:
+        got = v.item()
+        if got != got or abs(got) == float("inf"):
+            raise ValueError(f"`{name}` must be finite, got {got}")
+        raise ValueError(
+            f"`{name}` must be positive (already exponentiated, open_clip convention), got {got}"
+        )
+
+    return ok, fail

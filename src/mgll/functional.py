@@ -53,7 +53,7 @@ def soft_clip_loss(logits: Tensor, targets: Tensor) -> Tensor:
         >>> loss = soft_clip_loss(logits, torch.eye(4))
         >>> loss.backward()
     """
-    _check_pair(logits, targets)
+    v.check_logits_and_targets(logits, targets)
     z, c = _upcast(logits, targets)
     n_rows = (c.sum(1) > 0).sum().clamp_min(1)
     n_cols = (c.sum(0) > 0).sum().clamp_min(1)
@@ -96,7 +96,7 @@ def pointwise_loss(
         >>> loss = pointwise_loss(logits, torch.rand(4, 6).round(), torch.tensor(-10.0))
         >>> loss.backward()
     """
-    _check_pair(logits, targets)
+    v.check_logits_and_targets(logits, targets, logit_bias)
     v.check_option("pointwise_target", target)
     v.check_option("pointwise_norm", norm)
     z, c = _upcast(logits, targets)
@@ -142,27 +142,10 @@ def smooth_kl_loss(
         >>> loss = smooth_kl_loss([z1, torch.randn(4, 4)])
         >>> loss.backward()
     """
-    if isinstance(logits, Tensor) or len(logits) == 0:
-        raise TypeError("`logits` must be a non-empty sequence of G (N, K_g) tensors")
+    owners = v.check_smooth_kl_inputs(logits, owners, groups)
     n = logits[0].shape[0]
     dtype = compute_dtype(logits[0].dtype)
-    owners = [None] * len(logits) if owners is None else list(owners)
-    if len(owners) != len(logits):
-        raise ValueError(f"`owners` must have G={len(logits)} entries, got {len(owners)}")
-    maps = []
-    for g, (z, r) in enumerate(zip(logits, owners, strict=True)):
-        if z.dim() != 2 or z.shape[0] != n:
-            raise ValueError(f"`logits[{g}]` must have shape (N={n}, K_{g}), got {tuple(z.shape)}")
-        if r is None and z.shape[1] != n:
-            raise ValueError(
-                f"`logits[{g}]` must be square (N, N) when `owners[{g}]` is None (paired), "
-                f"got {tuple(z.shape)}"
-            )
-        if r is not None and tuple(r.shape) != (z.shape[1], n):
-            raise ValueError(
-                f"`owners[{g}]` must have shape (K_{g}, N) = {(z.shape[1], n)}, got {tuple(r.shape)}"
-            )
-        maps.append(None if r is None else normalize_rows(r.to(dtype)))
+    maps = [None if r is None else normalize_rows(r.to(dtype)) for r in owners]
     if groups is not None:
         s = normalize_rows(groups.to(dtype))
         maps = [s if t is None else t @ s for t in maps]
@@ -190,6 +173,7 @@ def mgll_loss(
     smooth_kl_reference: int | None = None,
     normalize: bool = True,
     backend: str = "auto",
+    validate: bool = True,
     output_dict: bool = False,
     gather_with_grad: bool = False,
     local_loss: bool = False,
@@ -212,6 +196,11 @@ def mgll_loss(
 
     Under ``torch.distributed`` the loss is that of the global batch; ``gather_with_grad``,
     ``local_loss``, ``rank``, ``world_size`` and ``group`` are described in :mod:`mgll.distributed`.
+
+    Raises:
+        TypeError, ValueError: on bad input, before any compute, naming the argument, what was
+            expected and what was received (the "Errors and guarantees" page lists every check;
+            ``validate=False`` skips those that read tensor values).
 
     Example:
         >>> img, txt = torch.randn(8, 32, requires_grad=True), torch.randn(8, 32)
@@ -236,6 +225,12 @@ def mgll_loss(
     mode, values = v.check_labels_or_targets(labels, targets, image_features, texts)
     v.check_granularity_count(config.granularity_weights, len(texts))
     v.check_reference(config.smooth_kl_reference, len(texts))
+    if v.check_flag("validate", validate):  # the value checks: one host sync (docs/errors.rst)
+        v.check_values(
+            v.batch_conditions(
+                image_features, texts, logit_scale, logit_bias, mode, values, normalize
+            )
+        )
     batch = distributed.gather_batch(image_features, texts, mode, values, dist_options)
     cooc = [
         cooccurrence_from_labels(x) if mode == "paired" else CoOccurrence("dense", x)
@@ -275,20 +270,6 @@ def check_backend(name: str) -> None:
 
     if name not in available_backends():
         raise ValueError(f"`backend` must be one of {available_backends()}, got {name!r}")
-
-
-def _check_pair(logits: Tensor, targets: Tensor) -> None:
-    for name, x in (("logits", logits), ("targets", targets)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2:
-            raise ValueError(f"`{name}` must be 2-D (N, K), got shape {tuple(x.shape)}")
-    if logits.shape != targets.shape:
-        raise ValueError(
-            f"`targets` must have the shape of `logits` {tuple(logits.shape)}, got {tuple(targets.shape)}"
-        )
-    if not logits.is_floating_point():
-        raise TypeError(f"`logits` must be floating point, got {logits.dtype}")
 
 
 def _upcast(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:

@@ -7,6 +7,7 @@ from dataclasses import asdict
 
 from torch import Tensor, nn
 
+from mgll._validation import check_flag
 from mgll.distributed import check_options
 from mgll.functional import check_backend, make_config, mgll_loss
 
@@ -35,6 +36,11 @@ class MGLLLoss(nn.Module):
             ``"coarse"``; default: the one with the fewest groups in the batch.
         normalize: L2-normalise the features (default True).
         backend: ``"auto"`` or a name from :func:`mgll.available_backends`.
+        validate: check the input *values* (finite features with a non-zero norm, a positive
+            finite logit scale, non-negative labels and targets) before computing; this costs
+            one host synchronisation per call.  Turn off only on a hot path whose inputs are
+            known to be valid; types, shapes, dtypes and devices are always checked.  See the
+            "Errors and guarantees" page.
         gather_with_grad: under ``torch.distributed``, gather the features with their
             gradients (needed by ``local_loss``); without it every rank computes the full loss
             and its own features' gradient is scaled so that DDP's averaging stays exact.
@@ -79,6 +85,7 @@ class MGLLLoss(nn.Module):
         smooth_kl_reference: int | None = None,
         normalize: bool = True,
         backend: str = "auto",
+        validate: bool = True,
         gather_with_grad: bool = False,
         local_loss: bool = False,
         rank: int | None = None,
@@ -99,6 +106,7 @@ class MGLLLoss(nn.Module):
         check_backend(backend)
         self.normalize = bool(normalize)
         self.backend = backend
+        self.validate = check_flag("validate", validate)
         options = check_options(gather_with_grad, local_loss, rank, world_size, group)
         self.gather_with_grad, self.local_loss = options.gather_with_grad, options.local_loss
         self.rank, self.world_size, self.group = options.rank, options.world_size, options.group
@@ -141,6 +149,7 @@ class MGLLLoss(nn.Module):
             **asdict(self.config),
             normalize=self.normalize,
             backend=self.backend,
+            validate=self.validate,
             output_dict=output_dict,
             gather_with_grad=self.gather_with_grad,
             local_loss=self.local_loss,
@@ -151,6 +160,7 @@ class MGLLLoss(nn.Module):
 
     def extra_repr(self) -> str:
         settings = {**asdict(self.config), "normalize": self.normalize, "backend": self.backend}
+        settings["validate"] = self.validate
         settings.update(gather_with_grad=self.gather_with_grad, local_loss=self.local_loss)
         settings.update(rank=self.rank, world_size=self.world_size)
         group = "None" if self.group is None else f"<{type(self.group).__name__}>"
