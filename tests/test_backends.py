@@ -374,3 +374,14 @@ def test_naive_benchmark_baseline_equals_reference():
     torch.testing.assert_close(
         torch.autograd.grad(theirs, leaves), torch.autograd.grad(ours, leaves), **F32
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+@pytest.mark.parametrize("n, classes", [(1, 3), (17, 2), (40, 6)])
+def test_multi_hot_line_sums_equal_the_dense_sums(n, classes, dtype):
+    """``line_sums`` counts distinct label sets once; it must equal the dense row/column sums."""
+    hot = (torch.rand(n, classes) < 0.3).to(dtype)
+    cooc = CoOccurrence("multi_hot", hot)
+    dense = cooc.dense(torch.float64)
+    torch.testing.assert_close(cooc.line_sums(1, torch.float64), dense.sum(1), rtol=0, atol=0)
+    torch.testing.assert_close(cooc.line_sums(0, torch.float64), dense.sum(0), rtol=0, atol=0)

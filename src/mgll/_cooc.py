@@ -58,10 +58,19 @@ class CoOccurrence:
         if self.kind == "ids":  # symmetric: both are the size of each sample's class
             _, inverse, counts = torch.unique(self.data, return_inverse=True, return_counts=True)
             return counts[inverse].to(dtype)
-        n = self.data.shape[0]  # multi_hot: symmetric, summed in row blocks
-        return torch.cat(
-            [self.block(slice(s, s + _CHUNK), dtype=dtype).sum(1) for s in range(0, n, _CHUNK)]
+        # multi_hot: symmetric.  Samples with the same label set have the same sum, so count
+        # the distinct sets once: U x U overlaps (U <= N, usually far fewer) instead of N x N.
+        sets, inverse, counts = torch.unique(
+            self.data, dim=0, return_inverse=True, return_counts=True
         )
+        sets, counts = sets.to(dtype), counts.to(dtype)
+        sums = torch.cat(
+            [
+                (sets[s : s + _CHUNK] @ sets.T > 0).to(dtype) @ counts
+                for s in range(0, len(sets), _CHUNK)
+            ]
+        )
+        return sums[inverse]
 
     def anchor_counts(self) -> tuple[Tensor, Tensor]:
         """Numbers of rows and of columns with at least one positive (|A_r|, |A_c|)."""
