@@ -9,7 +9,6 @@ run compiled, plus the half-precision cases marked ``cuda``.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -100,6 +99,9 @@ def _compare(case, config=None, rows=None, cols=None, tol=F32, operand_dtype=Non
     for i, (x, y) in enumerate(zip(got_grads, want_grads, strict=True)):
         if y is None:
             assert x is None or not x.abs().any(), f"leaf {i}: unexpected gradient"
+        elif operand_dtype is not None:  # rounded features: compare whole gradients
+            err = (x.float() - y.float()).norm() / y.float().norm()
+            assert err < tol["rtol"], f"gradient of leaf {i}: relative error {err:.2e}"
         else:
             assert x is not None, f"leaf {i}: missing gradient"
             torch.testing.assert_close(x.float(), y.float(), **tol, msg=f"gradient of leaf {i}")
@@ -122,7 +124,7 @@ def test_mixed_ids_and_label_sets():
 @pytest.mark.parametrize("target,norm,bias", [("soft", "pairs", True), ("binary", "images", False)])
 def test_pointwise_options(target, norm, bias):
     config = LossConfig(pointwise_target=target, pointwise_norm=norm)
-    _compare(_case("multi_hot", bias=bias), config)
+    _compare(_case("multi_hot", n=16, d=12, bias=bias), config)
 
 
 @pytest.mark.parametrize("mode,g", [("ids", 2), ("multi_hot", 3), ("bank", 2)])
@@ -133,7 +135,7 @@ def test_coarse_support(mode, g):
 
 def test_coarse_reference_override():
     config = LossConfig(smooth_kl_support="coarse", smooth_kl_reference=2)
-    _compare(_case("ids", n=20, g=3), config)
+    _compare(_case("ids", n=16, g=3, d=12), config)
 
 
 @pytest.mark.parametrize(
@@ -142,7 +144,7 @@ def test_coarse_reference_override():
 )
 def test_term_and_granularity_weights(weights, lam):
     config = LossConfig(*weights, granularity_weights=lam)
-    _compare(_case("ids", n=20, g=3, bias=False), config)
+    _compare(_case("ids", n=16, g=3, d=12, bias=False), config)
 
 
 @pytest.mark.parametrize(
@@ -160,7 +162,7 @@ def test_partial_rows_and_columns(mode, rows, cols):
 
 
 def test_granularity_without_any_positive():
-    image, texts, s, b, cooc = _case("bank", n=20, ks=[20, 12], g=2, d=12)
+    image, texts, s, b, cooc = _case("bank", n=16, ks=[16, 12], g=2, d=12)
     cooc[1] = CoOccurrence("dense", torch.zeros_like(cooc[1].data))
     _compare((image, texts, s, b, cooc))
 
@@ -168,13 +170,13 @@ def test_granularity_without_any_positive():
 @pytest.mark.parametrize("mode", ["ids", "bank"])
 def test_extreme_scale_is_finite(mode):
     got = _compare(
-        _case(mode, n=20, ks=[20, 10], d=12, scale=100.0), tol=dict(rtol=2e-5, atol=2e-5)
+        _case(mode, n=16, ks=[16, 10], d=12, scale=100.0), tol=dict(rtol=2e-5, atol=2e-5)
     )
     assert torch.isfinite(got).all()
 
 
 def test_identical_embeddings_are_finite():
-    image, texts, s, b, cooc = _case("ids", n=20, g=3, d=12, scale=100.0)
+    image, texts, s, b, cooc = _case("ids", n=16, g=3, d=12, scale=100.0)
     with torch.no_grad():
         image.copy_(image[:1].expand_as(image))
         for t in texts:
@@ -183,7 +185,7 @@ def test_identical_embeddings_are_finite():
 
 
 def test_public_api_and_module_agree():
-    image, texts, s, b, cooc = _case("ids", n=20, g=2, d=12)
+    image, texts, s, b, cooc = _case("ids", n=16, g=2, d=12)
     labels = [c.data for c in cooc]
     got = mgll_loss(image, texts, s, b, labels=labels, backend="triton")
     want = mgll_loss(image, texts, s, b, labels=labels, backend="reference")
@@ -209,19 +211,13 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         mgll_loss(image, texts, s, labels=[cooc[0].data], backend="triton")
 
 
-def test_missing_triton_names_the_extra():
-    code = (
-        "import sys; sys.modules['triton'] = None\n"
-        "import torch, mgll\n"
-        "x = torch.randn(4, 3)\n"
-        "try:\n"
-        "    mgll.functional.mgll_loss(x, [x], torch.tensor(1.0), labels=[torch.arange(4)],"
-        " backend='triton')\n"
-        "except ImportError as e:\n"
-        "    print(e)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert 'pip install "mgll[triton]"' in out.stdout, out.stdout + out.stderr
+def test_missing_triton_names_the_extra(monkeypatch):
+    """Without triton the kernels cannot load; the error says how to install them."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` fail
+    monkeypatch.delitem(sys.modules, "mgll.backends._triton_fwd")
+    image, texts, s, _, cooc = _case("ids", n=16, g=1, d=12)
+    with pytest.raises(ImportError, match=r'pip install "mgll\[triton\]"'):
+        mgll_loss(image, texts, s, labels=[cooc[0].data], backend="triton")
 
 
 # ---------------------------------------------------------------------------- CUDA only
@@ -237,7 +233,11 @@ def test_bf16_inputs_match_reference(mode):
 @cuda_only
 @pytest.mark.parametrize("mode", ["ids", "bank"])
 def test_bf16_tensor_core_operands_match_reference(mode):
-    """Features handed to the kernels in bf16 (tensor-core dots, fp32 statistics)."""
+    """Features handed to the kernels in bf16 (tensor-core dots, fp32 statistics).
+
+    The reference sees the unrounded fp32 features, so gradients are compared as a whole
+    (relative norm of the difference under 2e-2).
+    """
     case = _case(mode, n=256, ks=[256, 90, 40], g=3, d=96)
     _compare(case, tol=HALF, operand_dtype=torch.bfloat16)
 
