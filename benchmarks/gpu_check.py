@@ -11,7 +11,8 @@ Steps (each recorded in ``gpu_check.json`` under ``--out``, default ``$OUT`` or 
    (8, N/8, N/2 classes), all three terms: ``reference``, ``triton`` through the public API (the
    core upcasts half inputs to fp32, so the kernels use exact fp32 dots), ``triton-bf16``
    (the kernels given the normalised features in bf16: tensor-core dots, fp32 statistics --
-   what the public path does once the core keeps half features for this backend), and
+   what the public path does once the core keeps half features for this backend),
+   ``triton-tf32`` (the public path with ``torch.set_float32_matmul_precision("high")``), and
    ``fused`` / ``tiled`` when present.  Median of ``--iters`` timed calls after one warm-up
    (which compiles), peak extra memory, and each provider's loss and gradients against
    ``reference`` (relative norm of the difference).
@@ -48,7 +49,9 @@ def main() -> None:
     parser.add_argument("--tests-k", default=None, help="pytest -k expression for step 1")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--sweep", action="store_true", help="also time SWEEP tile configs")
-    parser.add_argument("--providers", default="reference,triton,triton-bf16,fused,tiled")
+    parser.add_argument(
+        "--providers", default="reference,triton,triton-tf32,triton-bf16,fused,tiled"
+    )
     args = parser.parse_args()
     dry = args.cpu_dry_run
     if dry:
@@ -156,8 +159,18 @@ def provider(name: str, inputs):
         loss = sum(triton_kernels.compute(problem, config))
         return loss.detach(), torch.autograd.grad(loss, leaves)
 
+    def tf32():
+        torch.set_float32_matmul_precision("high")
+        try:
+            return public()
+        finally:
+            torch.set_float32_matmul_precision("highest")
+
     if name == "triton-bf16":
         return bf16_operands
+    if name == "triton-tf32":
+        name = "triton"
+        return tf32
     if name not in mgll.available_backends():
         return None
     return public
@@ -257,51 +270,34 @@ def compile_for_cuda(capability: int = 90) -> None:
     from mgll.backends import _triton_fwd as fwd
     from mgll.backends.triton_kernels import BLOCK_C, CUDA_BLOCKS
 
-    ints = {
-        "N",
-        "KMAX",
-        "D",
-        "NCLS",
-        "G",
-        "row_lo",
-        "row_hi",
-        "col_lo",
-        "col_hi",
-        "soft_y",
-        "write_dx",
-    }
+    ints = {"N", "KMAX", "D", "NCLS", "G", "row_lo", "row_hi", "col_lo", "col_hi"}
+    ints |= {"soft_y", "write_dx", "kind", "has_kl"}
     blocks = {k: v for k, v in CUDA_BLOCKS.items() if k.startswith("BLOCK")}
     opts = {"num_warps": CUDA_BLOCKS["num_warps"], "num_stages": CUDA_BLOCKS["num_stages"]}
-    for feat in ("fp32", "bf16"):
-        for kind in (0, 1, 2):
-            consts = {"KIND": kind, "BLOCK_C": BLOCK_C, "PREC": "ieee", **blocks}
-            jobs = [(fwd.stats_kernel, {"TEXT_ROWS": r}) for r in (False, True)]
-            jobs += [
-                (k, {"HAS_KL": kl}) for k in (bwd.dx_kernel, bwd.dt_kernel) for kl in (False, True)
-            ]
-            if kind == 0:
-                jobs.append((fwd.kl_kernel, {"GP": 4}))
-            for kernel, extra in jobs:
-                c = {k: v for k, v in {**consts, **extra}.items() if k in kernel.arg_names}
-                sig = {}
-                for name in kernel.arg_names:
-                    if name in c:
-                        sig[name] = "constexpr"
-                    elif name in ints:
-                        sig[name] = "i32"
-                    elif name in ("KS", "LO", "HI"):
-                        sig[name] = "*i32"
-                    elif name in ("X", "T"):
-                        sig[name] = "*" + feat
-                    elif name == "TGT":
-                        sig[name] = "*i32" if kind == 0 else "*fp32"
-                    else:
-                        sig[name] = "*fp32"
-                start = time.perf_counter()
-                src = ASTSource(fn=kernel, signature=sig, constexprs=c)
-                triton.compile(src, target=GPUTarget("cuda", capability, 32), options=opts)
-                print(f"sm_{capability} {feat} KIND={kind} {kernel.__name__} {extra}: "
-                      f"{time.perf_counter() - start:.1f}s", flush=True)  # fmt: skip
+    jobs = [(fwd.stats_kernel, {"TEXT_ROWS": r}) for r in (False, True)]
+    jobs += [(fwd.kl_kernel, {"GP": gp}) for gp in (2, 4)]
+    jobs += [(bwd.dx_kernel, {}), (bwd.dt_kernel, {})]
+    for feat, prec in (("fp32", "ieee"), ("fp32", "tf32"), ("bf16", "ieee")):
+        for kernel, extra in jobs:
+            consts = {"BLOCK_C": BLOCK_C, "PREC": prec, **blocks, **extra}
+            consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
+            sig = {}
+            for name in kernel.arg_names:
+                if name in consts:
+                    sig[name] = "constexpr"
+                elif name in ints:
+                    sig[name] = "i32"
+                elif name in ("KS", "LO", "HI"):
+                    sig[name] = "*i32"
+                elif name in ("X", "T"):
+                    sig[name] = "*" + feat
+                else:
+                    sig[name] = "*fp32"
+            start = time.perf_counter()
+            src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
+            triton.compile(src, target=GPUTarget("cuda", capability, 32), options=opts)
+            print(f"sm_{capability} {feat} {prec} {kernel.__name__} {extra}: "
+                  f"{time.perf_counter() - start:.1f}s", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

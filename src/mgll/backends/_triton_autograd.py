@@ -39,13 +39,13 @@ class TritonMGLL(torch.autograd.Function):
         b = bias.detach().float().reshape(1) if bias is not None else torch.zeros_like(s)
         blk = plan.blocks
         ks = torch.tensor(plan.ks, device=dev, dtype=torch.int32)
-        common = dict(KIND=plan.kind, BLOCK_C=plan.block_c, PREC=plan.prec, **blk)
+        common = dict(BLOCK_C=plan.block_c, PREC=plan.prec, **blk)
         r_lo, r_hi = plan.rows
         lo = torch.full((g,), r_lo, device=dev, dtype=torch.int32)
         hi = torch.full((g,), r_hi, device=dev, dtype=torch.int32)
         stats_r = torch.zeros(g, int(fwd.N_STATS), n, device=dev)
         fwd.stats_kernel[(_cdiv(r_hi - r_lo, blk["BLOCK_M"]), g)](
-            x, t, plan.targets, stats_r, s, b, ks, lo, hi, n, kmax, d, plan.n_classes,
+            x, t, plan.targets, stats_r, s, b, ks, lo, hi, n, kmax, d, plan.n_classes, plan.kind,
             TEXT_ROWS=False, **common,
         )  # fmt: skip
         stats_c = torch.zeros(g, int(fwd.N_STATS), kmax, device=dev)
@@ -54,7 +54,7 @@ class TritonMGLL(torch.autograd.Function):
             c_hi = torch.tensor([c[1] for c in plan.cols], device=dev, dtype=torch.int32)
             width = max(c[1] - c[0] for c in plan.cols)
             fwd.stats_kernel[(_cdiv(width, blk["BLOCK_M"]), g)](
-                x, t, plan.targets, stats_c, s, b, ks, c_lo, c_hi, n, kmax, d, plan.n_classes,
+                x, t, plan.targets, stats_c, s, b, ks, c_lo, c_hi, n, kmax, d, plan.n_classes, plan.kind,
                 TEXT_ROWS=True, **common,
             )  # fmt: skip
         kl = torch.zeros(g, n, device=dev)
@@ -117,9 +117,8 @@ class TritonMGLL(torch.autograd.Function):
             rowf[:, int(bwd.RF_KLV)] = kl
         ks = torch.tensor(plan.ks, device=dev, dtype=torch.int32)
         c_lo, c_hi = min(c[0] for c in plan.cols), max(c[1] for c in plan.cols)
-        flags = dict(
-            KIND=plan.kind, HAS_KL=plan.has_kl, BLOCK_C=plan.block_c, PREC=plan.prec, **plan.blocks
-        )
+        flags = dict(kind=plan.kind, has_kl=int(plan.has_kl), BLOCK_C=plan.block_c, PREC=plan.prec)
+        flags.update(plan.blocks)
         args = (r_lo, r_hi, c_lo, c_hi, n, kmax, d, plan.n_classes, g, int(plan.soft_y))
         need = ctx.needs_input_grad
         d_image = d_scale = d_bias = None
@@ -128,7 +127,7 @@ class TritonMGLL(torch.autograd.Function):
             red = torch.zeros(2, n, device=dev)
             bwd.dx_kernel[(_cdiv(n, plan.blocks["BLOCK_M"]),)](
                 x, t, plan.targets, rowf, colf, dx, red, s, b, ks, *args,
-                int(need[1]), **flags,
+                write_dx=int(need[1]), **flags,
             )  # fmt: skip
             d_image = (s * dx).to(ctx.dtypes[0]) if need[1] else None
             d_scale = red[0].sum().reshape(()) if need[2] else None
@@ -163,15 +162,14 @@ def _ce_lines(stats: Tensor, fwd) -> Tensor:
 
 def _anchor_counts(plan, stats_r: Tensor, stats_c: Tensor, fwd) -> tuple[Tensor, Tensor]:
     """|A_r| and |A_c| per granularity over the *whole* batch (global normalisers)."""
-    problem = plan.problem
     if not plan.has_ce:  # only the soft CLIP term uses them
         zeros = stats_r.new_zeros(stats_r.shape[0])
         return zeros, zeros
-    if problem.is_full:
+    if plan.is_full:
         n_rows = (stats_r[:, int(fwd.ST_C)] > 0).sum(1)
         n_cols = (stats_c[:, int(fwd.ST_C)] > 0).sum(1)
         return n_rows, n_cols
-    counts = [c.anchor_counts() for c in problem.cooc]
+    counts = [c.anchor_counts() for c in plan.cooc]
     dev = stats_r.device
     return (
         torch.stack([r for r, _ in counts]).to(dev),

@@ -16,6 +16,9 @@ N_ROW_FIELDS = tl.constexpr(6)
 #: Fields of the per-column backward coefficients (dim 1 of ``COLF``).
 CF_LSE, CF_CE, CF_INV = (tl.constexpr(i) for i in range(3))
 N_COL_FIELDS = tl.constexpr(3)
+#: Integer arguments compiled as plain runtime values (one kernel for every batch and option).
+_NOT_SPECIALIZED = ["row_lo", "row_hi", "col_lo", "col_hi", "N", "KMAX", "D", "NCLS", "G"]
+_NOT_SPECIALIZED += ["soft_y", "kind", "has_kl"]
 
 
 @triton.jit
@@ -38,8 +41,8 @@ def _dz_tile(
     D,
     NCLS,
     soft_y,
-    KIND: tl.constexpr,
-    HAS_KL: tl.constexpr,
+    kind,
+    has_kl,
     BLOCK_D: tl.constexpr,
     BLOCK_C: tl.constexpr,
     PREC: tl.constexpr,
@@ -54,7 +57,7 @@ def _dz_tile(
     """
     u = _dot_rows(X, T_g, offs_i, offs_k, mask_i, mask_k, D, BLOCK_D, PREC)
     z = scale * u
-    c = _targets(TGT, g, offs_i, offs_k, mask_i, mask_k, N, KMAX, NCLS, KIND, False, BLOCK_C)
+    c = _targets(TGT, g, offs_i, offs_k, mask_i, mask_k, N, KMAX, NCLS, kind, False, BLOCK_C)
     rowf = ROWF + g * N_ROW_FIELDS * N + offs_i
     lse_r = tl.load(rowf + RF_LSE * N, mask=mask_i, other=0.0)
     inv_r = tl.load(rowf + RF_INV * N, mask=mask_i, other=0.0)
@@ -72,7 +75,7 @@ def _dz_tile(
     y = tl.where(soft_y != 0, c * inv_r[:, None], (c > 0).to(tl.float32))
     gpw = w_pw[:, None] * (_sigmoid(z + bias) - y)
     dz += gpw
-    if HAS_KL:
+    if has_kl != 0:
         w_kl = tl.load(rowf + RF_KL * N, mask=mask_i, other=0.0)
         kl = tl.load(rowf + RF_KLV * N, mask=mask_i, other=0.0)
         dz += w_kl[:, None] * p * (lq - lm - kl[:, None])
@@ -102,21 +105,7 @@ def _accumulate(
     tl.debug_barrier()  # the next tile reads what this one wrote, possibly from another thread
 
 
-@triton.jit(
-    do_not_specialize=[
-        "row_lo",
-        "row_hi",
-        "col_lo",
-        "col_hi",
-        "N",
-        "KMAX",
-        "D",
-        "NCLS",
-        "G",
-        "soft_y",
-        "write_dx",
-    ]
-)
+@triton.jit(do_not_specialize=[*_NOT_SPECIALIZED, "write_dx"])
 def dx_kernel(
     X,
     T,
@@ -139,8 +128,8 @@ def dx_kernel(
     G,
     soft_y,
     write_dx,
-    KIND: tl.constexpr,
-    HAS_KL: tl.constexpr,
+    kind,
+    has_kl,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -165,8 +154,8 @@ def dx_kernel(
     d_bias = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_N):
         offs_k = k0 + tl.arange(0, BLOCK_N)
-        lm = 0.0
-        if HAS_KL:
+        lm = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if has_kl != 0:
             lm = _log_mixture(
                 X,
                 T,
@@ -207,8 +196,8 @@ def dx_kernel(
                     D,
                     NCLS,
                     soft_y,
-                    KIND,
-                    HAS_KL,
+                    kind,
+                    has_kl,
                     BLOCK_D,
                     BLOCK_C,
                     PREC,
@@ -221,20 +210,7 @@ def dx_kernel(
     tl.store(RED + N + offs_i, d_bias, mask=mask_i)
 
 
-@triton.jit(
-    do_not_specialize=[
-        "row_lo",
-        "row_hi",
-        "col_lo",
-        "col_hi",
-        "N",
-        "KMAX",
-        "D",
-        "NCLS",
-        "G",
-        "soft_y",
-    ]
-)
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def dt_kernel(
     X,
     T,
@@ -255,8 +231,8 @@ def dt_kernel(
     NCLS,
     G,
     soft_y,
-    KIND: tl.constexpr,
-    HAS_KL: tl.constexpr,
+    kind,
+    has_kl,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -277,8 +253,8 @@ def dt_kernel(
     for i0 in range(i_lo, i_hi, BLOCK_M):
         offs_i = i0 + tl.arange(0, BLOCK_M)
         mask_i = offs_i < i_hi
-        lm = 0.0
-        if HAS_KL:
+        lm = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if has_kl != 0:
             lm = _log_mixture(
                 X,
                 T,
@@ -319,8 +295,8 @@ def dt_kernel(
                     D,
                     NCLS,
                     soft_y,
-                    KIND,
-                    HAS_KL,
+                    kind,
+                    has_kl,
                     BLOCK_D,
                     BLOCK_C,
                     PREC,

@@ -5,7 +5,7 @@ features of all granularities stacked (bank granularities with fewer texts are z
 masked by ``KS[g] = K_g``).  Logits are never stored: every kernel recomputes its
 (BLOCK_M x BLOCK_N) tiles ``Z = s * X_i T_k^T`` with fp32 accumulation, looping over D in
 chunks of BLOCK_D.  The co-occurrence C^g is rebuilt per tile from what the batch carries
-(``KIND``): 0 = paired integer ids (``TGT`` (G, N) int32, ``C_ik = ids_i == ids_k``),
+(``kind``): 0 = paired integer ids (``TGT`` (G, N) float, compact ids 0..U-1, ``C_ik = ids_i == ids_k``),
 1 = paired multi-hot label sets (``TGT`` (G, N, C_max) float, ``C_ik = <a_i, a_k> > 0``),
 2 = bank targets (``TGT`` (G, N, K_max) float, loaded as is).
 
@@ -29,7 +29,7 @@ ST_LSE, ST_C, ST_CZ, ST_SP, ST_YZ, ST_Y = (tl.constexpr(i) for i in range(6))
 N_STATS = tl.constexpr(6)
 
 
-@triton.jit(do_not_specialize=["N", "KMAX", "D", "NCLS"])
+@triton.jit(do_not_specialize=["N", "KMAX", "D", "NCLS", "kind"])
 def stats_kernel(
     X,
     T,
@@ -44,8 +44,8 @@ def stats_kernel(
     KMAX,
     D,
     NCLS,
+    kind,
     TEXT_ROWS: tl.constexpr,
-    KIND: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -91,7 +91,7 @@ def stats_kernel(
         l = l * tl.exp(m - m_new) + tl.sum(tl.exp(z_lse - m_new[:, None]), 1)
         m = m_new
         c = _targets(
-            TGT, g, offs_a, offs_b, mask_a, mask_b, N, KMAX, NCLS, KIND, TEXT_ROWS, BLOCK_C
+            TGT, g, offs_a, offs_b, mask_a, mask_b, N, KMAX, NCLS, kind, TEXT_ROWS, BLOCK_C
         )
         c = tl.where(mask_b[None, :], c, 0.0)
         s_c += tl.sum(c, 1)

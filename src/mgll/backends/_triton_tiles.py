@@ -40,7 +40,7 @@ def _targets(
     N,
     KMAX,
     NCLS,
-    KIND: tl.constexpr,
+    kind,
     TEXT_ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -49,11 +49,11 @@ def _targets(
     Tile rows are images and columns texts, or the other way round when ``TEXT_ROWS`` (paired
     C is symmetric; bank C is read transposed).
     """
-    if KIND == 0:
-        a = tl.load(TGT + g * N + offs_r, mask=mask_r, other=-1)
-        b = tl.load(TGT + g * N + offs_c, mask=mask_c, other=-2)
+    if kind == 0:
+        a = tl.load(TGT + g * N + offs_r, mask=mask_r, other=-1.0)
+        b = tl.load(TGT + g * N + offs_c, mask=mask_c, other=-2.0)
         c = (a[:, None] == b[None, :]).to(tl.float32)
-    elif KIND == 1:
+    elif kind == 1:
         base = TGT + (g * N).to(tl.int64) * NCLS
         overlap = tl.zeros((offs_r.shape[0], offs_c.shape[0]), dtype=tl.float32)
         for c0 in range(0, NCLS, BLOCK_C):

@@ -14,7 +14,9 @@ The smooth KL with non-identity maps (bank mode, or ``smooth_kl_support="coarse"
 (:func:`mgll._terms.smooth_kl_rows`, checkpointed in row chunks so only one chunk's logits are
 held at a time).  Everything else runs in the kernels.
 
-Precision: fp32 features use exact fp32 dot products (``input_precision="ieee"``); half
+Precision: fp32 features use exact fp32 dot products (``input_precision="ieee"``), or TF32
+tensor cores when the user allowed them for fp32 matmuls
+(``torch.set_float32_matmul_precision("high")`` or ``"medium"``); half
 features handed over as half (bf16/fp16) feed the tensor cores directly, with fp32
 accumulation and every statistic in fp32.  fp64 features are computed in fp32.  On the CPU the
 kernels run only under the Triton interpreter (``TRITON_INTERPRET=1`` before triton is
@@ -31,6 +33,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from mgll._cooc import CoOccurrence
 from mgll._problem import LossConfig, LossTerms, Problem
 from mgll._terms import smooth_kl_rows
 from mgll.backends._triton_autograd import TritonMGLL
@@ -121,7 +124,8 @@ class _Plan:
     prec: str
     blocks: dict
     block_c: int
-    problem: Problem
+    cooc: list[CoOccurrence]
+    is_full: bool
     fwd: ModuleType
     bwd: ModuleType
 
@@ -158,13 +162,19 @@ class _Plan:
             torch_kl=kl_on and not identity,
             soft_y=config.pointwise_target == "soft",
             dtype=feature_dtype if half else torch.float32,
-            prec="ieee",
+            prec=_fp32_dot_precision(),
             blocks=INTERPRETER_BLOCKS if interpreted else CUDA_BLOCKS,
             block_c=BLOCK_C,
-            problem=problem,
+            cooc=list(problem.cooc),
+            is_full=problem.is_full,
             fwd=fwd,
             bwd=bwd,
         )
+
+
+def _fp32_dot_precision() -> str:
+    """Exact fp32 dots unless the user allowed TF32 (``torch.set_float32_matmul_precision``)."""
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def _stack_targets(problem: Problem) -> tuple[int, Tensor, int]:
@@ -174,7 +184,8 @@ def _stack_targets(problem: Problem) -> tuple[int, Tensor, int]:
     kinds = {c.kind for c in cooc}
     if kinds == {"ids"}:
         ids = [torch.unique(c.data, return_inverse=True)[1] for c in cooc]
-        return _KIND_IDS, torch.stack(ids).to(device=device, dtype=torch.int32), 0
+        # compact ids 0..U-1 as floats: exact below 2**24, one kernel for every target kind
+        return _KIND_IDS, torch.stack(ids).to(device=device, dtype=torch.float32), 0
     if kinds <= {"ids", "multi_hot"}:  # paired; ids become one-hot label sets
         sets = [
             torch.nn.functional.one_hot(torch.unique(c.data, return_inverse=True)[1])
