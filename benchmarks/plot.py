@@ -43,6 +43,7 @@ def plot_all(out: Path, meta: dict, records: list[dict]) -> list[str]:
                     ax.plot(xs, ys, style, marker="o" if len(xs) > 1 else "s", label=p)
                     drawn = True
                 ax.set_xscale("log", base=2)
+                ax.set_xticks(s["n"], [str(n) for n in s["n"]])
                 ax.set_yscale("log")
                 ax.set_xlabel("N (batch size)")
                 ax.set_title(f"{mode}, G={s['g0']}, D={s['d0']}, {dtype}")

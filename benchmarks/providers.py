@@ -132,9 +132,7 @@ def _loss_fn(base: str) -> Callable[..., Tensor]:
     if base == "naive":
         return naive_loss()
     if base == "open_clip":
-        from open_clip.loss import ClipLoss
-
-        clip = ClipLoss()
+        clip = _open_clip_loss_module().ClipLoss()
 
         def clip_loss(image, texts, scale, labels):  # plain CLIP per granularity, like for like
             image = F.normalize(image, dim=-1)
@@ -153,6 +151,22 @@ def _loss_fn(base: str) -> Callable[..., Tensor]:
 
         return mgll_loss
     raise ValueError(f"unknown provider {base!r}")
+
+
+def _open_clip_loss_module():
+    """open_clip's ``loss.py``, loaded on its own: it needs only torch, while importing the
+    package (models, tokenizers, transformers) takes 10-20 s on a busy machine, per worker."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    path = Path(next(iter(spec.submodule_search_locations))) / "loss.py"
+    try:
+        loader = importlib.util.spec_from_file_location("_open_clip_loss", path)
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+        return module
+    except (ImportError, OSError):  # a layout that needs the package: import it whole
+        return importlib.import_module("open_clip.loss")
 
 
 def _floor(inp: Inputs) -> tuple[Callable[[], Tensor], Callable[[], object]]:
