@@ -1,0 +1,154 @@
+r"""open_clip: encode G granularity texts and hand :class:`mgll.MGLLLoss` its batch-first dict.
+
+open_clip's trainers call ``model_out = model(images, texts)`` and then
+``losses = loss(**model_out, output_dict=True)``.  :class:`MultiGranularCLIP` wraps an
+open_clip model so that its forward takes a *sequence* of G text batches and returns
+``{"image_features", "text_features", "logit_scale"[, "logit_bias"]}`` with ``text_features``
+a list of G tensors: the keyword arguments :class:`mgll.MGLLLoss` takes.  Only the labels
+(paired) or targets (bank) are added by the training loop:
+
+.. code-block:: python
+
+    model = MultiGranularCLIP(open_clip.create_model("ViT-B-32", pretrained=None))
+    loss_fn = mgll.MGLLLoss()
+    out = model(images, [tokens_disease, tokens_description])       # G = 2 granularities
+    losses = loss_fn(**out, labels=[disease_ids, description_ids], output_dict=True)
+    sum(losses.values()).backward()
+
+Wrap the model *before* DistributedDataParallel so the text passes run inside DDP's forward.
+open_clip is imported by nothing here: any module with ``encode_image(x, normalize=...)``,
+``encode_text(tokens, normalize=...)`` and a ``logit_scale`` parameter (log scale) works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import Tensor, nn
+
+from mgll.text import encode_unique
+
+__all__ = ["MultiGranularCLIP", "encode_granularities", "model_output"]
+
+
+def encode_granularities(
+    model: nn.Module,
+    texts: Sequence[Tensor | Sequence[str]],
+    tokenizer: Callable[[list[str]], Tensor] | None = None,
+    *,
+    normalize: bool = True,
+) -> list[Tensor]:
+    """Encode G text batches with ``model.encode_text``.
+
+    Args:
+        model: an open_clip ``CLIP``-like model.
+        texts: G entries, each a (K_g, L) token tensor, or a sequence of K_g strings (then
+            ``tokenizer`` is required and each distinct string is encoded once).
+        tokenizer: ``list[str] -> (n, L) token tensor``, e.g. ``open_clip.get_tokenizer(name)``.
+        normalize: L2-normalise the features (open_clip's forward does).
+
+    Returns:
+        A list of G (K_g, D) text feature tensors.
+
+    Raises:
+        TypeError: ``texts`` is not a sequence, or strings are given without a tokenizer.
+    """
+    if isinstance(texts, (Tensor, str)) or not isinstance(texts, Sequence) or len(texts) == 0:
+        raise TypeError(
+            "`texts` must be a non-empty sequence of G token tensors or G lists of strings, got "
+            f"{type(texts).__name__}"
+        )
+    device = next(model.parameters()).device
+
+    def encode(strings: list[str]) -> Tensor:
+        return model.encode_text(tokenizer(strings).to(device), normalize=normalize)
+
+    out = []
+    for g, batch in enumerate(texts):
+        if isinstance(batch, Tensor):
+            out.append(model.encode_text(batch, normalize=normalize))
+            continue
+        if tokenizer is None:
+            raise TypeError(f"`texts[{g}]` holds strings: pass a `tokenizer` to encode them")
+        out.append(encode_unique(list(batch), encode))
+    return out
+
+
+def model_output(
+    model: nn.Module,
+    images: Tensor,
+    texts: Sequence[Tensor | Sequence[str]],
+    tokenizer: Callable[[list[str]], Tensor] | None = None,
+    *,
+    normalize: bool = True,
+) -> dict[str, Tensor | list[Tensor]]:
+    """The dict ``MGLLLoss`` consumes, from an open_clip model, images and G text batches.
+
+    Shape:
+        - images: the model's image input, batch first (N, ...)
+        - texts[g]: (K_g, L) tokens, or K_g strings
+        - Output: ``image_features`` (N, D), ``text_features`` a list of G (K_g, D),
+          ``logit_scale`` (scalar, exponentiated), ``logit_bias`` (scalar) when the model has one
+
+    Example:
+        >>> class Toy(torch.nn.Module):  # stands in for open_clip.CLIP
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.img, self.txt = torch.nn.Linear(12, 8), torch.nn.Embedding(50, 8)
+        ...         self.logit_scale = torch.nn.Parameter(torch.tensor(2.3))
+        ...     def encode_image(self, x, normalize=False):
+        ...         return torch.nn.functional.normalize(self.img(x), dim=-1)
+        ...     def encode_text(self, t, normalize=False):
+        ...         return torch.nn.functional.normalize(self.txt(t).mean(1), dim=-1)
+        >>> out = model_output(Toy(), torch.randn(4, 12), [torch.randint(50, (4, 5))] * 2)
+        >>> ids = torch.tensor([0, 0, 1, 2])
+        >>> losses = mgll.MGLLLoss()(**out, labels=[ids, ids % 2], output_dict=True)
+        >>> sum(losses.values()).backward()
+    """
+    out: dict[str, Tensor | list[Tensor]] = {
+        "image_features": model.encode_image(images, normalize=normalize),
+        "text_features": encode_granularities(model, texts, tokenizer, normalize=normalize),
+        "logit_scale": model.logit_scale.exp(),
+    }
+    bias = getattr(model, "logit_bias", None)
+    if bias is not None:
+        out["logit_bias"] = bias
+    return out
+
+
+class MultiGranularCLIP(nn.Module):
+    """Wrap an open_clip model so ``forward(images, texts)`` returns :func:`model_output`.
+
+    ``texts`` is a sequence of G token tensors (or of string lists, with ``tokenizer``).  The
+    wrapped model stays reachable as ``.model`` (for ``encode_image``, checkpoints, ...).
+
+    Args:
+        model: an open_clip ``CLIP`` / ``CustomTextCLIP`` (or any module with the same methods).
+        tokenizer: optional, to accept strings.
+        normalize: L2-normalise the features.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Callable[[list[str]], Tensor] | None = None,
+        *,
+        normalize: bool = True,
+    ) -> None:
+        super().__init__()
+        for method in ("encode_image", "encode_text"):
+            if not callable(getattr(model, method, None)):
+                raise TypeError(
+                    f"`model` must have an `{method}` method (an open_clip model), got "
+                    f"{type(model).__name__}"
+                )
+        if not isinstance(getattr(model, "logit_scale", None), Tensor):
+            raise TypeError(f"`model` must have a `logit_scale` tensor, got {type(model).__name__}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.normalize = normalize
+
+    def forward(
+        self, images: Tensor, texts: Sequence[Tensor | Sequence[str]]
+    ) -> dict[str, Tensor | list[Tensor]]:
+        return model_output(self.model, images, texts, self.tokenizer, normalize=self.normalize)

@@ -1,0 +1,258 @@
+"""Unit tests of the digits demo: data composition, texts, metrics, losses and the report."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import mgll
+from mgll_demo import report
+from mgll_demo.__main__ import main, parse_args
+from mgll_demo.data import (
+    CANVAS_SIZE,
+    DIGIT_SIZE,
+    Canvases,
+    compose,
+    make_task,
+    split_sources,
+    summary_text,
+)
+from mgll_demo.evaluation import mean_average_precision
+from mgll_demo.texts import class_prompts
+from mgll_demo.towers import DualEncoder, Vocabulary, tokenize
+from mgll_demo.training import ABLATION, COMPARISON, EXTRA, Method, clip_loss
+
+
+def fake_digits(per_class: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """Digit c, copy j is a constant image of value (10 c + j + 1) / 100: identifiable."""
+    labels = np.repeat(np.arange(10), per_class)
+    values = (10 * labels + np.tile(np.arange(per_class), 10) + 1) / 100.0
+    images = np.broadcast_to(values[:, None, None], (len(labels), DIGIT_SIZE, DIGIT_SIZE))
+    return images.astype(np.float32), labels
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory, monkeypatch_module):
+    monkeypatch_module.setenv("MGLL_DEMO_CACHE", str(tmp_path_factory.mktemp("cache")))
+    return make_task(n_train=300, n_test=120, n_probe=80, seed=3)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def test_split_is_disjoint_stratified_and_complete():
+    _, labels = fake_digits(per_class=10)
+    train, test = split_sources(labels, test_fraction=0.2, seed=0)
+    assert set(train).isdisjoint(test)
+    assert sorted([*train, *test]) == list(range(len(labels)))
+    assert np.bincount(labels[test]).tolist() == [2] * 10
+
+
+def test_split_rejects_bad_fraction():
+    with pytest.raises(ValueError, match="test_fraction"):
+        split_sources(np.arange(10), test_fraction=1.0)
+
+
+def test_compose_places_each_source_digit_in_its_quadrant():
+    digits, labels = fake_digits()
+    pool = np.arange(len(labels))
+    c = compose(digits, labels, pool, 200, np.random.default_rng(0))
+    assert c.images.shape == (200, 1, CANVAS_SIZE, CANVAS_SIZE)
+    counts = (c.sources >= 0).sum(1)
+    assert counts.min() == 1 and counts.max() == 4
+    assert set(counts.tolist()) == {1, 2, 3, 4}
+    assert torch.equal(c.multi_hot.sum(1), counts)  # distinct classes per canvas
+    for i in range(200):
+        present = {int(labels[s]) for s in c.sources[i] if s >= 0}
+        assert present == set(torch.nonzero(c.multi_hot[i]).flatten().tolist())
+        for q in range(4):
+            r, col = divmod(q, 2)
+            block = c.images[
+                i,
+                0,
+                r * DIGIT_SIZE : (r + 1) * DIGIT_SIZE,
+                col * DIGIT_SIZE : (col + 1) * DIGIT_SIZE,
+            ]
+            src = int(c.sources[i, q])
+            expected = 0.0 if src < 0 else float(digits[src, 0, 0])
+            assert torch.allclose(block, torch.full_like(block, expected))
+
+
+def test_compose_draws_only_from_the_pool():
+    digits, labels = fake_digits()
+    pool = np.flatnonzero(np.arange(len(labels)) % 6 < 3)  # copies 0-2 of every class
+    c = compose(digits, labels, pool, 100, np.random.default_rng(1))
+    used = set(c.sources[c.sources >= 0].tolist())
+    assert used <= set(pool.tolist())
+
+
+def test_compose_needs_every_class_in_the_pool():
+    digits, labels = fake_digits()
+    with pytest.raises(ValueError, match="every class"):
+        compose(digits, labels, np.flatnonzero(labels < 9), 5, np.random.default_rng(0))
+
+
+def test_task_train_and_test_share_no_source_digit(task):
+    train = set(task.train.sources[task.train.sources >= 0].tolist())
+    probe = set(task.probe.sources[task.probe.sources >= 0].tolist())
+    test = set(task.test.sources[task.test.sources >= 0].tolist())
+    assert train.isdisjoint(test)
+    assert probe.isdisjoint(test)
+    assert len(task.train) == 300 and len(task.test) == 120 and len(task.probe) == 80
+
+
+def test_task_is_reproducible(task):
+    again = make_task(n_train=300, n_test=120, n_probe=80, seed=3)
+    assert torch.equal(again.train.images, task.train.images)
+    assert again.train.texts == task.train.texts
+
+
+@pytest.mark.parametrize(
+    ("labels", "text"),
+    [
+        ((3,), "one digit, odd"),
+        ((4,), "one digit, even"),
+        ((1, 3), "two digits, all odd"),
+        ((0, 2, 8), "three digits, all even"),
+        ((1, 2, 3, 4), "four digits, odd and even"),
+    ],
+)
+def test_summary_text(labels, text):
+    assert summary_text(labels) == text
+
+
+def test_texts_and_labels_per_granularity(task):
+    c = task.train
+    sets = c.label_sets()
+    for i in range(20):
+        digits = " and ".join(str(d) for d in sets[i]).replace(" and ", ", ", len(sets[i]) - 2)
+        assert c.texts["digits"][i] == f"digits {digits}"
+        assert c.texts["summary"][i] == summary_text(sets[i])
+        assert c.texts["description"][i].startswith("a picture of ")
+    assert torch.equal(c.labels["digits"], c.multi_hot)
+    assert torch.equal(c.labels["description"], c.multi_hot)
+    summary = c.labels["summary"]
+    assert summary.dtype == torch.long and summary.shape == (len(c),)
+    same = summary[:, None] == summary[None, :]
+    text_same = torch.tensor([[a == b for b in c.texts["summary"]] for a in c.texts["summary"]])
+    assert torch.equal(same, text_same)
+
+
+def test_zero_shot_prompts_use_only_training_words(task):
+    """SPEC 10: a prompt word the text tower never saw would get an untrained embedding."""
+    seen = {w for texts in task.train.texts.values() for t in texts for w in tokenize(t)}
+    for c, prompts in class_prompts().items():
+        assert f"digits {c}" in prompts
+        for p in prompts:
+            assert set(tokenize(p)) <= seen, p
+
+
+def test_set_ids_identify_digit_sets():
+    mh = torch.tensor([[1, 0, 1], [1, 0, 1], [0, 1, 0]], dtype=torch.bool)
+    c = Canvases(torch.zeros(3, 1, 2, 2), mh, torch.zeros(3, 4, dtype=torch.long))
+    assert c.set_ids().tolist() == [5, 5, 2]
+
+
+def test_vocabulary_maps_unknown_words_to_zero():
+    vocab = Vocabulary(["digits 3 and 7", "a picture of three"])
+    ids, offsets = vocab.encode(["digits 3", "digits 9"])
+    assert offsets.tolist() == [0, 2]
+    assert ids[3] == 0 and (ids[:3] > 0).all()
+
+
+def test_clip_loss_is_soft_clip_with_identity_targets():
+    torch.manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
+    t = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
+    scale = torch.tensor(7.0)
+    expected = mgll.functional.soft_clip_loss(scale * x @ t.T, torch.eye(6))
+    torch.testing.assert_close(clip_loss(x, t, scale), expected)
+
+
+@pytest.mark.parametrize("method", [*COMPARISON, *ABLATION, *EXTRA], ids=lambda m: m.name)
+def test_every_method_gives_a_finite_differentiable_loss(task, method: Method):
+    torch.manual_seed(0)
+    vocab = Vocabulary(
+        task.train.texts["digits"] + task.train.texts["description"] + task.train.texts["summary"]
+    )
+    model = DualEncoder(vocab, bias_init=method.bias_init)
+    idx = torch.arange(32)
+    image = model.encode_image(task.train.images[idx])
+    texts = [
+        model.encode_text([task.train.texts[g][i] for i in idx.tolist()])
+        for g in method.granularities
+    ]
+    from mgll_demo.training import _labels
+
+    labels = [_labels(task.train, g, method.fine_labels)[idx] for g in method.granularities]
+    parts = method.build_loss()(image, texts, model.scale(), model.logit_bias, labels)
+    loss = sum(parts.values())
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert model.image.head.weight.grad is not None
+
+
+def test_mean_average_precision_by_hand():
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.1], [0.1, 0.2, 0.3, 0.4]])
+    relevant = torch.tensor([[True, False, True, False], [False, False, False, False]])
+    # query 0: hits at ranks 1 and 3 -> AP = (1/1 + 2/3) / 2; query 1 has no relevant item
+    assert mean_average_precision(scores, relevant) == pytest.approx((1 + 2 / 3) / 2)
+
+
+def fake_runs() -> list[dict]:
+    runs = []
+    for m, base in (("clip", 0.8), ("mgll", 0.9)):
+        for s in range(2):
+            metrics = dict.fromkeys(
+                ("zero_shot_auroc", "linear_probe_auroc", "retrieval_map", "text_retrieval_map"),
+                base + 0.01 * s,
+            )
+            runs.append(
+                {
+                    "method": m,
+                    "seed": s,
+                    "metrics": metrics,
+                    "train_seconds": 1.0,
+                    "losses": [3.0, 2.0, 1.0],
+                    "curve_steps": [1, 3],
+                    "curve_zero_shot": [0.5, base],
+                }
+            )
+    return runs
+
+
+def test_summary_mean_and_spread():
+    summary = report.summarise(fake_runs())
+    assert summary["mgll"]["zero_shot_auroc"]["mean"] == pytest.approx(0.905)
+    assert summary["mgll"]["zero_shot_auroc"]["std"] == pytest.approx(0.01 / 2**0.5)
+    assert summary["clip"]["zero_shot_auroc"]["n"] == 2
+    text = report.table(summary)
+    assert re.search(r"mgll\s+0\.9050 ± 0\.0071", text)
+    assert report.table(summary, fmt="rst").startswith(".. list-table::")
+
+
+def test_merge_writes_json_table_and_png(tmp_path):
+    src = tmp_path / "a.json"
+    src.write_text(json.dumps({"config": {"steps": 3}, "runs": fake_runs()}))
+    assert main(["--merge", str(src), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(data["summary"]) == {"clip", "mgll"}
+    assert (tmp_path / "out" / "results.png").stat().st_size > 10_000
+
+
+def test_cli_rejects_bad_options():
+    with pytest.raises(SystemExit):
+        parse_args(["--seeds", "0"])
+    from mgll_demo.__main__ import select_methods
+
+    with pytest.raises(SystemExit, match="unknown method"):
+        select_methods(parse_args(["--methods", "clip,nope"]))
+    names = [m.name for m in select_methods(parse_args(["--ablation"]))]
+    assert names[:2] == ["clip", "mgll"] and "mgll_coarse" in names and "reference_compat" in names
