@@ -16,7 +16,8 @@ Steps (each recorded in ``gpu_check.json`` under ``--out``, default ``$OUT`` or 
    ``fused`` / ``tiled`` when present.  Median of ``--iters`` timed calls after one warm-up
    (which compiles), peak extra memory, and each provider's loss and gradients against
    ``reference`` (relative norm of the difference).
-3. With ``--sweep``: the ``triton-bf16`` timing for a few tile configurations.
+3. The ``triton-bf16`` timing for a few other tile configurations (``SWEEP``), each only
+   while the run is within ``--time-budget-s`` (``--no-sweep`` skips it).
 
 Installs nothing; mgll is taken from ``./src``.
 """
@@ -33,6 +34,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+START = time.perf_counter()
 SWEEP = [
     {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 2},
     {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 8, "num_stages": 2},
@@ -48,7 +50,8 @@ def main() -> None:
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--tests-k", default=None, help="pytest -k expression for step 1")
     parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--sweep", action="store_true", help="also time SWEEP tile configs")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the tile-config sweep")
+    parser.add_argument("--time-budget-s", type=float, default=420.0)
     parser.add_argument(
         "--providers", default="reference,triton,triton-tf32,triton-bf16,fused,tiled"
     )
@@ -69,8 +72,8 @@ def main() -> None:
         k = args.tests_k or ("matches_reference and ids or extreme" if dry else None)
         report["tests"] = run_tests(k)
     report["benchmark"] = benchmark(dry, args.iters, args.providers.split(","))
-    if args.sweep:
-        report["sweep"] = sweep(dry, args.iters)
+    if not args.no_sweep:
+        report["sweep"] = sweep(dry, args.iters, START + args.time_budget_s)
     path = out / "gpu_check.json"
     path.write_text(json.dumps(report, indent=2))
     print(json.dumps(report["benchmark"]["summary"], indent=2))
@@ -251,9 +254,12 @@ def benchmark(dry: bool, iters: int, names: list[str], blocks: dict | None = Non
     return {"rows": rows, "summary": summary}
 
 
-def sweep(dry: bool, iters: int) -> list:
+def sweep(dry: bool, iters: int, deadline: float) -> list:
     out = []
-    for blocks in SWEEP:
+    for blocks in SWEEP[1:]:  # SWEEP[0] is the default, timed in step 2
+        if time.perf_counter() > deadline:
+            out.append({"blocks": blocks, "skipped": "time budget"})
+            continue
         res = benchmark(dry, iters, ["triton-bf16"], blocks)
         out.append({"blocks": blocks, **res["rows"]["triton-bf16"]})
         print(out[-1], flush=True)

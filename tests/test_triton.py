@@ -13,6 +13,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("triton", reason='backend="triton" needs triton: pip install "mgll[triton]"')
 
@@ -64,7 +66,7 @@ def _cooc(mode: str, n: int, ks: list[int], gen: torch.Generator) -> list[CoOccu
 
 
 def _case(mode="ids", n=24, ks=None, g=2, d=20, scale=8.0, bias=True, seed=0, dtype=None):
-    ks = ks if ks is not None else [n] * g
+    ks = list(ks) if ks is not None else [n] * g
     if mode != "bank":
         ks = [n] * len(ks)
     gen = torch.Generator().manual_seed(seed)
@@ -190,6 +192,20 @@ def test_public_api_and_module_agree():
     got = mgll_loss(image, texts, s, b, labels=labels, backend="triton")
     want = mgll_loss(image, texts, s, b, labels=labels, backend="reference")
     torch.testing.assert_close(got, want, **F32)
+
+
+@settings(max_examples=25 if CUDA else 6)  # few in the (slow) interpreter
+@given(
+    mode=st.sampled_from(["ids", "multi_hot", "bank"]),
+    n=st.integers(1, 34),
+    ks=st.lists(st.integers(1, 34), min_size=1, max_size=3),
+    d=st.integers(1, 20),
+    support=st.sampled_from(["samples", "coarse"]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes_match_reference(mode, n, ks, d, support, seed):
+    config = LossConfig(smooth_kl_support=support)
+    _compare(_case(mode, n=n, ks=ks, d=d, seed=seed), config)
 
 
 # ---------------------------------------------------------------------------- errors

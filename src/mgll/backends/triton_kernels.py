@@ -52,6 +52,15 @@ _KIND_IDS, _KIND_MULTI_HOT, _KIND_DENSE = 0, 1, 2
 def compute(problem: Problem, config: LossConfig) -> LossTerms:
     """The three weighted MGLL terms of ``problem`` with the Triton kernels.
 
+    Args:
+        problem: the validated batch; row terms for ``problem.rows``, column terms for
+            ``problem.cols[g]``, each over the global normalisers.
+        config: term weights and options.
+
+    Returns:
+        :class:`~mgll._problem.LossTerms`, differentiable w.r.t. the features, the logit scale
+        and the bias.
+
     Raises:
         ImportError: triton is not installed.
         ValueError: the features are on a device the kernels cannot run on, or ``problem.rows``
