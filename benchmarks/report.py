@@ -173,9 +173,13 @@ def _ms(r: dict | None) -> str:
     if r["status"] != "ok":
         return {"oom": "OOM", "skipped": "–", "error": "error"}[r["status"]]
     if r.get("mem_only"):
-        return f"{r['time_s'] * 1e3:.3g} (1 call)"
-    spread = (r["time_p75_s"] - r["time_p25_s"]) * 1e3
-    return f"{r['time_s'] * 1e3:.3g} ±{spread:.2g}"
+        return f"{_num(r['time_s'] * 1e3)} (1 call)"
+    return f"{_num(r['time_s'] * 1e3)} ±{_num((r['time_p75_s'] - r['time_p25_s']) * 1e3)}"
+
+
+def _num(x: float) -> str:
+    """Three significant digits without exponents: 4541 -> '4541', 0.01234 -> '0.0123'."""
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
 def _mib(r: dict | None) -> str:
@@ -208,7 +212,18 @@ def _grid(records, var, values, fixed, cell, title) -> list[str]:
             row.append(cell(match[0] if match else None))
         if any(row):
             lines.append(f"| {p} | " + " | ".join(row) + " |")
-    return [*lines, ""]
+    return [*lines, ""] if len(lines) > 4 else []
+
+
+def _shared_warning(meta: dict) -> list[str]:
+    loads = [x[0] for x in (meta.get("loadavg_start"), meta.get("loadavg_end")) if x]
+    if meta["device"] != "cpu" or not loads or max(loads) <= meta["cpu_count"]:
+        return []
+    return [
+        f"* **shared machine**: load average up to {max(loads):.1f} on {meta['cpu_count']} "
+        "cores while measuring; absolute times are inflated and noisy, ratios within one "
+        "run less so"
+    ]
 
 
 def markdown(meta: dict, records: list[dict], summary: dict) -> str:
@@ -225,6 +240,7 @@ def markdown(meta: dict, records: list[dict], summary: dict) -> str:
         f"* command: `{meta['command']}`; wall {meta.get('wall_s')} s",
         f"* time: median ± interquartile range in ms ({timers}); "
         f"memory: {s['memory']}, MiB; budget: {s['budget_gb']} GB ({s['budget_enforcement']})",
+        *_shared_warning(meta),
         "* paired inputs, logit scale 14, class ids per granularity 8, N/8, N/2; "
         "`–` skipped (reason in results.json), OOM out of memory",
         "",
@@ -273,7 +289,7 @@ def markdown(meta: dict, records: list[dict], summary: dict) -> str:
     ]
     for r in summary["ratios"]:
         lines.append(
-            f"| {r['provider']} | {r['dtype']} | {r['n']} | {r['time_s'] * 1e3:.3g} | "
+            f"| {r['provider']} | {r['dtype']} | {r['n']} | {_num(r['time_s'] * 1e3)} | "
             f"{r['mem_bytes'] / 2**20:.4g} | {_f(r.get('time_vs_naive'))} | "
             f"{_f(r.get('time_vs_floor'))} | {_f(r.get('mem_vs_naive'))} |"
         )
@@ -348,7 +364,10 @@ def to_rst(md: str, images: list[str], title: str) -> str:
 
 def _rst_inline(text: str) -> str:
     parts = text.split("`")
-    return "".join(f"``{p}``" if k % 2 else p.replace("*", r"\*") for k, p in enumerate(parts))
+    return "".join(
+        f"``{p}``" if k % 2 else p.replace("**", "\0").replace("*", r"\*").replace("\0", "**")
+        for k, p in enumerate(parts)
+    )
 
 
 if __name__ == "__main__":
