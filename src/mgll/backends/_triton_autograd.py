@@ -6,6 +6,8 @@ Imports no triton itself: the kernel modules come with the plan built by
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -30,6 +32,16 @@ class TritonMGLL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan, image: Tensor, scale: Tensor, bias: Tensor | None, *texts: Tensor):
+        with _on_device(image.device):  # triton launches on the current CUDA device
+            return TritonMGLL._forward(ctx, plan, image, scale, bias, *texts)
+
+    @staticmethod
+    def backward(ctx, g_clip: Tensor, g_pw: Tensor, g_kl: Tensor):
+        with _on_device(ctx.saved_tensors[0].device):
+            return TritonMGLL._backward(ctx, g_clip, g_pw, g_kl)
+
+    @staticmethod
+    def _forward(ctx, plan, image: Tensor, scale: Tensor, bias: Tensor | None, *texts: Tensor):
         fwd = plan.fwd
         n, d, g, kmax = plan.n, image.shape[1], len(texts), max(plan.ks)
         dev = image.device
@@ -87,7 +99,7 @@ class TritonMGLL(torch.autograd.Function):
         return soft_clip, pointwise, smooth_kl
 
     @staticmethod
-    def backward(ctx, g_clip: Tensor, g_pw: Tensor, g_kl: Tensor):
+    def _backward(ctx, g_clip: Tensor, g_pw: Tensor, g_kl: Tensor):
         plan = ctx.plan
         fwd, bwd = plan.fwd, plan.bwd
         x, t, s, b, stats_r, stats_c, kl, n_rows, n_cols = ctx.saved_tensors
@@ -143,6 +155,10 @@ class TritonMGLL(torch.autograd.Function):
                 for i in range(g)
             ]
         return None, d_image, d_scale, d_bias, *d_texts
+
+
+def _on_device(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _grad(grad: Tensor | None, like: Tensor) -> Tensor:
