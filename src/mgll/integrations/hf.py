@@ -23,7 +23,15 @@ __all__ = ["features", "model_output"]
 
 
 def features(output: object) -> Tensor:
-    """The projected features of ``get_*_features``: the tensor, or its ``pooler_output``."""
+    """The projected features of ``get_*_features``: the tensor, or its ``pooler_output``.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> features(torch.ones(2, 4)).shape  # transformers 4.x returns the tensor
+        torch.Size([2, 4])
+        >>> features(SimpleNamespace(pooler_output=torch.zeros(3, 4))).shape  # 5.x: an output
+        torch.Size([3, 4])
+    """
     if isinstance(output, Tensor):
         return output
     pooled = getattr(output, "pooler_output", None)
@@ -58,6 +66,24 @@ def model_output(
 
     Raises:
         TypeError: ``texts`` is not a non-empty sequence of token batches.
+
+    Example:
+        >>> class Toy(torch.nn.Module):  # stands in for transformers.CLIPModel
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.vision, self.text = torch.nn.Linear(48, 8), torch.nn.Embedding(50, 8)
+        ...         self.logit_scale = torch.nn.Parameter(torch.tensor(2.6592))
+        ...     def get_image_features(self, pixel_values):
+        ...         return self.vision(pixel_values.flatten(1))
+        ...     def get_text_features(self, input_ids, attention_mask=None):
+        ...         return self.text(input_ids).mean(1)
+        >>> tokens = {"input_ids": torch.randint(50, (4, 6)), "attention_mask": torch.ones(4, 6)}
+        >>> out = model_output(Toy(), torch.randn(4, 3, 4, 4), [tokens, torch.randint(50, (4, 9))])
+        >>> [tuple(t.shape) for t in out["text_features"]]
+        [(4, 8), (4, 8)]
+        >>> ids = torch.tensor([0, 0, 1, 2])
+        >>> loss = mgll.MGLLLoss()(**out, labels=[ids, ids % 2])
+        >>> loss.backward()
     """
     if isinstance(texts, (Tensor, Mapping)) or not isinstance(texts, Sequence) or not texts:
         raise TypeError(

@@ -52,6 +52,21 @@ def encode_granularities(
 
     Raises:
         TypeError: ``texts`` is not a sequence, or strings are given without a tokenizer.
+
+    Example:
+        >>> class Toy(torch.nn.Module):  # stands in for open_clip.CLIP: encode_text only
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.txt = torch.nn.Embedding(50, 8)
+        ...     def encode_text(self, tokens, normalize=False):
+        ...         x = self.txt(tokens).mean(1)
+        ...         return torch.nn.functional.normalize(x, dim=-1) if normalize else x
+        >>> tokenize = lambda strings: torch.tensor([[len(s), s.count(" ")] for s in strings])
+        >>> tokens = torch.randint(50, (4, 5))  # granularity 1: (K_1, L) tokens
+        >>> strings = ["a DR image", "AMD", "a DR image"]  # granularity 2: K_2 strings
+        >>> features = encode_granularities(Toy(), [tokens, strings], tokenize)
+        >>> [tuple(f.shape) for f in features]
+        [(4, 8), (3, 8)]
     """
     if isinstance(texts, (Tensor, str)) or not isinstance(texts, Sequence) or len(texts) == 0:
         raise TypeError(
@@ -126,6 +141,24 @@ class MultiGranularCLIP(nn.Module):
         model: an open_clip ``CLIP`` / ``CustomTextCLIP`` (or any module with the same methods).
         tokenizer: optional, to accept strings.
         normalize: L2-normalise the features.
+
+    Example:
+        >>> class Toy(torch.nn.Module):  # stands in for open_clip.CLIP
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.img, self.txt = torch.nn.Linear(12, 8), torch.nn.Embedding(50, 8)
+        ...         self.logit_scale = torch.nn.Parameter(torch.tensor(2.3))
+        ...     def encode_image(self, x, normalize=False):
+        ...         return torch.nn.functional.normalize(self.img(x), dim=-1)
+        ...     def encode_text(self, t, normalize=False):
+        ...         return torch.nn.functional.normalize(self.txt(t).mean(1), dim=-1)
+        >>> model = MultiGranularCLIP(Toy())
+        >>> out = model(torch.randn(4, 12), [torch.randint(50, (4, 5)), torch.randint(50, (4, 7))])
+        >>> sorted(out)
+        ['image_features', 'logit_scale', 'text_features']
+        >>> ids = torch.tensor([0, 0, 1, 2])
+        >>> loss = mgll.MGLLLoss()(**out, labels=[ids, ids % 2])
+        >>> loss.backward()
     """
 
     def __init__(
