@@ -105,12 +105,12 @@ def measure_time(fn, device: str, min_time: float, warm: float) -> dict:
     """Median, quartiles and range of the seconds per call over 3 to 50 timed repeats.
 
     ``warm`` is the duration of an earlier, warm call.  CPU: each repeat runs ``fn`` enough
-    times to last about 20 ms (or ``min_time / 3``), and the repeats fill ``min_time`` seconds, at least 3 of them
-    (a plain ``perf_counter`` loop: ``torch.utils.benchmark``'s block sizing gave a single block
+    times to last about 20 ms (or ``min_time / 3``), and the repeats fill ``min_time`` seconds,
+    at least 3 of them (a plain ``perf_counter`` loop: ``torch.utils.benchmark``'s block sizing gave a single block
     for calls of 10-100 ms, hence no spread).
     """
     if device == "cuda":
-        return _time_cuda(fn, min_time)
+        return _time_cuda(fn, min_time, warm)
     number = max(1, math.ceil(min(0.02, min_time / 3) / max(warm, 1e-7)))
     repeats = int(min(50, max(3, min_time / (max(warm, 1e-7) * number))))
     times = []
@@ -122,12 +122,16 @@ def measure_time(fn, device: str, min_time: float, warm: float) -> dict:
     return _summary(times, number, "perf_counter loop")
 
 
-def _time_cuda(fn, min_time: float) -> dict:
+def _time_cuda(fn, min_time: float, warm: float) -> dict:
+    """``do_bench`` for calls that fit ~3 times in ``min_time``, else a CUDA-event loop.
+
+    (``do_bench`` sizes its repeats from ``rep`` milliseconds: a slow call would be timed once.)
+    """
     try:
         from triton.testing import do_bench
     except ImportError:
         do_bench = None
-    if do_bench is not None:
+    if do_bench is not None and 3 * warm <= min_time:
         q = do_bench(fn, warmup=25, rep=int(min_time * 1000), quantiles=[0.5, 0.25, 0.75, 0.0, 1.0])
         med, p25, p75, lo, hi = (x / 1000 for x in q)
         return {
@@ -136,12 +140,12 @@ def _time_cuda(fn, min_time: float) -> dict:
             "time_p75_s": p75,
             "time_min_s": lo,
             "time_max_s": hi,
-            "repeats": None,
+            "repeats": max(1, int(min_time / max(warm, 1e-7))),  # do_bench's own estimate
             "number": 1,
             "timer": "triton.testing.do_bench",
         }
     times, end = [], time.perf_counter() + min_time
-    while len(times) < 3 or time.perf_counter() < end:
+    while len(times) < 3 or (time.perf_counter() < end and len(times) < 100):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         fn()
