@@ -121,3 +121,29 @@ def test_slope_recovers_exponent():
     xs = [512, 1024, 2048, 4096]
     assert report.slope(xs, [3e-9 * x**2 for x in xs]) == pytest.approx(2.0)
     assert report.slope([512], [1.0]) is None
+
+
+def test_precheck_skips_after_oom_and_slow_points():
+    sys.path.insert(0, str(BENCH))
+    import time
+
+    import bench
+
+    args = bench.parse_args(["--quick", "--max-call-s", "1", "--max-mem-call-s", "10"])
+    done = [
+        dict(provider="naive", g=2, d=32, dtype="fp32", n=64, mode="fwd+bwd", status="oom"),
+        dict(
+            provider="floor", g=2, d=32, dtype="fp32", n=64, mode="fwd+bwd", status="ok", time_s=0.5
+        ),
+    ]
+    now = time.perf_counter()
+
+    def spec(provider, n):
+        return dict(provider=provider, g=2, d=32, dtype="fp32", n=n, device="cpu")
+
+    assert "out of memory already at N=64" in bench.precheck(spec("naive", 128), done, args, now)
+    s = spec("floor", 128)  # predicted 2 s: too slow to time, run once for memory
+    assert bench.precheck(s, done, args, now) is None and s["mem_only"]
+    assert "predicted 32 s" in bench.precheck(spec("floor", 512), done, args, now)
+    assert "time budget" in bench.precheck(spec("floor", 64), [], args, now - 1e6)
+    assert "needs CUDA" in bench.precheck(spec("mgll-triton", 64), [], args, now)
