@@ -42,7 +42,8 @@ extensions = [
     "sphinx_copybutton",
 ]
 
-exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
+# Files named _*.rst are fragments for ``.. include::`` (e.g. generated tables), not pages.
+exclude_patterns = ["_build", "_*.rst", "**/_*.rst", "Thumbs.db", ".DS_Store"]
 templates_path: list[str] = []
 default_role = "py:obj"  # `name` in a docstring links to the object when it exists
 
