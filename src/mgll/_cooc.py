@@ -58,6 +58,8 @@ class CoOccurrence:
         if self.kind == "ids":  # symmetric: both are the size of each sample's class
             _, inverse, counts = torch.unique(self.data, return_inverse=True, return_counts=True)
             return counts[inverse].to(dtype)
+        if self.data.shape[1] == 0:  # multi-hot over C_g = 0 classes: no positive anywhere
+            return torch.zeros(self.data.shape[0], dtype=dtype, device=self.data.device)
         # multi_hot: symmetric.  Samples with the same label set have the same sum, so count
         # the distinct sets once: U x U overlaps (U <= N, usually far fewer) instead of N x N.
         sets, inverse, counts = torch.unique(
