@@ -142,7 +142,7 @@ class TritonMGLL(torch.autograd.Function):
                 write_dx=int(need[1]), **flags,
             )  # fmt: skip
             d_image = (s * dx).to(ctx.dtypes[0]) if need[1] else None
-            d_scale = red[0].sum().reshape(()) if need[2] else None
+            d_scale = (red[0].sum() / s).reshape(()) if need[2] else None
             d_bias = red[1].sum().reshape(()) if need[3] and ctx.has_bias else None
         d_texts = [None] * g
         if any(need[4:]):

@@ -47,16 +47,17 @@ def _dz_tile(
     BLOCK_C: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    r"""dL/dZ^g on an (image rows x text columns) tile, the raw dot X T^T, and the pointwise part.
+    r"""dL/dZ^g on an (image rows x text columns) tile, with its row sums for d(scale) and d(bias).
 
     .. math::
         dZ = a_i (P - C/c_i) + a'_k (P' - C/c'_k) + w_i (\sigma(Z + b) - Y)
              + v_i P (\log P - \log M - \mathrm{KL}_i)
 
     with every coefficient (``ROWF``, ``COLF``) zero outside the lines this process owns.
+    Returns dZ (masked), ``sum_k dZ_ik Z_ik`` (d(scale) is its total over s) and
+    ``sum_k dL_pointwise/dZ_ik`` (d(bias) is its total).
     """
-    u = _dot_rows(X, T_g, offs_i, offs_k, mask_i, mask_k, D, BLOCK_D, PREC)
-    z = scale * u
+    z = scale * _dot_rows(X, T_g, offs_i, offs_k, mask_i, mask_k, D, BLOCK_D, PREC)
     c = _targets(TGT, g, offs_i, offs_k, mask_i, mask_k, N, KMAX, NCLS, kind, False, BLOCK_C)
     rowf = ROWF + g * N_ROW_FIELDS * N + offs_i
     lse_r = tl.load(rowf + RF_LSE * N, mask=mask_i, other=0.0)
@@ -73,14 +74,16 @@ def _dz_tile(
     dz = ce_r[:, None] * (p - c * inv_r[:, None]) + ce_c[None, :] * (p_c - c * inv_c[None, :])
     w_pw = tl.load(rowf + RF_PW * N, mask=mask_i, other=0.0)
     y = tl.where(soft_y != 0, c * inv_r[:, None], (c > 0).to(tl.float32))
-    gpw = w_pw[:, None] * (_sigmoid(z + bias) - y)
+    valid = mask_i[:, None] & mask_k[None, :]
+    gpw = tl.where(valid, w_pw[:, None] * (_sigmoid(z + bias) - y), 0.0)
+    d_bias = tl.sum(gpw, 1)
     dz += gpw
     if has_kl != 0:
         w_kl = tl.load(rowf + RF_KL * N, mask=mask_i, other=0.0)
         kl = tl.load(rowf + RF_KLV * N, mask=mask_i, other=0.0)
         dz += w_kl[:, None] * p * (lq - lm - kl[:, None])
-    valid = mask_i[:, None] & mask_k[None, :]
-    return tl.where(valid, dz, 0.0), u, tl.where(valid, gpw, 0.0)
+    dz = tl.where(valid, dz, 0.0)
+    return dz, tl.sum(dz * z, 1), d_bias
 
 
 @triton.jit
@@ -138,7 +141,7 @@ def dx_kernel(
 ):
     """One image row block: ``DX[i] += sum_g sum_k dZ^g_ik T^g_k`` (without the factor s).
 
-    Also writes per-row partial sums ``RED[0, i] = sum dZ * X T^T`` (for d(scale)) and
+    Also writes per-row partial sums ``RED[0, i] = sum dZ * Z`` (d(scale) = total / s) and
     ``RED[1, i] = sum dZ_pointwise`` (for d(bias)).  A block holding no owned row only visits
     the owned text columns ``col_lo..col_hi`` (union over granularities).
     """
@@ -177,7 +180,7 @@ def dx_kernel(
             if k0 < k_g:
                 mask_k = (offs_k < k_hi) & (offs_k < k_g)
                 T_g = T + g * KMAX * D
-                dz, u, gpw = _dz_tile(
+                dz, d_scale_g, d_bias_g = _dz_tile(
                     X,
                     T_g,
                     TGT,
@@ -202,8 +205,8 @@ def dx_kernel(
                     BLOCK_C,
                     PREC,
                 )
-                d_scale += tl.sum(dz * u, 1)
-                d_bias += tl.sum(gpw, 1)
+                d_scale += d_scale_g
+                d_bias += d_bias_g
                 if write_dx != 0:
                     _accumulate(DX, T_g, dz, offs_i, offs_k, mask_i, mask_k, D, BLOCK_D, PREC)
     tl.store(RED + offs_i, d_scale, mask=mask_i)
@@ -276,7 +279,7 @@ def dt_kernel(
             if pid * BLOCK_N < k_g:
                 mask_k = offs_k < k_g
                 T_g = T + g * KMAX * D
-                dz, _u, _gpw = _dz_tile(
+                dz, _, _ = _dz_tile(
                     X,
                     T_g,
                     TGT,
