@@ -5,9 +5,12 @@ features of all granularities stacked (bank granularities with fewer texts are z
 masked by ``KS[g] = K_g``).  Logits are never stored: every kernel recomputes its
 (BLOCK_M x BLOCK_N) tiles ``Z = s * X_i T_k^T`` with fp32 accumulation, looping over D in
 chunks of BLOCK_D.  The co-occurrence C^g is rebuilt per tile from what the batch carries
-(``kind``): 0 = paired integer ids (``TGT`` (G, N) float, compact ids 0..U-1, ``C_ik = ids_i == ids_k``),
-1 = paired multi-hot label sets (``TGT`` (G, N, C_max) float, ``C_ik = <a_i, a_k> > 0``),
-2 = bank targets (``TGT`` (G, N, K_max) float, loaded as is).
+(``kind``, a runtime flag so one compiled kernel serves all three):
+
+* 0: paired integer ids, ``TGT`` (G, N) float holding compact ids 0..U-1,
+  ``C_ik = ids_i == ids_k``;
+* 1: paired multi-hot label sets, ``TGT`` (G, N, C_max) float, ``C_ik = <a_i, a_k> > 0``;
+* 2: bank targets, ``TGT`` (G, N, K_max) float, loaded as is.
 
 Forward: :func:`stats_kernel` keeps online log-sum-exp and target-weighted sums per row (image
 rows against texts) or per column (texts against images, ``TEXT_ROWS``); :func:`kl_kernel`
