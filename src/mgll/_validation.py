@@ -231,7 +231,7 @@ def check_smooth_kl_inputs(logits: object, owners: object, groups: object) -> li
             f"`logits` must be a non-empty sequence of G (N, K_g) tensors, got {_describe(logits)}"
         )
     for g, z in enumerate(logits):
-        _check_float_matrix(f"logits[{g}]", z)
+        _check_float_matrix(f"logits[{g}]", z, f"(N, K_{g})")
     first = logits[0]
     n = first.shape[0]
     if owners is None:
@@ -275,13 +275,13 @@ def check_same_device(
         )
 
 
-def _check_float_matrix(name: str, x: object) -> None:
+def _check_float_matrix(name: str, x: object, letters: str = "(rows, D)") -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"`{name}` must be a floating-point tensor, got {x.dtype}")
     if x.dim() != 2:
-        raise ValueError(f"`{name}` must be 2-D (rows, D), got shape {tuple(x.shape)}")
+        raise ValueError(f"`{name}` must be 2-D {letters}, got shape {tuple(x.shape)}")
 
 
 def _check_real_tensor(
@@ -294,8 +294,8 @@ def _check_real_tensor(
     if x.dim() != len(shape) or any(
         e is not None and e != s for e, s in zip(shape, x.shape, strict=False)
     ):
-        expected = tuple("*" if e is None else e for e in shape)
-        raise ValueError(f"`{name}` must have shape {letters} = {expected}, got {tuple(x.shape)}")
+        expected = ", ".join("any" if e is None else str(e) for e in shape)
+        raise ValueError(f"`{name}` must have shape {letters} = ({expected}), got {tuple(x.shape)}")
     check_same_device(name, x, like, like_name="logits[0]")
 
 
