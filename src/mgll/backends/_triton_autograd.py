@@ -56,23 +56,25 @@ class TritonMGLL(torch.autograd.Function):
         lo = torch.full((g,), r_lo, device=dev, dtype=torch.int32)
         hi = torch.full((g,), r_hi, device=dev, dtype=torch.int32)
         stats_r = torch.zeros(g, int(fwd.N_STATS), n, device=dev)
-        fwd.stats_kernel[(_cdiv(r_hi - r_lo, blk["BLOCK_M"]), g)](
-            x, t, plan.targets, stats_r, s, b, ks, lo, hi, n, kmax, d, plan.n_classes, plan.kind,
-            TEXT_ROWS=False, **common,
-        )  # fmt: skip
+        row_blocks = _cdiv(r_hi - r_lo, blk["BLOCK_M"])  # 0: no owned row, nothing to launch
+        if row_blocks:
+            fwd.stats_kernel[(row_blocks, g)](
+                x, t, plan.targets, stats_r, s, b, ks, lo, hi, n, kmax, d, plan.n_classes,
+                plan.kind, TEXT_ROWS=False, **common,
+            )  # fmt: skip
         stats_c = torch.zeros(g, int(fwd.N_STATS), kmax, device=dev)
-        if plan.has_ce:
+        width = max(c[1] - c[0] for c in plan.cols)
+        if plan.has_ce and width:
             c_lo = torch.tensor([c[0] for c in plan.cols], device=dev, dtype=torch.int32)
             c_hi = torch.tensor([c[1] for c in plan.cols], device=dev, dtype=torch.int32)
-            width = max(c[1] - c[0] for c in plan.cols)
             fwd.stats_kernel[(_cdiv(width, blk["BLOCK_M"]), g)](
                 x, t, plan.targets, stats_c, s, b, ks, c_lo, c_hi, n, kmax, d, plan.n_classes, plan.kind,
                 TEXT_ROWS=True, **common,
             )  # fmt: skip
         kl = torch.zeros(g, n, device=dev)
-        if plan.has_kl:
+        if plan.has_kl and row_blocks:
             lse = stats_r[:, int(fwd.ST_LSE)].contiguous()
-            fwd.kl_kernel[(_cdiv(r_hi - r_lo, blk["BLOCK_M"]),)](
+            fwd.kl_kernel[(row_blocks,)](
                 x, t, lse, kl, s, lo, hi, n, d, G=g, GP=_pow2(g), PREC=plan.prec, **blk,
             )  # fmt: skip
         n_rows, n_cols = _anchor_counts(plan, stats_r, stats_c, fwd)
