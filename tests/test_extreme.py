@@ -85,6 +85,18 @@ def case_one_sample_bank():
                 targets=[torch.tensor([[0.0, 1.0, 0.0, 2.0]]), torch.zeros(1, 2)])  # fmt: skip
 
 
+def case_confident_and_right():
+    """Every pair decided with a margin of 60+ logits: each pointwise term is below 1e-26.
+
+    Found by tests/test_fuzz.py: a backend that computes softplus(z) and y z from two different
+    roundings of z returns about -4e-6 (one ulp of z) instead of a positive number.
+    """
+    image = torch.tensor([[1.0482, -0.0445]])
+    texts = [torch.tensor([[-2.1788, 0.5684]]), torch.tensor([[0.6035, 0.8110]])]
+    labels = [torch.zeros(1, 0, dtype=torch.long), torch.tensor([[1, 1, 1]])]
+    return dict(image=image, texts=texts, scale=99.8347, bias=8.0, labels=labels)
+
+
 def case_tiny_and_huge_norms():
     x = unit(N, D) * torch.logspace(-10, 10, N)[:, None]  # normalize=True undoes the scale
     return dict(image=x, texts=[unit(N, D) * 1e-8, unit(N, D) * 1e8], scale=100.0,
