@@ -179,7 +179,7 @@ def dx_kernel(
             k_g = tl.load(KS + g)
             if k0 < k_g:
                 mask_k = (offs_k < k_hi) & (offs_k < k_g)
-                T_g = T + g * KMAX * D
+                T_g = T + (g * KMAX).to(tl.int64) * D
                 dz, d_scale_g, d_bias_g = _dz_tile(
                     X,
                     T_g,
@@ -278,7 +278,7 @@ def dt_kernel(
             k_g = tl.load(KS + g)
             if pid * BLOCK_N < k_g:
                 mask_k = offs_k < k_g
-                T_g = T + g * KMAX * D
+                T_g = T + (g * KMAX).to(tl.int64) * D
                 dz, _, _ = _dz_tile(
                     X,
                     T_g,
@@ -305,7 +305,7 @@ def dt_kernel(
                     PREC,
                 )
                 _accumulate(
-                    DT + g * KMAX * D,
+                    DT + (g * KMAX).to(tl.int64) * D,
                     X,
                     tl.trans(dz),
                     offs_k,

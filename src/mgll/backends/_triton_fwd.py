@@ -157,7 +157,7 @@ def kl_kernel(
         for g in range(G):
             lse = tl.load(LSE + g * N + offs_i, mask=mask_i, other=0.0)
             z = scale * _dot_rows(
-                X, T + g * N * D, offs_i, offs_k, mask_i, mask_k, D, BLOCK_D, PREC
+                X, T + (g * N).to(tl.int64) * D, offs_i, offs_k, mask_i, mask_k, D, BLOCK_D, PREC
             )
             lq = tl.minimum(z - lse[:, None], 0.0)
             term = tl.where(mask_k[None, :], tl.exp(lq) * (lq - lm), 0.0)

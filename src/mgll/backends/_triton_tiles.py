@@ -117,7 +117,9 @@ def _log_mixture(
     sm = tl.zeros((offs_i.shape[0], offs_k.shape[0]), dtype=tl.float32)
     for g in range(G):
         lse = tl.load(LSE + g * lse_stride + offs_i, mask=mask_i, other=0.0)
-        z = scale * _dot_rows(X, T + g * N * D, offs_i, offs_k, mask_i, mask_k, D, BLOCK_D, PREC)
+        z = scale * _dot_rows(
+            X, T + (g * N).to(tl.int64) * D, offs_i, offs_k, mask_i, mask_k, D, BLOCK_D, PREC
+        )
         lq = tl.minimum(z - lse[:, None], 0.0)
         mx_new = tl.maximum(mx, lq)
         sm = sm * tl.exp(mx - mx_new) + tl.exp(lq - mx_new)
