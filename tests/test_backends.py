@@ -385,3 +385,14 @@ def test_multi_hot_line_sums_equal_the_dense_sums(n, classes, dtype):
     dense = cooc.dense(torch.float64)
     torch.testing.assert_close(cooc.line_sums(1, torch.float64), dense.sum(1), rtol=0, atol=0)
     torch.testing.assert_close(cooc.line_sums(0, torch.float64), dense.sum(0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_backward_twice_with_retain_graph(backend):
+    n = 6
+    image, texts, s, b, gen = _inputs(n, [n, n])
+    labels = [torch.randint(0, 3, (n,), generator=gen), torch.randint(0, 2, (n,), generator=gen)]
+    loss = mgll.mgll_loss(image, texts, s, b, labels=labels, backend=backend)
+    first = torch.autograd.grad(loss, [image, s], retain_graph=True)
+    second = torch.autograd.grad(loss, [image, s])
+    torch.testing.assert_close(second, first, rtol=0, atol=0)

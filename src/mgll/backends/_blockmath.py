@@ -42,7 +42,6 @@ class Stats:
     w_col: list[Tensor]
     w_pw: list[Tensor]
     w_kl: Tensor
-    kl_on: bool  # at least two granularities take part in the smooth KL
     kl_identity: bool  # every map is the identity: the log-space paired form
     kl_part: list[bool]  # which granularities take part
     soft_target: bool
@@ -113,7 +112,7 @@ def _make_stats(plan: Plan) -> Stats:
     """Row/column sums of C and the term weights."""
     p, cfg = plan.problem, plan.config
     dtype, n = p.image.dtype, p.num_images
-    st = Stats([], [], [], [], [], [], [], p.scale.new_zeros(()), plan.kl, False, [], False)
+    st = Stats([], [], [], [], [], [], [], p.scale.new_zeros(()), False, [], False)
     for g, cooc in enumerate(p.cooc):
         rows, cols = cooc.line_sums(1, dtype), cooc.line_sums(0, dtype)
         st.row_mass.append((rows > 0).to(dtype))

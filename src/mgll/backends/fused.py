@@ -46,21 +46,24 @@ class _FusedLoss(torch.autograd.Function):
         want_grad = any(ctx.needs_input_grad[1:])
         values, grads = _run(plan, plan.stats, image, scale, bias, texts, want_grad)
         ctx.plan = plan
-        if want_grad:
-            ctx.save_for_backward(image, scale, *texts)
-            ctx.grads = grads
+        if want_grad:  # saved tensors are freed right after backward (unless retain_graph)
+            dz_blocks, ctx.db = grads
+            ctx.save_for_backward(image, scale, *texts, *(dz for dzs in dz_blocks for dz in dzs))
         return values[0], values[1], values[2]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_clip: Tensor, g_pw: Tensor, g_kl: Tensor):
-        image, scale, *texts = ctx.saved_tensors
         plan: bm.Plan = ctx.plan
+        image, scale, *rest = ctx.saved_tensors
+        g_all = plan.problem.num_granularities
+        texts, flat = rest[:g_all], iter(rest[g_all:])
+        stored = [[next(flat) for _ in blk.groups] for blk in plan.blocks]
         outputs = (g_clip, g_pw, g_kl)
         active = [g for g, on in zip(outputs, (plan.ce, plan.pw, plan.kl), strict=True) if on]
         with torch.autocast(image.device.type, enabled=False):
             if all(torch.equal(active[0], g) for g in active[1:]):
-                dz_blocks, db = ctx.grads
+                dz_blocks, db = stored, ctx.db
                 factor = active[0]
             else:  # different gradients per term: recompute dZ with the weights scaled
                 stats = bm.scaled(plan.stats, outputs)
@@ -68,7 +71,6 @@ class _FusedLoss(torch.autograd.Function):
                 _, (dz_blocks, db) = _run(plan, stats, image, scale, bias, texts, True)
                 factor = scale.new_ones(())
             d_image, d_scale, d_texts = _feature_grads(plan, image, texts, scale, dz_blocks)
-        ctx.grads = None
         d_bias = None if plan.problem.bias is None else db * factor
         return None, d_image * factor, d_scale * factor, d_bias, *(t * factor for t in d_texts)
 
