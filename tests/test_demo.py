@@ -15,6 +15,7 @@ from mgll_demo.__main__ import main, parse_args
 from mgll_demo.data import (
     CANVAS_SIZE,
     DIGIT_SIZE,
+    GRANULARITIES,
     Canvases,
     compose,
     make_task,
@@ -145,13 +146,23 @@ def test_texts_and_labels_per_granularity(task):
     assert torch.equal(same, text_same)
 
 
-def test_zero_shot_prompts_use_only_training_words(task):
+@pytest.mark.parametrize(
+    "trained", [GRANULARITIES, ("digits",), ("digits", "summary"), ("digits", "description")]
+)
+def test_zero_shot_prompts_use_only_trained_words(task, trained):
     """SPEC 10: a prompt word the text tower never saw would get an untrained embedding."""
-    seen = {w for texts in task.train.texts.values() for t in texts for w in tokenize(t)}
-    for c, prompts in class_prompts().items():
-        assert f"digits {c}" in prompts
-        for p in prompts:
+    seen = {w for g in trained for t in task.train.texts[g] for w in tokenize(t)}
+    prompts = class_prompts(trained)
+    for c in range(10):
+        assert ("digits " + str(c) in prompts[c]) == ("digits" in trained)
+        assert len(prompts[c]) == ("digits" in trained) + 3 * ("description" in trained)
+        for p in prompts[c]:
             assert set(tokenize(p)) <= seen, p
+
+
+def test_zero_shot_needs_a_digit_granularity():
+    with pytest.raises(ValueError, match="digits"):
+        class_prompts(("summary",))
 
 
 def test_set_ids_identify_digit_sets():

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
-def run(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def run(args: list[str], tmp_path: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "MGLL_DEMO_CACHE": str(tmp_path / "cache"), "PYTHONWARNINGS": "error"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
     proc = subprocess.run(

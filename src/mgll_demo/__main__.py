@@ -86,10 +86,12 @@ def run(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     for seed in seeds:
         task = make_task(sizes["n_train"], sizes["n_test"], sizes["n_probe"], seed=seed)
 
-        def curve(model, task=task):
-            return zero_shot_auroc(model, embed_images(model, task.test), task.test.multi_hot)
-
         for method in methods:
+
+            def curve(model, task=task, trained=method.granularities):
+                emb = embed_images(model, task.test)
+                return zero_shot_auroc(model, emb, task.test.multi_hot, trained)
+
             result = train(
                 method,
                 task,
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> tuple[dict, list[dict]]:
                 evaluate_fn=curve,
                 progress=not args.no_progress,
             )
-            metrics = evaluate(result.model, task.test, task.probe)
+            metrics = evaluate(result.model, task.test, task.probe, method.granularities)
             runs.append(
                 {
                     "method": method.name,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from mgll.zeroshot import multilabel_auroc
-from mgll_demo.data import Canvases
+from mgll_demo.data import GRANULARITIES, Canvases
 from mgll_demo.texts import encode_texts, zero_shot_classifier
 from mgll_demo.towers import DualEncoder
 
@@ -36,9 +38,11 @@ def embed_images(model: DualEncoder, canvases: Canvases, chunk: int = 1000) -> T
     )
 
 
-def zero_shot_auroc(model: DualEncoder, image_emb: Tensor, truth: Tensor) -> float:
-    """Macro AUROC of :class:`mgll.ZeroShotClassifier` built from the training wording."""
-    classifier = zero_shot_classifier(lambda texts: encode_texts(model, texts))
+def zero_shot_auroc(
+    model: DualEncoder, image_emb: Tensor, truth: Tensor, trained: Sequence[str] = GRANULARITIES
+) -> float:
+    """Macro AUROC of :class:`mgll.ZeroShotClassifier` worded like the ``trained`` texts."""
+    classifier = zero_shot_classifier(lambda texts: encode_texts(model, texts), trained)
     return classifier.evaluate(image_emb, truth)["macro"]
 
 
@@ -79,13 +83,15 @@ def linear_probe_auroc(
     return float(multilabel_auroc(scores, test_truth).nanmean())
 
 
-def evaluate(model: DualEncoder, test: Canvases, probe: Canvases) -> dict[str, float]:
-    """All held-out metrics of a trained model."""
+def evaluate(
+    model: DualEncoder, test: Canvases, probe: Canvases, trained: Sequence[str] = GRANULARITIES
+) -> dict[str, float]:
+    """All held-out metrics of a model trained on the ``trained`` granularities."""
     test_emb = embed_images(model, test)
     probe_emb = embed_images(model, probe)
     image_map, text_map = retrieval_maps(model, test_emb, test)
     return {
-        "zero_shot_auroc": zero_shot_auroc(model, test_emb, test.multi_hot),
+        "zero_shot_auroc": zero_shot_auroc(model, test_emb, test.multi_hot, trained),
         "linear_probe_auroc": linear_probe_auroc(
             probe_emb, probe.multi_hot, test_emb, test.multi_hot
         ),

@@ -31,16 +31,17 @@ def summarise(runs: Sequence[dict]) -> dict[str, dict[str, dict[str, float]]]:
     return out
 
 
-def table(summary: dict, fmt: str = "text") -> str:
-    """A plain-text (or reStructuredText list-table body) table of the summary."""
-    header = ["method", *(_SHORT[m] for m in METRICS), "train s"]
+def table(summary: dict, fmt: str = "text", seconds: bool = True) -> str:
+    """A plain-text (or reStructuredText list-table) table of the summary."""
+    header = ["method", *(_SHORT[m] for m in METRICS)] + (["train s"] if seconds else [])
     rows = []
     for name, stats in summary.items():
         cells = [name]
         for metric in METRICS:
             s = stats[metric]
             cells.append(f"{s['mean']:.4f}" + (f" ± {s['std']:.4f}" if s["n"] > 1 else ""))
-        cells.append(f"{stats['train_seconds']['mean']:.0f}")
+        if seconds:
+            cells.append(f"{stats['train_seconds']['mean']:.0f}")
         rows.append(cells)
     if fmt == "rst":
         lines = [".. list-table::", "   :header-rows: 1", ""]

@@ -9,7 +9,7 @@ words each digit with one of three synonyms, drawn at random per canvas.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -52,24 +52,38 @@ def attach_texts(canvases: Canvases, seed: int) -> None:
     canvases.labels = {name: batch[name].labels for name in GRANULARITIES}
 
 
-def zero_shot_classifier(encode_fn: Callable[[list[str]], Tensor]) -> mgll.ZeroShotClassifier:
+def zero_shot_classifier(
+    encode_fn: Callable[[list[str]], Tensor], trained: Sequence[str] = GRANULARITIES
+) -> mgll.ZeroShotClassifier:
     """Class prototypes from the prompts a one-digit canvas is described with in training.
 
     Zero-shot prompts must use the words the text tower was trained on (SPEC 10): for digit c,
-    ``"digits c"`` and ``"a picture of <synonym of c>"`` for each of its three synonyms.  The
-    summary granularity names no digit and gives no prompt.  Scores are plain cosines (the
-    AUROC is the same under the monotone sigmoid of a learned scale and bias).
+    ``"digits c"`` when ``digits`` was trained on, and ``"a picture of <synonym of c>"`` for
+    each of its three synonyms when ``description`` was.  The summary granularity names no
+    digit and gives no prompt.  Scores are plain cosines (the AUROC is the same under the
+    monotone sigmoid of a learned scale and bias).
+
+    Raises:
+        ValueError: ``trained`` holds neither ``digits`` nor ``description``.
     """
-    digits, _, description = granularities()
     return mgll.ZeroShotClassifier.from_prompts(
-        encode_fn, CLASSES, granularities=[digits, description]
+        encode_fn, CLASSES, granularities=_prompt_granularities(trained)
     )
 
 
-def class_prompts() -> dict[int, list[str]]:
+def class_prompts(trained: Sequence[str] = GRANULARITIES) -> dict[int, list[str]]:
     """The prompts of every class, as the zero-shot classifier uses them."""
-    digits, _, description = granularities()
-    return {c: digits.prompts(c) + description.prompts(c) for c in CLASSES}
+    grans = _prompt_granularities(trained)
+    return {c: [p for g in grans for p in g.prompts(c)] for c in CLASSES}
+
+
+def _prompt_granularities(trained: Sequence[str]) -> list[mgll.Granularity]:
+    grans = [g for g in granularities() if g.name in trained and g.name != "summary"]
+    if not grans:
+        raise ValueError(
+            f"`trained` must include 'digits' or 'description' to word zero-shot prompts, got {tuple(trained)}"
+        )
+    return grans
 
 
 @torch.no_grad()

@@ -140,6 +140,47 @@ ABLATION = (
     ),
 )
 EXTRA = (
+    Method(
+        "mgll_coarse_summary",
+        "mgll",
+        G3,
+        {"smooth_kl_support": "coarse", "smooth_kl_reference": 1},
+        description="MGLL G=3, smooth KL pooled by the summary groups (smooth_kl_reference=1)",
+    ),
+    Method(
+        "mgll_g2_coarse_summary",
+        "mgll",
+        G2,
+        {"smooth_kl_support": "coarse", "smooth_kl_reference": 1},
+        description="MGLL, digits + summary, smooth KL pooled by the summary groups",
+    ),
+    Method(
+        "mgll_g2_desc",
+        "mgll",
+        ("digits", "description"),
+        description="MGLL, digits + description (two views of the digit set), sample-level smooth KL",
+    ),
+    Method(
+        "mgll_g2_desc_no_kl",
+        "mgll",
+        ("digits", "description"),
+        {"smooth_kl_weight": 0.0},
+        description="MGLL, digits + description, no smooth KL",
+    ),
+    Method(
+        "mgll_g2_desc_coarse",
+        "mgll",
+        ("digits", "description"),
+        {"smooth_kl_support": "coarse"},
+        description="MGLL, digits + description, coarse-partition smooth KL",
+    ),
+    Method(
+        "mgll_g2_no_kl",
+        "mgll",
+        G2,
+        {"smooth_kl_weight": 0.0},
+        description="MGLL, digits + summary, no smooth KL",
+    ),
     Method("clip_g1", "clip", G1, description="standard CLIP on the digits text only"),
     Method(
         "mgll_exact",
