@@ -20,6 +20,7 @@ of C, :math:`m^r, m^c` their anchor indicators, and the weights
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -167,7 +168,8 @@ class GroupView:
     col_inv: Tensor | None  # (G', 1, k) w_col / column sum of C (soft CLIP, column side)
     col_mass: Tensor | None  # (G', 1, k)
     w_pw: Tensor | None  # (G', 1, 1) pointwise weight, None when the block has no pointwise part
-    y_coef: Tensor | None  # Y = C * y_coef ((G', n, 1) or (G', 1, 1)); None: Y = 1[C > 0]
+    y_coef: Tensor | None  # w_pw Y = C * y_coef ((G', n, 1) or (G', 1, 1)); None: Y = 1[C > 0]
+    y_rows: Tensor | None  # soft targets: Y = C * y_rows (G', n, 1)
     ids: Tensor | None  # (G', N) stacked class ids when every C of the stack is paired ids
 
 
@@ -184,7 +186,7 @@ def group_view(plan: Plan, st: Stats, blk: Block, gs: list[int], dtype) -> Group
     def weights(values):
         return torch.stack([values[g] for g in gs]).reshape(-1, 1, 1)
 
-    v = GroupView(gs, cols, None, None, None, None, None, None, None)
+    v = GroupView(gs, cols, None, None, None, None, None, None, None, None)
     if plan.ce and blk.do_rows:
         v.row_inv = rowwise(st.row_inv) * weights(st.w_row)
         v.row_mass = rowwise(st.row_mass) * weights(st.w_row)
@@ -194,7 +196,8 @@ def group_view(plan: Plan, st: Stats, blk: Block, gs: list[int], dtype) -> Group
     if plan.pw and blk.do_rows:
         v.w_pw = weights(st.w_pw)
         if st.soft_target:
-            v.y_coef = rowwise(st.row_inv) * v.w_pw
+            v.y_rows = rowwise(st.row_inv)
+            v.y_coef = v.y_rows * v.w_pw
         elif all(p.cooc[g].paired for g in gs):  # C is 0/1: binary targets are C itself
             v.y_coef = v.w_pw
     if all(p.cooc[g].kind == "ids" for g in gs):
@@ -246,8 +249,6 @@ def tile_terms(z, c, v: GroupView, rs: slice, cs: slice, bias, prob, clse, want_
             ce = ce - (row_inv * row_sums).sum()
         if col_inv is not None:
             ce = ce - (col_inv * cz.sum(1, keepdim=True)).sum()
-        if y_coef is not None:
-            pw = pw - (y_coef * row_sums).sum()
     dz = None
     if want_grad:
         dz = torch.zeros_like(z)
@@ -259,57 +260,68 @@ def tile_terms(z, c, v: GroupView, rs: slice, cs: slice, bias, prob, clse, want_
         if col_mass is not None:
             dz.addcmul_(torch.sub(z, clse).exp_(), col_mass)
     if v.w_pw is not None:
-        if y_coef is not None:  # sum of the weighted targets
-            wy = (y_coef * c.sum(-1, keepdim=True)).sum()
-        else:  # binary targets of a weighted C
+        # each term softplus(x) - y x = relu(x) - y x + log(1 + e^-|x|) is computed elementwise,
+        # so a decided pair gives a small non-negative number, not the rounding of two sums
+        if v.y_rows is not None:
+            y = c * v.y_rows[:, rs]
+        elif y_coef is not None:
+            y = c  # paired 0/1 co-occurrence: binary targets are C
+        else:
             y = (c > 0).to(z.dtype)
-            pw = pw - (v.w_pw * (y * z).sum((1, 2), keepdim=True)).sum()
-            wy = (v.w_pw * y.sum((1, 2), keepdim=True)).sum()
             if want_grad:
                 dz.addcmul_(y, v.w_pw, value=-1)
-        sums, sig = softplus(z, bias, want_grad)
-        pw = pw + (v.w_pw.flatten() * sums).sum()
-        if bias is not None:
-            pw = pw - wy * bias
+        x, log_sums, sig = softplus(z, bias, want_grad)
+        hinge = x.clamp_min(0).sub_(y * x).sum((1, 2))
+        pw = pw + (v.w_pw.flatten() * (hinge + log_sums)).sum()
         if want_grad:
             dz.addcmul_(sig, v.w_pw)
-            db = (v.w_pw.flatten() * sig.sum((1, 2))).sum() - wy
+            db = (v.w_pw * (sig.sum((1, 2), keepdim=True) - y.sum((1, 2), keepdim=True))).sum()
     return ce, pw, dz, db
 
 
 def softplus(z: Tensor, bias: Tensor | None, want_grad: bool):
-    r"""Per-granularity sums of softplus(z + b) and, with ``want_grad``, sigmoid(z + b).
+    r"""x = z + b, the per-granularity sums of :math:`\log(1 + e^{-|x|})`, and sigmoid(x).
 
-    :math:`\mathrm{softplus}(x) = \tfrac12(x + |x|) + \log(1 + e^{-|x|})`, with
-    :math:`\log(1+e)` computed as :math:`\log u + (e - (u - 1))/u`, :math:`u = 1 + e`: exact
-    to a few ulp, and only ``exp`` and ``log`` (``log1p`` and ``softplus`` are scalar loops on
-    some CPUs).
+    :math:`\mathrm{softplus}(x) = \max(x, 0) + \log(1 + e^{-|x|})`, with :math:`\log(1+e)`
+    computed as :math:`\log u + (e - (u - 1))/u`, :math:`u = 1 + e`: exact to a few ulp, and
+    only ``exp`` and ``log`` (``log1p`` and ``softplus`` are scalar loops on some CPUs).
     """
     x = z if bias is None else z + bias
-    ax = x.abs()
-    e = ax.neg().exp_()
+    e = x.abs().neg_().exp_()
     u = e + 1
     delta = e.sub_(u - 1).div_(u)
-    sums = 0.5 * (x.sum((1, 2)) + ax.sum((1, 2))) + u.log_().sum((1, 2)) + delta.sum((1, 2))
-    return sums, (torch.sigmoid(x) if want_grad else None)
+    sums = u.log_().sum((1, 2)) + delta.sum((1, 2))
+    return x, sums, (torch.sigmoid(x) if want_grad else None)
 
 
 # ------------------------------------------------------------------------------ smooth KL
 
 
-def kl_identity(z: Tensor, p: Tensor, rlse: Tensor, want_grad: bool):
-    """Paired smooth KL over the samples in log space: value per granularity and dL/dZ.
+def kl_identity_terms(z: Tensor, rlse: Tensor) -> tuple[Tensor, Tensor]:
+    """:math:`a = Q(\\log Q - \\log M)` and Q for a (G, r, k) tile of the paired sample support.
 
-    Shape: z, p (G, r, N) (p the row softmax), rlse (G, r, 1).
+    In log space as SPEC 2.3 asks: :math:`\\log Q = Z - \\mathrm{lse}` and
+    :math:`\\log M = \\mathrm{logsumexp}_g \\log Q^g - \\log G`; a probability that
+    underflows gives exactly 0.
     """
     lq = z - rlse
-    mean = p.mean(0)
-    lm = mean.clamp_min_(torch.finfo(p.dtype).tiny).log_()
-    a = lq.sub_(lm).mul_(p)  # q (log q - log m); 0 where q underflows
+    lm = torch.logsumexp(lq, 0) - math.log(lq.shape[0])
+    q = lq.exp()
+    return lq.sub_(lm).mul_(q), q
+
+
+def kl_identity(z: Tensor, rlse: Tensor, want_grad: bool):
+    """Paired smooth KL over the samples for full rows: the value and dL/dZ.
+
+    Each row's :math:`\\sum_g \\mathrm{KL}(Q^g_i \\| M_i) \\ge 0` is clamped at 0 against rounding.
+    Shape: z (G, r, N), rlse (G, r, 1).
+    """
+    a, q = kl_identity_terms(z, rlse)
     rows = a.sum(-1, keepdim=True)  # KL(Q^g_i || M_i)
+    value = rows.sum(0).clamp_min(0).sum()
     if not want_grad:
-        return rows.sum((1, 2)), None
-    return rows.sum((1, 2)), a.sub_(p * rows)
+        return value, None
+    return value, a.addcmul_(q, rows, value=-1)
 
 
 def kl_general_rows(probs: list[Tensor], maps: list[Tensor | None], part: list[bool]):

@@ -163,8 +163,8 @@ def _smooth_kl(plan, st: bm.Stats, blk, zs, rs, parts, want_grad, values):
     p = plan.problem
     if st.kl_identity:  # paired samples: one stack holding every granularity
         dz, prob, rlse = parts[0]
-        sums, grad = bm.kl_identity(zs[0][:, rs], prob, rlse, want_grad)
-        values[2] += sums.sum() * st.w_kl
+        value, grad = bm.kl_identity(zs[0][:, rs], rlse, want_grad)
+        values[2] += value * st.w_kl
         if want_grad:
             dz.add_(grad.mul_(st.w_kl))
         return

@@ -161,17 +161,10 @@ def _kl_forward(plan, st: bm.Stats, tiles: _Tiles, rsl, rlse, kl_rows) -> Tensor
     if st.kl_identity:  # paired samples: one stack, all G granularities on the same samples
         for local, _ in tiles.col_tiles(0):
             z = tiles.logits(rsl, 0, local)
-            a = _kl_identity_terms(z, rlse[0][:, rsl])[0]
+            a = bm.kl_identity_terms(z, rlse[0][:, rsl])[0]
             kl_rows[:, rsl] += a.sum(-1, keepdim=True)
-        return kl_rows[:, rsl].sum()
+        return kl_rows[:, rsl].sum(0).clamp_min(0).sum()  # each row's KL >= 0, up to rounding
     return _pooled(plan, st, tiles, rsl, rlse)[0]
-
-
-def _kl_identity_terms(z: Tensor, rlse: Tensor):
-    lq = z - rlse
-    q = lq.exp()
-    lm = q.mean(0).clamp_min_(torch.finfo(q.dtype).tiny).log_()
-    return lq.sub_(lm).mul_(q), q
 
 
 def _pooled(plan, st: bm.Stats, tiles: _Tiles, rsl, rlse):
@@ -244,7 +237,7 @@ def _tile_grad(plan, st: bm.Stats, blk, v, z, rsl, local, rows, cols, bias, lse,
     _, _, dz, dbias = bm.tile_terms(z, c, v, rsl, local, bias, prob, lse[1], True)
     if plan.kl and blk.do_rows:
         if st.kl_identity:
-            a, q = _kl_identity_terms(z, lse[0])
+            a, q = bm.kl_identity_terms(z, lse[0])
             dz.add_(a.addcmul_(q, kl_rows, value=-1).mul_(st.w_kl))
         else:
             for i, g in enumerate(v.gs):
