@@ -20,7 +20,6 @@ of C, :math:`m^r, m^c` their anchor indicators, and the weights
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -297,26 +296,26 @@ def softplus(z: Tensor, bias: Tensor | None, want_grad: bool):
 # ------------------------------------------------------------------------------ smooth KL
 
 
-def kl_identity_terms(z: Tensor, rlse: Tensor) -> tuple[Tensor, Tensor]:
+def kl_identity_terms(z: Tensor, rlse: Tensor, q: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """:math:`a = Q(\\log Q - \\log M)` and Q for a (G, r, k) tile of the paired sample support.
 
-    In log space as SPEC 2.3 asks: :math:`\\log Q = Z - \\mathrm{lse}` and
-    :math:`\\log M = \\mathrm{logsumexp}_g \\log Q^g - \\log G`; a probability that
-    underflows gives exactly 0.
+    :math:`\\log Q = Z - \\mathrm{lse}` and :math:`\\log M = \\log \\tfrac1G \\sum_g Q^g`, floored
+    at the smallest positive float: where every :math:`Q^g` underflows, a is exactly 0 (never
+    :math:`0 \\cdot \\infty`).  ``q`` may pass the row softmax when it is already computed.
     """
     lq = z - rlse
-    lm = torch.logsumexp(lq, 0) - math.log(lq.shape[0])
-    q = lq.exp()
+    q = lq.exp() if q is None else q
+    lm = q.mean(0).clamp_min_(torch.finfo(q.dtype).tiny).log_()
     return lq.sub_(lm).mul_(q), q
 
 
-def kl_identity(z: Tensor, rlse: Tensor, want_grad: bool):
+def kl_identity(z: Tensor, rlse: Tensor, q: Tensor, want_grad: bool):
     """Paired smooth KL over the samples for full rows: the value and dL/dZ.
 
     Each row's :math:`\\sum_g \\mathrm{KL}(Q^g_i \\| M_i) \\ge 0` is clamped at 0 against rounding.
-    Shape: z (G, r, N), rlse (G, r, 1).
+    Shape: z, q (G, r, N) (q the row softmax), rlse (G, r, 1).
     """
-    a, q = kl_identity_terms(z, rlse)
+    a, q = kl_identity_terms(z, rlse, q)
     rows = a.sum(-1, keepdim=True)  # KL(Q^g_i || M_i)
     value = rows.sum(0).clamp_min(0).sum()
     if not want_grad:

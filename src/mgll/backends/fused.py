@@ -163,7 +163,7 @@ def _smooth_kl(plan, st: bm.Stats, blk, zs, rs, parts, want_grad, values):
     p = plan.problem
     if st.kl_identity:  # paired samples: one stack holding every granularity
         dz, prob, rlse = parts[0]
-        value, grad = bm.kl_identity(zs[0][:, rs], rlse, want_grad)
+        value, grad = bm.kl_identity(zs[0][:, rs], rlse, prob, want_grad)
         values[2] += value * st.w_kl
         if want_grad:
             dz.add_(grad.mul_(st.w_kl))
