@@ -5,13 +5,15 @@ a test pool; every canvas is a 2 x 2 grid holding one to four digits of distinct
 carries a *set* of labels.  A canvas is described at three granularities (paired mode, one text
 per canvas and granularity):
 
-==============  =========================================  ==============================
-granularity     example text                               labels passed to ``MGLLLoss``
-==============  =========================================  ==============================
-``digits``      ``"digits 3 and 7"``                       (N, 10) multi-hot digit set
-``summary``     ``"two digits, all odd"``                  (N,) ids of the summary text
-``description`` ``"a handwritten three and seven"``        (N, 10) multi-hot digit set
-==============  =========================================  ==============================
+===============  =============================================  =============================
+granularity      example text                                   labels passed to ``MGLLLoss``
+===============  =============================================  =============================
+``digits``       ``"digits 3 and 7"``                           (N, 10) multi-hot digit set
+``summary``      ``"two digits, all odd"``                      (N,) ids of the summary text
+``description``  ``"a picture of three and the number seven"``  (N, 10) multi-hot digit set
+===============  =============================================  =============================
+
+The texts and labels are built with :mod:`mgll.text` in :mod:`mgll_demo.texts`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ DIGIT_SIZE = 14  # each 28 x 28 MNIST digit is average-pooled to 14 x 14
 CANVAS_SIZE = 2 * DIGIT_SIZE
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 COUNT_WORDS = ("one", "two", "three", "four")
-DESCRIPTION_TEMPLATES = ("a handwritten {}", "a picture of {}", "an image showing {}")
 GRANULARITIES = ("digits", "summary", "description")
 
 
