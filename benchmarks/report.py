@@ -73,7 +73,10 @@ def fits(records: list[dict], meta: dict) -> list[dict]:
                         ns = sorted({r["n"] for r in pts})
                         pts = [r for r in pts if len(ns) < 3 or r["n"] >= ns[1]]
                     xs = [r[var] for r in pts]
-                    row[f"time_vs_{var}"] = slope(xs, [r["time_s"] for r in pts])
+                    timed = [r for r in pts if not r.get("mem_only")]  # single cold calls out
+                    row[f"time_vs_{var}"] = slope(
+                        [r[var] for r in timed], [r["time_s"] for r in timed]
+                    )
                     row[f"mem_vs_{var}"] = slope(xs, [r["mem_bytes"] for r in pts])
                     row[f"{var}_range"] = [min(xs), max(xs)] if xs else None
                 out.append(row)
@@ -108,9 +111,8 @@ def budget(records: list[dict], meta: dict, budget_gb: float | None) -> list[dic
             k = slope([r["n"] for r in good], [r["mem_bytes"] for r in good])
             if budget_gb and good and k and k > 0 and row["first_oom_n"] is None:
                 last = max(good, key=lambda r: r["n"])
-                row["extrapolated_n"] = int(
-                    last["n"] * (budget_gb * 1e9 / last["mem_bytes"]) ** (1 / k)
-                )
+                est = int(last["n"] * (budget_gb * 1e9 / last["mem_bytes"]) ** (1 / k))
+                row["extrapolated_n"] = est if est <= 4 * last["n"] else f"> {4 * last['n']}"
             out.append(row)
     return out
 
@@ -188,6 +190,11 @@ def _mib(r: dict | None) -> str:
     if r["status"] != "ok":
         return {"oom": "OOM", "skipped": "–", "error": "error"}[r["status"]]
     return f"{r['mem_bytes'] / 2**20:.4g}"
+
+
+def _extra(x) -> str:
+    """An extrapolated N: '~6701', or the cap when the fit would reach past 4x the data."""
+    return "" if x is None else x if isinstance(x, str) else f"~{x}"
 
 
 def _f(x: float | None, fmt: str = "{:.2f}") -> str:
@@ -305,7 +312,7 @@ def markdown(meta: dict, records: list[dict], summary: dict) -> str:
         lines.append(
             f"| {r['provider']} | {r['dtype']} | {_f(r['largest_ok_n'], '{}')} | "
             f"{_f(r['first_oom_n'], '{}')} | {_f(r['mem_at_largest'] and r['mem_at_largest'] / 2**20, '{:.4g}')} | "
-            f"{_f(r.get('extrapolated_n'), '~{}')} |"
+            f"{_extra(r.get('extrapolated_n'))} |"
         )
     lines += [
         "",
@@ -370,6 +377,12 @@ def _rst_inline(text: str) -> str:
     )
 
 
+def rewrite(out: Path) -> None:
+    """Recompute the summaries, CSV and tables of a finished run from its ``results.json``."""
+    data = json.loads((out / "results.json").read_text())
+    write_all(out, data["meta"], data["records"], data["meta"]["settings"]["budget_gb"])
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -377,6 +390,9 @@ if __name__ == "__main__":
     p.add_argument("results", type=Path, help="directory holding results.md and the PNGs")
     p.add_argument("--title", required=True)
     p.add_argument("--images", default="", help="prefix of the image paths in the rst")
+    p.add_argument("--rewrite", action="store_true", help="first redo results.md/csv from json")
     a = p.parse_args()
+    if a.rewrite:
+        rewrite(a.results)
     pngs = sorted(x.name for x in a.results.glob("*.png"))
     print(to_rst((a.results / "results.md").read_text(), [a.images + x for x in pngs], a.title))
