@@ -29,71 +29,26 @@ sys.path.insert(0, str(HERE))
 
 import report  # noqa: E402
 
+# fmt: off
 PRESETS = {
     # n: the N sweep (at g0, d0); g / d: the G and D sweeps at mid_n
-    "quick": dict(
-        n=[64, 128],
-        g=[1, 2],
-        d=[16, 32],
-        g0=2,
-        d0=32,
-        mid_n=64,
-        dtypes=["fp32"],
-        compile_n=[],
-        min_time=0.005,
-        max_call_s=10.0,
-        time_budget_s=40.0,
-        budget_gb=None,
-        in_process=True,
-        threads=1,
-    ),
-    "cpu": dict(
-        n=[512, 1024, 2048, 4096, 8192, 16384],
-        g=[1, 2, 3],
-        d=[256, 512, 768],
-        g0=2,
-        d0=512,
-        mid_n=1024,
-        dtypes=["fp32"],
-        compile_n=[1024],
-        min_time=0.5,
-        max_call_s=6.0,
-        max_mem_call_s=40.0,
-        time_budget_s=780.0,
-        budget_gb=4.0,
-        in_process=False,
-        threads=1,
-    ),
-    "gpu": dict(
-        n=[1024, 2048, 4096, 8192, 16384, 32768, 65536],
-        g=[1, 2, 3],
-        d=[256, 512, 768],
-        g0=2,
-        d0=512,
-        mid_n=16384,
-        dtypes=["fp32", "bf16"],
-        compile_n=[16384],
-        min_time=0.1,
-        max_call_s=5.0,
-        time_budget_s=420.0,
-        budget_gb=None,
-        in_process=True,
-        threads=None,
-    ),
+    "quick": dict(n=[64, 128], g=[1, 2], d=[16, 32], g0=2, d0=32, mid_n=64, dtypes=["fp32"],
+                  compile_n=[], min_time=0.005, max_call_s=10.0, time_budget_s=40.0,
+                  budget_gb=None, in_process=True, threads=1),
+    "cpu": dict(n=[512, 1024, 2048, 4096, 8192, 16384], g=[1, 2, 3], d=[256, 512, 768], g0=2,
+                d0=512, mid_n=1024, dtypes=["fp32"], compile_n=[1024], min_time=0.5,
+                max_call_s=6.0, max_mem_call_s=40.0, time_budget_s=780.0, budget_gb=4.0,
+                in_process=False, threads=1),
+    "gpu": dict(n=[1024, 2048, 4096, 8192, 16384, 32768, 65536], g=[1, 2, 3], d=[256, 512, 768],
+                g0=2, d0=512, mid_n=16384, dtypes=["fp32", "bf16"], compile_n=[16384],
+                min_time=0.1, max_call_s=5.0, time_budget_s=420.0, budget_gb=None,
+                in_process=True, threads=None),
 }
 #: ``--dry-run``: the GPU preset's plan, shrunk 32x in N and run on the CPU in-process.
-DRY_RUN = dict(
-    n=[32, 64, 128, 256],
-    mid_n=128,
-    d=[16, 32, 48],
-    d0=32,
-    compile_n=[64],
-    dtypes=["fp32", "bf16"],
-    min_time=0.01,
-    max_call_s=5.0,
-    time_budget_s=240.0,
-    threads=1,
-)
+DRY_RUN = dict(n=[32, 64, 128, 256], mid_n=128, d=[16, 32, 48], d0=32, compile_n=[64],
+               dtypes=["fp32", "bf16"], min_time=0.01, max_call_s=5.0, time_budget_s=240.0,
+               threads=1)
+# fmt: on
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
