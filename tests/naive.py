@@ -140,13 +140,15 @@ def mgll(
             candidates = [groups_from_labels(lab) for lab in labels]
         else:
             candidates = [c[:, c.sum(0) > 0] for c in cs]
-        groups = (
-            candidates[reference]
-            if reference is not None
-            else min(candidates, key=lambda s: s.shape[1])
-        )
+        groups = candidates[reference] if reference is not None else min(candidates, key=coarseness)
     kl = smooth_kl(zs, owners, groups)
     return weights[0] * sc + weights[1] * pw + weights[2] * kl
+
+
+def coarseness(s: Tensor) -> tuple[int, int]:
+    """Distinct groups of labelled samples (equal normalised rows of S), then columns J."""
+    sets = {tuple((row / row.sum()).tolist()) for row in s if row.sum() > 0}
+    return len(sets), s.shape[1]
 
 
 def clip(z: Tensor) -> Tensor:

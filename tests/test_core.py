@@ -392,3 +392,20 @@ def test_public_names_import():
     for name in mgll.__all__:
         assert getattr(mgll, name) is not None, name
     assert "reference" in mgll.available_backends()
+
+
+def test_coarse_default_reference_is_the_coarsest_partition():
+    # Multi-hot "digits present" has 4 labels but 5 distinct label sets; the parity ids have 2
+    # groups. The default pools by parity, the granularity with the fewest distinct groups.
+    digits = torch.tensor(
+        [[1, 0, 0, 0], [0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 0], [1, 0, 0, 0]]
+    )
+    parity = torch.tensor([0, 1, 0, 1, 0, 0])
+    image, texts = _features(6, [6, 6])
+    scale = torch.tensor(4.0, dtype=F64)
+    kw = dict(smooth_kl_support="coarse", output_dict=True)
+    default = mgll_loss(image, texts, scale, labels=[digits, parity], **kw)["smooth_kl_loss"]
+    by_parity = mgll_loss(image, texts, scale, labels=[digits, parity], smooth_kl_reference=1, **kw)
+    by_digits = mgll_loss(image, texts, scale, labels=[digits, parity], smooth_kl_reference=0, **kw)
+    torch.testing.assert_close(default, by_parity["smooth_kl_loss"], rtol=0, atol=0)
+    assert not torch.allclose(default, by_digits["smooth_kl_loss"])

@@ -23,7 +23,7 @@ class LossConfig:
     granularity_weights: tuple[float, ...] | None = None
     pointwise_target: str = "binary"
     pointwise_norm: str = "pairs"
-    smooth_kl_support: str = "samples"
+    smooth_kl_support: str = "coarse"
     smooth_kl_reference: int | None = None
 
     def lam(self, g: int) -> float:
@@ -102,11 +102,24 @@ def smooth_kl_maps(
 def reference_groups(
     cooc: Sequence[CoOccurrence], reference: int | None, dtype: torch.dtype = torch.float32
 ) -> Tensor:
-    """S for the coarse support: the given granularity's, or the one with the fewest groups."""
+    """S for the coarse support: the given granularity's, or the coarsest one in the batch.
+
+    Coarsest: the fewest distinct groups of samples, where samples with equal rows of S (the
+    same id, the same label set) form one group.  Counting label *sets* rather than labels keeps
+    a multi-hot granularity with few labels but many combinations (digits present) from
+    outranking a true coarse partition (their count and parity).  Ties: fewer columns J, then
+    the first such granularity.
+    """
     if reference is not None:
         return sample_groups(cooc[reference], dtype)
     candidates = [sample_groups(c, dtype) for c in cooc]
-    return min(candidates, key=lambda s: s.shape[1])  # ties: the first such granularity
+    return min(candidates, key=lambda s: (_distinct_groups(s), s.shape[1]))
+
+
+def _distinct_groups(groups: Tensor) -> int:
+    """Distinct non-zero rows of S (samples without a label form no group)."""
+    labelled = groups[groups.sum(1) > 0]
+    return int(torch.unique(labelled, dim=0).shape[0]) if labelled.numel() else 0
 
 
 def build_problem(

@@ -169,7 +169,7 @@ def mgll_loss(
     granularity_weights: Sequence[float] | None = None,
     pointwise_target: str = "binary",
     pointwise_norm: str = "pairs",
-    smooth_kl_support: str = "samples",
+    smooth_kl_support: str = "coarse",
     smooth_kl_reference: int | None = None,
     normalize: bool = True,
     backend: str = "auto",
