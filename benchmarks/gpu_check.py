@@ -149,7 +149,9 @@ def provider(name: str, inputs):
     leaves = [image, *texts, scale]
 
     def public():
-        loss = mgll.functional.mgll_loss(image, texts, scale, labels=labels, backend=name)
+        loss = mgll.functional.mgll_loss(
+            image, texts, scale, labels=labels, smooth_kl_support="samples", backend=name
+        )
         return loss.detach(), torch.autograd.grad(loss, leaves)
 
     def bf16_operands():

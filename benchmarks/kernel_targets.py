@@ -67,7 +67,9 @@ def step(provider: str, image, texts, scale, labels) -> None:
     if provider == "naive":
         loss = naive_mgll_loss(image, texts, scale, labels)
     else:
-        loss = mgll.mgll_loss(image, texts, scale, labels=labels, backend=provider)
+        loss = mgll.mgll_loss(  # sample-level smooth KL, as the naive composition computes
+            image, texts, scale, labels=labels, smooth_kl_support="samples", backend=provider
+        )
     torch.autograd.grad(loss, leaves)
 
 

@@ -147,7 +147,10 @@ def _loss_fn(base: str) -> Callable[..., Tensor]:
             raise Skip(f"mgll backend {backend!r} is not available in this installation")
 
         def mgll_loss(image, texts, scale, labels):
-            return mgll.mgll_loss(image, texts, scale, labels=labels, backend=backend)
+            # The paper's sample-level smooth KL: the same math as the naive composition.
+            return mgll.mgll_loss(
+                image, texts, scale, labels=labels, smooth_kl_support="samples", backend=backend
+            )
 
         return mgll_loss
     raise ValueError(f"unknown provider {base!r}")

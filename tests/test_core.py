@@ -409,3 +409,12 @@ def test_coarse_default_reference_is_the_coarsest_partition():
     by_digits = mgll_loss(image, texts, scale, labels=[digits, parity], smooth_kl_reference=0, **kw)
     torch.testing.assert_close(default, by_parity["smooth_kl_loss"], rtol=0, atol=0)
     assert not torch.allclose(default, by_digits["smooth_kl_loss"])
+
+
+def test_autocast_keeps_bank_smooth_kl_maps_in_float32():
+    image, texts = _features(6, [4, 5], d=8, dtype=torch.float32)
+    targets = [t.float() for t in _bank_targets(6, [4, 5])]
+    eager = mgll_loss(image, texts, torch.tensor(10.0), targets=targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = mgll_loss(image, texts, torch.tensor(10.0), targets=targets)
+    torch.testing.assert_close(cast, eager, rtol=1e-6, atol=1e-6)

@@ -137,15 +137,17 @@ def build_problem(
         x = x.to(dtype)
         return F.normalize(x, dim=-1) if normalize else x
 
-    return Problem(
-        image=prepare(image_features),
-        texts=[prepare(t) for t in text_features],
-        scale=logit_scale.to(dtype).reshape(()),
-        bias=None if logit_bias is None else logit_bias.to(dtype).reshape(()),
-        cooc=list(cooc),
-        kl_maps=(
-            smooth_kl_maps(cooc, config, dtype)
-            if config.smooth_kl_weight != 0
-            else [None] * len(cooc)
-        ),
-    )
+    # Everything is prepared in the compute dtype: autocast must not turn R^g S into bf16.
+    with torch.autocast(image_features.device.type, enabled=False):
+        return Problem(
+            image=prepare(image_features),
+            texts=[prepare(t) for t in text_features],
+            scale=logit_scale.to(dtype).reshape(()),
+            bias=None if logit_bias is None else logit_bias.to(dtype).reshape(()),
+            cooc=list(cooc),
+            kl_maps=(
+                smooth_kl_maps(cooc, config, dtype)
+                if config.smooth_kl_weight != 0
+                else [None] * len(cooc)
+            ),
+        )
