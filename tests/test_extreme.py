@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 
 import mgll
+from backends_under_test import CPU_BACKENDS
 from mgll.functional import smooth_kl_loss
 
-BACKENDS = [b for b in mgll.available_backends() if b != "auto"]
+BACKENDS = CPU_BACKENDS  # triton takes CPU tensors only in its interpreter
 N, D = 12, 16
 IDS = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 4, 5, 5, 5])
 
