@@ -114,6 +114,7 @@ def main() -> None:
         value = global_loss(loss)  # the loss of the global batch (mean over ranks; a collective)
         if rank == 0 and (step % 5 == 0 or step == args.steps - 1):
             print(f"step {step:3d}  loss {value.item():.4f}  logit scale {scale.item():.2f}")
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 
