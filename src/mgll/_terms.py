@@ -30,6 +30,13 @@ def soft_ce_rows(logits: Tensor, cooc: Tensor) -> Tensor:
     return -(weights * torch.log_softmax(logits, dim=1)).sum()
 
 
+def pointwise_targets(cooc: Tensor, target: str) -> Tensor:
+    """Y of the pointwise term: ``"binary"`` 1[C > 0], or ``"soft"`` C normalised per row."""
+    if target == "binary":
+        return (cooc > 0).to(cooc.dtype)
+    return safe_divide(cooc, cooc.sum(1, keepdim=True))  # as the authors' code does
+
+
 def pointwise_rows(logits: Tensor, targets: Tensor) -> Tensor:
     """sum_ik -[Y log s(Z) + (1 - Y) log s(-Z)] = sum_ik softplus(Z) - Y Z  (stable form).
 

@@ -21,7 +21,7 @@ from mgll._problem import (
     compute_dtype,
     cooccurrence_from_labels,
 )
-from mgll._terms import pointwise_rows, safe_divide, smooth_kl_rows, soft_ce_rows
+from mgll._terms import pointwise_rows, pointwise_targets, smooth_kl_rows, soft_ce_rows
 from mgll.backends import resolve_backend
 
 __all__ = ["mgll_loss", "pointwise_loss", "smooth_kl_loss", "soft_clip_loss"]
@@ -102,7 +102,7 @@ def pointwise_loss(
     z, c = _upcast(logits, targets)
     if logit_bias is not None:
         z = z + logit_bias.to(z.dtype).reshape(())
-    y = (c > 0).to(z.dtype) if target == "binary" else safe_divide(c, c.sum(1, keepdim=True))
+    y = pointwise_targets(c, target)
     denom = z.numel() if norm == "pairs" else z.shape[0]
     return (pointwise_rows(z, y) / denom).to(logits.dtype)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from mgll._problem import LossConfig, LossTerms, Problem
-from mgll._terms import pointwise_rows, safe_divide, smooth_kl_rows, soft_ce_rows
+from mgll._terms import pointwise_rows, pointwise_targets, smooth_kl_rows, soft_ce_rows
 
 
 def compute(problem: Problem, config: LossConfig) -> LossTerms:
@@ -24,7 +24,8 @@ def compute(problem: Problem, config: LossConfig) -> LossTerms:
         rows_c = cooc.block(problem.rows, slice(None), rows_z.dtype)
         row_logits.append(rows_z)
         if config.soft_clip_weight != 0:
-            cols_z = problem.scale * text[cols] @ problem.image.T  # (k_local, N): columns as rows
+            # (k_local, N): columns as rows; the same logits when this process owns everything
+            cols_z = rows_z.T if problem.is_full else problem.scale * text[cols] @ problem.image.T
             cols_c = cooc.block(slice(None), cols, rows_z.dtype).T
             n_rows, n_cols = cooc.anchor_counts()
             i2t = soft_ce_rows(rows_z, rows_c) / n_rows.clamp_min(1)
@@ -47,9 +48,5 @@ def _pointwise(
 ) -> Tensor:
     if problem.bias is not None:
         logits = logits + problem.bias
-    if config.pointwise_target == "binary":
-        targets = (cooc > 0).to(logits.dtype)
-    else:  # "soft": the row-normalised W^r, as the authors' code does
-        targets = safe_divide(cooc, cooc.sum(1, keepdim=True))
     norm = n * cooc.shape[1] if config.pointwise_norm == "pairs" else n
-    return pointwise_rows(logits, targets) / norm
+    return pointwise_rows(logits, pointwise_targets(cooc, config.pointwise_target)) / norm
