@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import io
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.utils.data import DataLoader
 
 import mgll
 from mgll.datasets import (
@@ -397,3 +401,41 @@ def test_soft_weights_expand_to_ancestors_with_the_largest_weight():
         builder.build([{"finding": {"Edema": 1.5}}])
     with pytest.raises(ValueError, match=r"label_format='ids'.* use 'soft'"):
         builder.build([{"finding": {"Edema": 0.5}}], label_format="ids")
+
+
+LABELS = st.sampled_from(["DR", "DME", "AMD", "glaucoma", "No Finding"])
+TEXT = st.text(st.sampled_from('ab ,"\n\u00e9'), max_size=12)
+
+
+@given(
+    st.lists(st.tuples(st.lists(LABELS, max_size=3), TEXT), min_size=1, max_size=6),
+    st.sampled_from(["\n", "\r\n"]),
+    st.booleans(),
+)
+def test_generic_reader_round_trips_whatever_csv_writes(rows, newline, bom):
+    """Quoted commas, quotes and line breaks inside fields survive; labels keep file order."""
+    out = io.StringIO(newline="")
+    writer = csv.writer(out, lineterminator=newline)
+    writer.writerow(["image", "labels", "note"])
+    for i, (labels, note) in enumerate(rows):
+        writer.writerow([f"{i}.png", "|".join(labels), note])
+    text = ("\ufeff" if bom else "") + out.getvalue()
+    path = io.StringIO(text, newline="")  # a decoded stream keeps the BOM: the reader drops it
+    got = list(read_label_table(
+        path, image="image", labels="labels", separator="|", null_labels=["No Finding"],
+        texts={"note": "note"},
+    ))  # fmt: skip
+    assert [a["image"] for a in got] == [f"{i}.png" for i in range(len(rows))]
+    for a, (labels, note) in zip(got, rows, strict=True):
+        assert a["labels"] == [x for x in dict.fromkeys(labels) if x != "No Finding"]
+        assert a["note"] == note.strip()
+
+
+def test_chexpert_soft_labels_through_dataloader_workers(tmp_path):
+    path = write(tmp_path, "train.csv", CHEXPERT_HEADER, chexpert_rows())
+    items = [(torch.zeros(2), a) for a in read_chexpert(path, uncertainty="U-Soft")]
+    collate = MultiGranularCollate(chexpert_builder(), label_format="soft")
+    loader = DataLoader(items, batch_size=3, num_workers=2, collate_fn=collate)
+    (_, batch) = next(iter(loader))
+    assert torch.equal(batch["finding"].labels, collate(items)[1]["finding"].labels)
+    assert sorted(set(batch["finding"].labels.flatten().tolist())) == [0.0, 0.5, 1.0]

@@ -64,14 +64,17 @@ class MultiGranularTextBuilder:
 
     * ``mode="paired"`` (K_g = N, text k belongs to sample k): ``labels``, (N,) class ids when
       every sample has exactly one label there, else an (N, C_g) bool multi-hot (a sample
-      without a label is an all-zero row: no positive);
+      without a label is an all-zero row: no positive), or float32 label probabilities in
+      [0, 1] when annotations give ``{label: weight}`` (see ``label_format``);
     * ``mode="bank"`` (one text per class: every class of ``classes`` when declared, else every
-      class present in the batch): ``targets``, the (N, K_g) float 0/1 co-occurrence.
+      class present in the batch): ``targets``, the (N, K_g) float co-occurrence (0/1, or a
+      label's weight).
 
     With a ``hierarchy`` a sample's label set is expanded with the ancestors of its labels
     before labels and targets are formed (a "moderate NPDR" image is also a "DR" image: a
     positive of the bank text "DR", and of a paired "severe NPDR" text through "DR"); the
-    texts show the annotated labels only.  One :class:`LabelHierarchy` applies to every
+    texts show the annotated labels only.  An ancestor takes the largest weight of its
+    descendants (an uncertain "Edema" at 0.5 makes "Lung Opacity" at least 0.5).  One :class:`LabelHierarchy` applies to every
     granularity, labels outside it having no ancestors; a mapping ``{name: hierarchy}`` applies
     per granularity and then every label there must be in its hierarchy.
 
