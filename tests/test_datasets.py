@@ -439,3 +439,31 @@ def test_chexpert_soft_labels_through_dataloader_workers(tmp_path):
     (_, batch) = next(iter(loader))
     assert torch.equal(batch["finding"].labels, collate(items)[1]["finding"].labels)
     assert sorted(set(batch["finding"].labels.flatten().tolist())) == [0.0, 0.5, 1.0]
+
+
+def test_datasets_import_nothing_from_the_loss_layers():
+    """Data files -> annotations -> texts and labels -> loss: the data layer never imports the loss."""
+    import ast
+    from pathlib import Path
+
+    forbidden = (
+        "mgll.loss",
+        "mgll.functional",
+        "mgll.backends",
+        "mgll.targets",
+        "mgll._terms",
+        "mgll._cooc",
+        "mgll._problem",
+        "mgll.zeroshot",
+        "mgll.distributed",
+    )
+    folder = Path(mgll.datasets.__file__).parent
+    for source in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            bad = [n for n in names if n.startswith(forbidden)]
+            assert not bad, f"{source.name} imports {bad}"
