@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 
+@lru_cache(maxsize=1024)
 def phrase(label: str) -> str:
     """``"Pleural_Thickening"`` -> ``"pleural thickening"``."""
     return label.replace("_", " ").lower()

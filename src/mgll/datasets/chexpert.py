@@ -77,6 +77,10 @@ CHEXPERT_CATEGORIES = tuple(
 )
 
 
+_TOP = {x: (CHEXPERT_HIERARCHY.ancestors(x) or (x,))[-1] for x in CHEXPERT_OBSERVATIONS}
+_ORDER = {x: j for j, x in enumerate(CHEXPERT_OBSERVATIONS)}
+
+
 def read_chexpert(
     path: Source,
     *,
@@ -144,11 +148,9 @@ def with_levels(annotation: dict[str, object]) -> dict[str, object]:
     category: dict[str, float] = {}
     weights = finding if isinstance(finding, Mapping) else dict.fromkeys(finding, 1.0)
     for x, w in weights.items():
-        chain = CHEXPERT_HIERARCHY.ancestors(x) if x in CHEXPERT_HIERARCHY else ()
-        top = chain[-1] if chain else x
+        top = _TOP.get(x, x)
         category[top] = max(category.get(top, 0.0), w)
-    ordered = {x: category[x] for x in CHEXPERT_OBSERVATIONS if x in category}
-    ordered.update({x: w for x, w in category.items() if x not in ordered})
+    ordered = dict(sorted(category.items(), key=lambda item: _ORDER.get(item[0], len(_ORDER))))
     return {
         **annotation,
         "category": ordered if isinstance(finding, Mapping) else list(ordered),

@@ -67,7 +67,11 @@ def apply_uncertainty(
         >>> apply_uncertainty({"No Finding": 1, "Edema": 0}, null_labels=["No Finding"])
         ([], [])
     """
-    policy = check_policy(policy, soft_weight)
+    return _resolve(values, check_policy(policy, soft_weight), soft_weight, null_labels)
+
+
+def _resolve(values, policy, soft_weight, null_labels) -> tuple:
+    """:func:`apply_uncertainty` for an already checked policy (once per row)."""
     kept = {k: v for k, v in values.items() if k not in null_labels}
     uncertain = [k for k, v in kept.items() if v == -1]
     if policy == "U-Soft":
@@ -204,7 +208,7 @@ def _annotations(
             labels, uncertain = [x for x in found if x not in null], []
         else:
             values = {c: _value(table, line, c, row[c]) for c in label_columns}
-            labels, uncertain = apply_uncertainty(values, policy, soft_weight, null)
+            labels, uncertain = _resolve(values, policy, soft_weight, null)
         out: dict[str, object] = {
             "image": os.path.join(root, ident) if root is not None else ident,
             label_key: labels,
