@@ -224,8 +224,19 @@ def test_chexpert_labels_reach_the_collate(tmp_path, policy, label_format, expec
     assert batch["description"].texts[2] == "A chest X-ray showing pneumonia."
 
 
-def test_soft_labels_of_zero_one_equal_bool_labels_in_the_loss(tmp_path):
-    """0/1 soft labels must train exactly like bool multi-hot (active once the loss takes them)."""
+def _loss_or_skip(loss_fn, image, features, batch):
+    try:
+        return loss_fn(image, features, torch.tensor(10.0), **batch.loss_kwargs())
+    except (TypeError, ValueError) as err:
+        if "dtype" in str(err):
+            pytest.skip(f"this build's loss does not take float labels yet: {err}")
+        raise
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused", "tiled"])
+@pytest.mark.parametrize("overlap", [None, "count", "jaccard"])
+def test_soft_labels_of_zero_one_equal_bool_labels_in_the_loss(tmp_path, backend, overlap):
+    """0/1 soft labels train exactly like bool multi-hot (active once the loss takes them)."""
     path = write(tmp_path, "train.csv", CHEXPERT_HEADER, chexpert_rows())
     items = [(torch.zeros(2), a) for a in read_chexpert(path, uncertainty="U-Ones")]
     _, hard = MultiGranularCollate(chexpert_builder())(items)
@@ -234,15 +245,31 @@ def test_soft_labels_of_zero_one_equal_bool_labels_in_the_loss(tmp_path):
         assert s.labels.dtype == torch.float32 and torch.equal(s.labels, h.labels.float())
     features = hard.encode(lambda s: torch.randn(len(s), 8, dtype=torch.float64))
     image = torch.randn(3, 8, dtype=torch.float64)
-    loss_fn = mgll.MGLLLoss()
-    want = loss_fn(image, features, torch.tensor(10.0), **hard.loss_kwargs())
     try:
-        got = loss_fn(image, features, torch.tensor(10.0), **soft.loss_kwargs())
-    except (TypeError, ValueError) as err:
-        if "dtype" in str(err):
-            pytest.skip(f"this build's loss does not take float labels yet: {err}")
-        raise
+        loss_fn = mgll.MGLLLoss(
+            backend=backend, **({} if overlap is None else {"overlap": overlap})
+        )
+    except TypeError as err:
+        pytest.skip(f"this build's MGLLLoss has no overlap rules yet: {err}")
+    want = loss_fn(image, features, torch.tensor(10.0), **hard.loss_kwargs())
+    got = _loss_or_skip(loss_fn, image, features, soft)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["fused", "tiled"])
+def test_u_soft_labels_reach_every_backend(tmp_path, backend):
+    path = write(tmp_path, "train.csv", CHEXPERT_HEADER, chexpert_rows())
+    items = [(torch.zeros(2), a) for a in read_chexpert(path, uncertainty="U-Soft")]
+    _, batch = MultiGranularCollate(chexpert_builder(), label_format="soft")(items)
+    assert 0.5 in batch["finding"].labels  # a fractional label is there
+    features = batch.encode(lambda s: torch.randn(len(s), 8, dtype=torch.float64))
+    image = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    want = _loss_or_skip(mgll.MGLLLoss(backend="reference"), image, features, batch)
+    got = _loss_or_skip(mgll.MGLLLoss(backend=backend), image, features, batch)
+    torch.testing.assert_close(got, want)
+    (grad_want,) = torch.autograd.grad(want, image)
+    (grad_got,) = torch.autograd.grad(got, image)
+    torch.testing.assert_close(grad_got, grad_want)
 
 
 @pytest.mark.parametrize(
