@@ -34,6 +34,7 @@ __all__ = [
     "smooth",
 ]
 
+
 def from_ids(
     ids_a: Tensor | Sequence[Hashable], ids_b: Tensor | Sequence[Hashable] | None = None
 ) -> Tensor:
