@@ -288,3 +288,39 @@ def test_tiled_asks_for_blocks_only(monkeypatch, rule):
     loss = mgll.mgll_loss(image, texts, scale, labels=labs, overlap=rule, backend="tiled")
     loss.backward()
     assert seen and max(r for r, _ in seen) <= 3 and max(k for _, k in seen) <= 4
+
+
+# ------------------------------------------------------------------------ "same caption" ids
+
+
+def test_label_set_ids_partition_by_exact_set():
+    hot = labels(40, 6, "bool", seed=8)
+    ids = targets.label_set_ids(hot)
+    same = (hot[:, None, :] == hot[None, :, :]).all(-1)
+    assert torch.equal(ids[:, None] == ids[None, :], same)
+    assert torch.equal(CoOccurrence("ids", ids).dense(), same.float())
+    _, inverse = torch.unique(hot, dim=0, return_inverse=True)  # the one-process recipe
+    assert torch.equal(inverse[:, None] == inverse[None, :], same)
+
+
+def test_label_set_ids_do_not_depend_on_the_batch():
+    """Row-wise ids: each rank's part of a batch gets the ids of the whole batch (distributed)."""
+    hot = labels(12, 63, "long", seed=9)
+    whole = targets.label_set_ids(hot)
+    parts = torch.cat([targets.label_set_ids(hot[:5]), targets.label_set_ids(hot[5:])])
+    assert torch.equal(parts, whole)
+    assert int(whole.min()) >= 0
+
+
+@pytest.mark.parametrize(
+    ("a", "error", "match"),
+    [
+        (torch.zeros(2, 64), ValueError, r"`a` must have at most 63 classes .* got C_g=64"),
+        (torch.full((2, 3), 0.5), ValueError, r"`a` multi-hot entries must be 0 or 1, got 0.5"),
+        (torch.zeros(3), ValueError, r"`a` must be 2-D \(rows, C_g\) multi-hot"),
+        ([[0, 1]], TypeError, r"`a` must be a \(rows, C_g\) multi-hot tensor, got list"),
+    ],
+)
+def test_label_set_ids_bad_input(a, error, match):
+    with pytest.raises(error, match=match):
+        targets.label_set_ids(a)

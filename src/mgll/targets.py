@@ -29,6 +29,7 @@ __all__ = [
     "from_hierarchy",
     "from_ids",
     "from_multi_hot",
+    "label_set_ids",
     "normalize",
     "similarity_softmax",
     "smooth",
@@ -148,6 +149,51 @@ def from_multi_hot(a: Tensor, b: Tensor | None = None, mode: str = "any") -> Ten
     y = x if b is None else _multi_hot("b", b, classes=x.shape[1], soft=True).to(x.dtype)
     binary = all(is_binary_dtype(t) or bool(((t == 0) | (t == 1)).all()) for t in (x, y))
     return overlap(x, y, mode, binary)
+
+
+def label_set_ids(a: Tensor) -> Tensor:
+    r"""One integer id per distinct label set: "same caption" labels for an extra granularity.
+
+    .. math::
+        \mathrm{id}_i = \sum_c a_{ic}\, 2^c
+
+    Two samples get the same id exactly when their label sets are equal (an empty set is a set
+    of its own), so paired ids ``label_set_ids(a)`` make the targets "exactly that label set",
+    the target of a plain CLIP caption.  Pass them as one more granularity beside the multi-hot
+    labels, with the same texts used twice::
+
+        labels = [a, label_set_ids(a)]; texts = [caption_features, caption_features]
+        loss_fn = MGLLLoss(overlap=["jaccard", "any"])  # the rule of the ids is "equal id"
+
+    The id depends on the set only, not on the batch, so it is the same on every rank under
+    ``torch.distributed``.  (Ids from ``torch.unique(a, dim=0, return_inverse=True)`` are
+    not: they number the sets of each rank's own batch, and rank 0's set 3 need not be rank
+    1's set 3; use them only in one process.)
+
+    Args:
+        a: 0/1 label sets (bool, integer or float), at most 63 classes (the bits of an int64).
+            For label probabilities decide first which sets count as equal, e.g. ``a > 0``.
+
+    Shape:
+        - a: (N, C_g)
+        - Output: (N,) int64
+
+    Raises:
+        ValueError: entries other than 0/1, a tensor that is not 2-D, or more than 63 classes.
+        TypeError: a non-tensor input.
+
+    Example:
+        >>> label_set_ids(torch.tensor([[1, 0, 1], [0, 1, 0], [1, 0, 1], [0, 0, 0]]))
+        tensor([5, 2, 5, 0])
+    """
+    x = _multi_hot("a", a)
+    if x.shape[1] > 63:
+        raise ValueError(
+            f"`a` must have at most 63 classes for exact int64 set ids, got C_g={x.shape[1]}; "
+            "split the classes or number the sets of the global batch yourself"
+        )
+    bits = 2 ** torch.arange(x.shape[1], dtype=torch.int64, device=x.device)
+    return (x.to(torch.int64) * bits).sum(1)
 
 
 def expand_ancestors(a: Tensor, ancestors: Tensor) -> Tensor:
