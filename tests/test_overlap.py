@@ -172,7 +172,7 @@ def _naive_labels(kind: str) -> list[torch.Tensor]:
     return [labels(N_NAIVE, 4, kind), torch.randint(0, 3, (N_NAIVE,), generator=gen)]
 
 
-@pytest.mark.parametrize("target", ["binary", "soft"])
+@pytest.mark.parametrize("target", ["binary", "soft", "graded"])
 @pytest.mark.parametrize("kind", ["bool", "soft"])
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -199,7 +199,7 @@ def _grads(value: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor
     return [torch.zeros_like(x) if g is None else g for g, x in zip(got, leaves, strict=True)]
 
 
-@pytest.mark.parametrize("target", ["binary", "soft"])
+@pytest.mark.parametrize("target", ["binary", "soft", "graded"])
 @pytest.mark.parametrize("kind", ["bool", "soft"])
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
