@@ -26,6 +26,7 @@ def _dz_tile(
     X,
     T_g,
     TGT,
+    RULE,
     ROWF,
     COLF,
     g,
@@ -58,7 +59,7 @@ def _dz_tile(
     ``sum_k dL_pointwise/dZ_ik`` (d(bias) is its total).
     """
     z = scale * _dot_rows(X, T_g, offs_i, offs_k, mask_i, mask_k, D, BLOCK_D, PREC)
-    c = _targets(TGT, g, offs_i, offs_k, mask_i, mask_k, N, KMAX, NCLS, kind, False, BLOCK_C)
+    c = _targets(TGT, RULE, g, offs_i, offs_k, mask_i, mask_k, N, KMAX, NCLS, kind, False, BLOCK_C)
     rowf = ROWF + g * N_ROW_FIELDS * N + offs_i
     lse_r = tl.load(rowf + RF_LSE * N, mask=mask_i, other=0.0)
     inv_r = tl.load(rowf + RF_INV * N, mask=mask_i, other=0.0)
@@ -73,7 +74,9 @@ def _dz_tile(
     p_c = tl.exp(tl.minimum(z - lse_c[None, :], 0.0))
     dz = ce_r[:, None] * (p - c * inv_r[:, None]) + ce_c[None, :] * (p_c - c * inv_c[None, :])
     w_pw = tl.load(rowf + RF_PW * N, mask=mask_i, other=0.0)
-    y = tl.where(soft_y != 0, c * inv_r[:, None], (c > 0).to(tl.float32))
+    # soft_y: 0 binary 1[C > 0], 1 soft (C normalised per row), 2 graded min(C, 1)
+    y = tl.where(c > 0, 1.0, 0.0)
+    y = tl.where(soft_y == 1, c * inv_r[:, None], tl.where(soft_y == 2, tl.minimum(c, 1.0), y))
     valid = mask_i[:, None] & mask_k[None, :]
     gpw = tl.where(valid, w_pw[:, None] * (_sigmoid(z + bias) - y), 0.0)
     d_bias = tl.sum(gpw, 1)
@@ -113,6 +116,7 @@ def dx_kernel(
     X,
     T,
     TGT,
+    RULE,
     ROWF,
     COLF,
     DX,
@@ -184,6 +188,7 @@ def dx_kernel(
                     X,
                     T_g,
                     TGT,
+                    RULE,
                     ROWF,
                     COLF,
                     g,
@@ -218,6 +223,7 @@ def dt_kernel(
     X,
     T,
     TGT,
+    RULE,
     ROWF,
     COLF,
     DT,
@@ -283,6 +289,7 @@ def dt_kernel(
                     X,
                     T_g,
                     TGT,
+                    RULE,
                     ROWF,
                     COLF,
                     g,
