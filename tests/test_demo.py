@@ -150,7 +150,7 @@ def test_texts_and_labels_per_granularity(task):
     "trained", [GRANULARITIES, ("digits",), ("digits", "summary"), ("digits", "description")]
 )
 def test_zero_shot_prompts_use_only_trained_words(task, trained):
-    """SPEC 10: a prompt word the text tower never saw would get an untrained embedding."""
+    """docs/demo.rst: a prompt word the text tower never saw would get an untrained embedding."""
     seen = {w for g in trained for t in task.train.texts[g] for w in tokenize(t)}
     prompts = class_prompts(trained)
     for c in range(10):

@@ -1,4 +1,4 @@
-"""Bad input gets a clear error before any compute (SPEC section 8, docs/errors.rst).
+"""Bad input gets a clear error before any compute (docs/errors.rst).
 
 Every case is run through :class:`mgll.MGLLLoss` and :func:`mgll.mgll_loss`, and the message is
 matched: it names the argument, the expectation and what was received.

@@ -1,4 +1,4 @@
-"""Checks at the public boundary (SPEC section 8): clear errors before any compute.
+"""Checks at the public boundary (docs/errors.rst): clear errors before any compute.
 
 Every message names the argument, says what was expected and echoes what was received.
 
@@ -331,7 +331,7 @@ def batch_conditions(
     values: Sequence[Tensor],
     normalize: bool,
 ) -> list[Condition]:
-    """The value conditions of :func:`mgll.functional.mgll_loss` (SPEC section 8)."""
+    """The value conditions of :func:`mgll.functional.mgll_loss` (docs/errors.rst)."""
     features = [("image_features", image)] + [
         (f"text_features[{g}]", t) for g, t in enumerate(texts)
     ]

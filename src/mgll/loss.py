@@ -31,7 +31,7 @@ class MGLLLoss(nn.Module):
             per row, as the authors' code).
         pointwise_norm: ``"pairs"`` (divide by N*K_g, default) or ``"images"`` (divide by N).
         smooth_kl_support: ``"coarse"`` (default: pool the samples by a coarse granularity
-            before comparing, SPEC 2.3b; it beat the paper's form on every setting of the demo,
+            before comparing, docs/smooth_kl.rst; it beat the paper's form on every setting of the demo,
             see the smooth-KL page) or ``"samples"`` (the paper's eq. 5-6).
         smooth_kl_reference: the granularity whose groups pool the samples for
             ``"coarse"``; default: the coarsest in the batch (fewest distinct ids or label
@@ -115,7 +115,7 @@ class MGLLLoss(nn.Module):
 
     @classmethod
     def reference_compatible(cls, **overrides) -> MGLLLoss:
-        """The configuration whose value and gradients equal the authors' code (SPEC 3).
+        """The configuration whose value and gradients equal the authors' code (docs/differences.rst).
 
         Per granularity :math:`\\tfrac14[CE(Z, W^r) + CE(Z^\\top, W^r)]` plus BCE-with-logits
         against the soft target W^r averaged over all pairs; the authors' consistency term,

@@ -1,4 +1,4 @@
-"""Backends: interchangeable implementations of the same loss (SPEC section 5).
+"""Backends: interchangeable implementations of the same loss (docs/backends.rst).
 
 A backend is a function ``compute(problem, config) -> LossTerms``.  Backends are imported only
 when first used, so optional ones (triton) never load with ``import mgll``.

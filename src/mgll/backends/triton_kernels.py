@@ -1,4 +1,4 @@
-r"""``backend="triton"``: fused Triton kernels for the heavy N x K_g parts (SPEC section 5).
+r"""``backend="triton"``: fused Triton kernels for the heavy N x K_g parts (docs/backends.rst).
 
 Tiled like flash-attention / Inf-CL: logits :math:`Z^g = s\,X T^{g\top}` are recomputed tile by
 tile from the features and never stored.  Forward: one program per image row block (and one
