@@ -267,3 +267,24 @@ def test_cli_rejects_bad_options():
         select_methods(parse_args(["--methods", "clip,nope"]))
     names = [m.name for m in select_methods(parse_args(["--ablation"]))]
     assert names[:2] == ["clip", "mgll"] and "mgll_coarse" in names and "reference_compat" in names
+
+
+@pytest.mark.parametrize("blocked", [["tqdm"], ["matplotlib", "mlxtend"]])
+def test_cli_without_the_demo_extra_names_it_in_one_line(blocked):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        f"for name in {blocked!r}:\n"
+        "    sys.modules[name] = None  # as if not installed: find_spec and import see nothing\n"
+        "from mgll_demo.__main__ import main\n"
+        "sys.exit(main(['--quick', '--no-progress']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr  # one line, no traceback
+    assert "[demo] extra" in lines[0] and 'pip install -e ".[demo]"' in lines[0]
+    assert all(name in lines[0] for name in blocked), lines[0]
+    assert "method(s)" not in proc.stdout  # it stopped before training
