@@ -266,10 +266,12 @@ def make_config(**settings) -> LossConfig:
 
 
 def check_backend(name: str) -> None:
-    from mgll.backends import available_backends
+    from mgll.backends import BACKENDS
 
-    if name not in available_backends():
-        raise ValueError(f"`backend` must be one of {available_backends()}, got {name!r}")
+    # Every registered name is accepted; one that cannot run here (see available_backends)
+    # raises its own error on first use, saying what is missing.
+    if name not in ("auto", *BACKENDS):
+        raise ValueError(f"`backend` must be one of {('auto', *BACKENDS)}, got {name!r}")
 
 
 def _upcast(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
