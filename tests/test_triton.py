@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-pytest.importorskip("triton", reason='backend="triton" needs triton: pip install "mgll[triton]"')
+pytest.importorskip("triton", reason='backend="triton" needs triton: pip install "triton>=3.0"')
 
 import triton
 import triton.language as tl

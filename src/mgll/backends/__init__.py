@@ -34,7 +34,7 @@ def available_backends(device: str | torch.device | None = None) -> tuple[str, .
     listed only where it can run: triton is installed and the tensors are on CUDA (with CUDA
     available), or on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
     Asking for ``backend="triton"`` anywhere else raises the error this rule predicts: an
-    :class:`ImportError` naming ``pip install "mgll[triton]"`` without triton, a
+    :class:`ImportError` naming the ``[triton]`` extra without triton, a
     :class:`ValueError` for tensors that are not on CUDA.
 
     Args:
