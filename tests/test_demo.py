@@ -288,3 +288,41 @@ def test_cli_without_the_demo_extra_names_it_in_one_line(blocked):
     assert "[demo] extra" in lines[0] and 'pip install -e ".[demo]"' in lines[0]
     assert all(name in lines[0] for name in blocked), lines[0]
     assert "method(s)" not in proc.stdout  # it stopped before training
+
+
+@pytest.mark.parametrize("n_seeds", [1, 2])
+def test_figure_labels_axes_and_shows_spread_only_with_several_seeds(n_seeds):
+    import matplotlib.pyplot as plt
+    from matplotlib.container import ErrorbarContainer
+
+    runs = [r for r in fake_runs() if r["seed"] < n_seeds]
+    fig = report.figure(runs, report.summarise(runs))
+    try:
+        loss_ax, _, bar_ax = fig.axes
+        assert all(ax.get_ylabel() for ax in fig.axes)
+        assert bar_ax.get_ylim()[0] == 0.0  # bars from 0, not from the smallest value
+        errorbars = [c for c in bar_ax.containers if isinstance(c, ErrorbarContainer)]
+        assert bool(errorbars) == (n_seeds > 1)
+        assert ("std over 2 seeds" in bar_ax.get_title()) == (n_seeds > 1)
+        assert "one run" in bar_ax.get_title() or n_seeds > 1
+        # raw losses on one axis, not each curve divided by its own start
+        assert max(max(line.get_ydata()) for line in loss_ax.get_lines()) == pytest.approx(3.0)
+        assert [t.get_text() for t in fig.legends[0].get_texts()] == ["clip", "mgll"]
+    finally:
+        plt.close(fig)
+
+
+def test_report_follows_the_metrics_it_is_given():
+    import matplotlib.pyplot as plt
+
+    runs = fake_runs()
+    for r in runs:
+        r["metrics"] = {"new_metric": r["metrics"]["zero_shot_auroc"]}
+    summary = report.summarise(runs)
+    assert set(summary["mgll"]) == {"new_metric", "train_seconds"}
+    assert "new metric" in report.table(summary)
+    fig = report.figure(runs, summary)
+    try:
+        assert [t.get_text() for t in fig.axes[2].get_xticklabels()] == ["new\nmetric"]
+    finally:
+        plt.close(fig)
