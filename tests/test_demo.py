@@ -326,3 +326,25 @@ def test_report_follows_the_metrics_it_is_given():
         assert [t.get_text() for t in fig.axes[2].get_xticklabels()] == ["new\nmetric"]
     finally:
         plt.close(fig)
+
+
+def test_demo_extra_matches_what_the_demo_imports():
+    import ast
+    import sys
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")
+    from mgll_demo.__main__ import DEMO_EXTRA
+
+    root = Path(__file__).resolve().parents[1]
+    extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    declared = {re.split(r"[<>=!~\[ ;]", req)[0] for req in extra["demo"]}
+    imported = set()
+    for path in (root / "src" / "mgll_demo").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"mgll", "mgll_demo", "torch", "numpy"}
+    assert third_party == declared == set(DEMO_EXTRA), (third_party, declared, DEMO_EXTRA)
