@@ -261,7 +261,7 @@ def test_missing_triton_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` fail
     monkeypatch.delitem(sys.modules, "mgll.backends._triton_fwd")
     image, texts, s, _, cooc = _case("ids", n=16, g=1, d=12)
-    with pytest.raises(ImportError, match=r'pip install "mgll\[triton\]"'):
+    with pytest.raises(ImportError, match=r'the \[triton\] extra\): pip install "triton>=3\.0"'):
         mgll_loss(image, texts, s, labels=[cooc[0].data], backend="triton")
 
 
