@@ -165,7 +165,9 @@ def test_missing_pages_are_left_out_and_failing_examples_fail(tmp_path):
     assert "1 failure in tests" in (tmp_path / "doctest" / "output.txt").read_text()
 
 
-REMOTE = re.compile(r"""<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)=["'](?:https?:)?//""", re.I)
+REMOTE = re.compile(
+    r"""<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)=["'](?:https?:)?//""", re.I
+)
 
 
 def test_html_loads_nothing_from_the_network(build):
