@@ -2,6 +2,7 @@
 
 import importlib
 import pkgutil
+import subprocess
 import sys
 
 import torch
@@ -25,8 +26,12 @@ assert torch.isfinite(loss) and image.grad is not None
 try:
     mgll.MGLLLoss(backend="triton")(image, [torch.randn(6, 8)], torch.tensor(10.0), labels=[ids])
 except ImportError as error:
-    assert "mgll[triton]" in str(error), error
+    assert "[triton] extra" in str(error), error
 else:
     raise AssertionError("backend='triton' without triton installed did not raise ImportError")
+# The demo ships in the wheel but needs the [demo] extra, absent here: one line naming it.
+demo = subprocess.run([sys.executable, "-m", "mgll_demo", "--quick"], capture_output=True, text=True)
+assert demo.returncode == 1 and "[demo] extra" in demo.stderr, (demo.returncode, demo.stderr)
+assert len(demo.stderr.strip().splitlines()) == 1, demo.stderr
 print(f"wheel OK: mgll {mgll.__version__}, torch {torch.__version__}, {len(modules)} modules, loss {loss.item():.4f}")
 sys.exit(0)

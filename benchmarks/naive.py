@@ -1,6 +1,6 @@
 """The naive composition of torch ops: MGLL computed the way the authors' code computes it.
 
-The authors' ``MultiGranularModule`` (SPEC section 3) builds, per granularity, a dense N x N
+The authors' ``MultiGranularModule`` (docs/differences.rst) builds, per granularity, a dense N x N
 equal-label target with numpy, normalises it per row, and composes ``log_softmax``,
 elementwise products, ``binary_cross_entropy_with_logits`` and ``kl_div`` on full N x N
 tensors, letting autograd keep every intermediate.  :func:`naive_mgll_loss` does exactly that

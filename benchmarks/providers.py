@@ -12,7 +12,7 @@ text features and the logit scale: the step a trainer pays for).  Providers:
 * ``floor``: the matrix products alone, per granularity the logits ``X T^T`` in forward and the
   two gradient products ``dZ T`` and ``dZ^T X`` in backward, which no implementation avoids.
 
-Inputs are paired mode (SPEC section 1): G granularities with K_g = N texts each and integer
+Inputs are paired mode (docs/concepts.rst): G granularities with K_g = N texts each and integer
 class ids from coarse to fine (8, N/8 and N/2 classes), features drawn from N(0, 1).
 """
 

@@ -40,6 +40,8 @@ extensions = [
     "sphinx.ext.doctest",
     "sphinx.ext.viewcode",
     "sphinx_copybutton",
+    # MathJax copied into _static/mathjax: formulas render with no network (the docs extra).
+    "sphinx-mathjax-offline",
 ]
 
 # Files named _*.rst are fragments for ``.. include::`` (e.g. generated tables), not pages.
@@ -87,6 +89,10 @@ if os.environ.get("MGLL_DOCS_INTERSPHINX") == "1":
 
 html_theme = "furo"
 html_title = f"mgll {release}"
+# mgll.css keeps code blocks inside the content column (they scroll there).  A copy of conf.py
+# without _static (tests/test_docs.py builds one) gets neither.
+html_static_path = ["_static"] if (DOCS / "_static").is_dir() else []
+html_css_files = ["mgll.css"] if (DOCS / "_static" / "mgll.css").is_file() else []
 copybutton_prompt_text = r">>> |\.\.\. |\$ "
 copybutton_prompt_is_regexp = True
 

@@ -4,7 +4,7 @@ Random initialisation, no download: the texts are tokenised by a toy word-level 
 written here (bos, words, eos, padding), the features come from ``get_image_features`` /
 ``get_text_features`` through :func:`mgll.integrations.hf.model_output`, and ``MGLLLoss``
 trains the model for a few steps.  Run ``python examples/hf_clip_train.py [--smoke]``
-(needs ``pip install "mgll[examples]"``).
+(needs the ``[examples]`` extra: ``pip install -c constraints.txt -e ".[examples]"`` in a clone).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ download), wraps it with :class:`mgll.integrations.open_clip.MultiGranularCLIP` 
 returns the dict ``MGLLLoss`` takes, and trains with the open_clip idiom
 ``losses = loss(**model_out, labels=..., output_dict=True)``; ``sum(losses.values())`` is the
 loss open_clip's ``train_one_epoch`` would backpropagate.  Run
-``python examples/open_clip_train.py [--smoke]`` (needs ``pip install "mgll[examples]"``).
+``python examples/open_clip_train.py [--smoke]`` (needs the ``[examples]`` extra:
+``pip install -c constraints.txt -e ".[examples]"`` in a clone).
 """
 
 from __future__ import annotations

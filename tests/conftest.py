@@ -18,3 +18,35 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# The slow tests, marked here in one place: each took 20 s or more (or shares a fixture or a
+# process pool that does) in a full run on a 2-core CPU; see the README's "Set-up" section.
+# ``python -m pytest -m "not slow"`` leaves them out; CI runs everything.  A file alone marks the
+# whole file.  A name that no longer exists in its file is an error, so the list cannot rot.
+SLOW = (
+    "tests/test_backends.py::test_torch_compile_equals_eager_fused",
+    "tests/test_bench.py::test_quick_json_is_complete",  # the two share the bench run fixture
+    "tests/test_bench.py::test_quick_csv_md_png",
+    "tests/test_core.py::test_torch_compile_equals_eager",
+    "tests/test_distributed.py",  # process groups in subprocesses
+    "tests/test_docs.py",  # two Sphinx builds
+    "tests/test_examples.py",  # the demo and the framework examples, end to end
+    "tests/test_extreme.py::test_large_batch_tiled",
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config, items):
+    modules = {}
+    for item in items:
+        path, _, rest = item.nodeid.partition("::")
+        name = rest.split("[")[0].split("::")[0]
+        if path in SLOW or f"{path}::{name}" in SLOW:
+            item.add_marker(pytest.mark.slow)
+        if getattr(item, "module", None) is not None:
+            modules.setdefault(path, item.module)
+    for entry in SLOW:
+        path, _, name = entry.partition("::")
+        if name and path in modules and not hasattr(modules[path], name):
+            raise pytest.UsageError(f"tests/conftest.py SLOW lists {entry}, which does not exist")

@@ -1,4 +1,4 @@
-"""Deliberately naive float64 references of SPEC section 2, written with loops.
+"""Deliberately naive float64 references of the paper's eq. 1-6 (docs/concepts.rst), written with loops.
 
 Slow and obvious on purpose: every index of every formula is spelled out so a reader can check
 it against the paper.  Used only by the tests.
@@ -121,7 +121,7 @@ def mgll(
     support="samples",
     reference=None,
 ) -> Tensor:
-    """The full SPEC 2.4 total from features, composed from the naive terms above."""
+    """The full total (docs/concepts.rst) from features, composed from the naive terms above."""
     x = image / image.norm(dim=1, keepdim=True)
     zs = [scale * x @ (t / t.norm(dim=1, keepdim=True)).T for t in texts]
     cs = (

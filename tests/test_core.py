@@ -290,7 +290,7 @@ def test_coarse_is_invariant_to_relabelling_groups():
 
 
 def _authors_formula(image, texts, scale, keys):
-    """SPEC 3: per granularity 1/4 [CE(Z, W) + CE(Z^T, W)] + BCE(Z, W) over N^2 pairs."""
+    """docs/differences.rst: per granularity 1/4 [CE(Z, W) + CE(Z^T, W)] + BCE(Z, W) over N^2 pairs."""
     x = F.normalize(image, dim=-1)
     total = 0
     for t, key in zip(texts, keys, strict=True):

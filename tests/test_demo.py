@@ -150,7 +150,7 @@ def test_texts_and_labels_per_granularity(task):
     "trained", [GRANULARITIES, ("digits",), ("digits", "summary"), ("digits", "description")]
 )
 def test_zero_shot_prompts_use_only_trained_words(task, trained):
-    """SPEC 10: a prompt word the text tower never saw would get an untrained embedding."""
+    """docs/demo.rst: a prompt word the text tower never saw would get an untrained embedding."""
     seen = {w for g in trained for t in task.train.texts[g] for w in tokenize(t)}
     prompts = class_prompts(trained)
     for c in range(10):
@@ -267,3 +267,84 @@ def test_cli_rejects_bad_options():
         select_methods(parse_args(["--methods", "clip,nope"]))
     names = [m.name for m in select_methods(parse_args(["--ablation"]))]
     assert names[:2] == ["clip", "mgll"] and "mgll_coarse" in names and "reference_compat" in names
+
+
+@pytest.mark.parametrize("blocked", [["tqdm"], ["matplotlib", "mlxtend"]])
+def test_cli_without_the_demo_extra_names_it_in_one_line(blocked):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        f"for name in {blocked!r}:\n"
+        "    sys.modules[name] = None  # as if not installed: find_spec and import see nothing\n"
+        "from mgll_demo.__main__ import main\n"
+        "sys.exit(main(['--quick', '--no-progress']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr  # one line, no traceback
+    assert "[demo] extra" in lines[0] and 'pip install -e ".[demo]"' in lines[0]
+    assert all(name in lines[0] for name in blocked), lines[0]
+    assert "method(s)" not in proc.stdout  # it stopped before training
+
+
+@pytest.mark.parametrize("n_seeds", [1, 2])
+def test_figure_labels_axes_and_shows_spread_only_with_several_seeds(n_seeds):
+    import matplotlib.pyplot as plt
+    from matplotlib.container import ErrorbarContainer
+
+    runs = [r for r in fake_runs() if r["seed"] < n_seeds]
+    fig = report.figure(runs, report.summarise(runs))
+    try:
+        loss_ax, _, bar_ax = fig.axes
+        assert all(ax.get_ylabel() for ax in fig.axes)
+        assert bar_ax.get_ylim()[0] == 0.0  # bars from 0, not from the smallest value
+        errorbars = [c for c in bar_ax.containers if isinstance(c, ErrorbarContainer)]
+        assert bool(errorbars) == (n_seeds > 1)
+        assert ("std over 2 seeds" in bar_ax.get_title()) == (n_seeds > 1)
+        assert "one run" in bar_ax.get_title() or n_seeds > 1
+        # raw losses on one axis, not each curve divided by its own start
+        assert max(max(line.get_ydata()) for line in loss_ax.get_lines()) == pytest.approx(3.0)
+        assert [t.get_text() for t in fig.legends[0].get_texts()] == ["clip", "mgll"]
+    finally:
+        plt.close(fig)
+
+
+def test_report_follows_the_metrics_it_is_given():
+    import matplotlib.pyplot as plt
+
+    runs = fake_runs()
+    for r in runs:
+        r["metrics"] = {"new_metric": r["metrics"]["zero_shot_auroc"]}
+    summary = report.summarise(runs)
+    assert set(summary["mgll"]) == {"new_metric", "train_seconds"}
+    assert "new metric" in report.table(summary)
+    fig = report.figure(runs, summary)
+    try:
+        assert [t.get_text() for t in fig.axes[2].get_xticklabels()] == ["new\nmetric"]
+    finally:
+        plt.close(fig)
+
+
+def test_demo_extra_matches_what_the_demo_imports():
+    import ast
+    import sys
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")
+    from mgll_demo.__main__ import DEMO_EXTRA
+
+    root = Path(__file__).resolve().parents[1]
+    extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    declared = {re.split(r"[<>=!~\[ ;]", req)[0] for req in extra["demo"]}
+    imported = set()
+    for path in (root / "src" / "mgll_demo").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"mgll", "mgll_demo", "torch", "numpy"}
+    assert third_party == declared == set(DEMO_EXTRA), (third_party, declared, DEMO_EXTRA)

@@ -163,3 +163,39 @@ def test_missing_pages_are_left_out_and_failing_examples_fail(tmp_path):
     doctest = sphinx("doctest", src, tmp_path, tmp_path / "doctrees")
     assert doctest.returncode != 0, report(doctest)
     assert "1 failure in tests" in (tmp_path / "doctest" / "output.txt").read_text()
+
+
+REMOTE = re.compile(
+    r"""<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)=["'](?:https?:)?//""", re.I
+)
+
+
+def test_html_loads_nothing_from_the_network(build):
+    """No page loads a script, stylesheet or image from elsewhere: math renders offline."""
+    out, result = build
+    assert result.returncode == 0, "the HTML build failed; see test_html_builds_without_warnings"
+    html = out / "html"
+    pages = sorted(html.rglob("*.html"))
+    assert len(pages) > 10, pages
+    remote = {}
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        # <a href="https://..."> links are fine; only what the browser fetches by itself counts.
+        found = [m.group(0) for m in REMOTE.finditer(text)]
+        if found:
+            remote[str(page.relative_to(html))] = found[:3]
+    assert not remote, f"pages that load remote resources: {remote}"
+    concepts = (html / "concepts.html").read_text(encoding="utf-8")
+    script = re.search(r'<script[^>]*src="(_static/mathjax/[^"?]+)', concepts)
+    assert script, "concepts.html has formulas but loads no local MathJax"
+    assert (html / script.group(1)).is_file(), script.group(1)
+    fonts = html / "_static" / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2"
+    assert any(fonts.glob("*.woff")), "MathJax's fonts were not copied"
+    assert (html / "_static" / "mgll.css").is_file()
+
+
+def test_remote_pattern_catches_a_cdn_script():
+    assert REMOTE.search('<script defer src="https://cdn.example.org/mathjax/tex-chtml.js">')
+    assert REMOTE.search("<link rel='stylesheet' href='//fonts.example.org/a.css'>")
+    assert not REMOTE.search('<script src="_static/mathjax/tex-chtml.js">')
+    assert not REMOTE.search('<a href="https://arxiv.org/abs/2511.15943">')

@@ -1,4 +1,4 @@
-"""Valid but extreme input gives a finite loss and finite gradients, on every backend (SPEC 8).
+"""Valid but extreme input gives a finite loss and finite gradients, on every backend (docs/errors.rst).
 
 Each case runs on every registered backend (the list is read when the tests are collected, so a
 new backend is covered as soon as it is registered) and is compared with ``reference``.  Shapes

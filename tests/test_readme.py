@@ -121,3 +121,34 @@ def test_blocks_share_a_namespace_and_failures_are_reported(tmp_path):
 def test_a_stub_readme_is_recognised():
     assert is_stub("# mgll\n")
     assert not is_stub(SAMPLE)
+
+
+def test_install_lines_work_as_written():
+    """Every ``pip install`` line in the README, the docs and the sources names files and extras
+    that exist, and none installs ``mgll`` from PyPI before it is released."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = README.parent
+    extras = set(
+        tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    )
+    files = [README, *(root / "docs").glob("*.rst"), *(root / "examples").glob("*.py")]
+    files += [*(root / "src").rglob("*.py"), root / "benchmarks" / "README.md"]
+    problems = []
+    for path in files:
+        if not path.exists():
+            continue
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines, 1):
+            if "pip install" not in line:
+                continue
+            where = f"{path.relative_to(root)}:{number}"
+            for constraint in re.findall(r"-c\s+(\S+)", line):
+                if not (root / constraint).is_file():
+                    problems.append(f"{where}: no file {constraint}")
+            for group in re.findall(r"(?:\.|whl|mgll|\))\[([\w,-]+)\]", line):
+                if unknown := set(group.split(",")) - extras:
+                    problems.append(f"{where}: unknown extra(s) {sorted(unknown)}")
+            context = " ".join(lines[max(0, number - 2) : number]).lower()
+            if re.search(r"pip install [\"']?mgll\b", line) and "once" not in context:
+                problems.append(f"{where}: installs mgll from PyPI, where it is not released yet")
+    assert not problems, "\n".join(problems)

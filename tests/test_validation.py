@@ -1,4 +1,4 @@
-"""Bad input gets a clear error before any compute (SPEC section 8, docs/errors.rst).
+"""Bad input gets a clear error before any compute (docs/errors.rst).
 
 Every case is run through :class:`mgll.MGLLLoss` and :func:`mgll.mgll_loss`, and the message is
 matched: it names the argument, the expectation and what was received.
@@ -167,7 +167,7 @@ CASES = [
      r"`image_features` row 0 has finite entries but an L2 norm that overflows torch.float32"),
     # logit scale and bias
     ("scale-float", paired(logit_scale=10.0), {}, TypeError,
-     r"`logit_scale` must be a scalar tensor, got float"),
+     r"`logit_scale` must be a scalar tensor, got the Python float 10.0; pass `torch.tensor\(10.0\)`"),
     ("scale-shape", paired(logit_scale=torch.ones(2)), {}, ValueError,
      r"`logit_scale` must be a scalar tensor \(one element\), got shape \(2,\)"),
     ("scale-int", paired(logit_scale=torch.tensor(10)), {}, TypeError,
@@ -310,7 +310,7 @@ def test_term_functions_reject_bad_input(term, inputs, error, match):
                      r"`logit_bias` must be a scalar tensor \(one element\), got shape \(2,\)", id="bias-shape"),
         pytest.param({"logit_bias": torch.tensor(math.inf)}, ValueError,
                      r"`logit_bias` must be finite, got inf", id="bias-inf"),
-        pytest.param({"logit_bias": 1.0}, TypeError, r"`logit_bias` must be a scalar tensor, got float",
+        pytest.param({"logit_bias": 1.0}, TypeError, r"`logit_bias` must be a scalar tensor, got the Python float 1.0; pass `torch.tensor\(1.0\)`",
                      id="bias-float"),
     ],
 )  # fmt: skip
@@ -389,3 +389,63 @@ def test_value_checks_synchronise_once(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "__bool__", counting)
     mgll._validation.check_values(conditions)
     assert len(calls) == 1
+
+
+# Mistakes whose first symptom used to point at the wrong argument (docs/errors.rst).
+MISLEADING = [
+    ("image-transposed", paired(image_features=torch.randn(D, N)), ValueError,
+     r"`image_features` must be \(N, D\) with the D=8 columns of `text_features`, got \(8, 6\), "
+     r"which looks transposed: pass `image_features.T`$"),
+    ("image-transposed-g1", paired(image_features=torch.randn(D, N), text_features=[torch.randn(N, D)],
+     labels=[torch.tensor([0, 0, 1, 1, 2, 3])]), ValueError,
+     r"`image_features` must be \(N, D\) .* looks transposed: pass `image_features.T` \(or "
+     r"`text_features\[0\].T` if that is the transposed one\)"),
+    ("labels-positional", paired(logit_bias=paired()["labels"], labels=None), TypeError,
+     r"`logit_bias` must be a scalar tensor or None, got a list of 2: did you pass labels "
+     r"positionally\? use labels=\[...\]"),
+    ("scale-python-int", paired(logit_scale=100), TypeError,
+     r"got the Python int 100; pass `torch.tensor\(100.0\)` \(a learned one"),
+    ("bias-python-float", paired(logit_bias=-10.0), TypeError,
+     r"`logit_bias` must be a scalar tensor, got the Python float -10.0; pass `torch.tensor\(-10.0\)`$"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("api", ["module", "functional"])
+@pytest.mark.parametrize(
+    ("args", "error", "match"), [pytest.param(*case[1:], id=case[0]) for case in MISLEADING]
+)
+def test_errors_name_the_real_culprit(api, args, error, match, no_compute):
+    with pytest.raises(error, match=match):
+        call(api, args, {})
+
+
+def test_a_mismatched_text_width_still_blames_the_text():
+    # image (N, D) is fine and one text disagrees: the text is named, not the image.
+    args = paired(text_features=[torch.randn(N, D), torch.randn(N, N)])
+    with pytest.raises(ValueError, match=r"`text_features\[1\]` must have 8 columns"):
+        call("module", args, {})
+
+
+def test_available_backends_lists_only_what_runs(monkeypatch):
+    import importlib.util
+
+    from mgll import backends
+
+    assert mgll.available_backends("cpu")[:4] == ("auto", "reference", "fused", "tiled")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "triton" else real_find_spec(n, *a)
+    )
+    assert "triton" not in mgll.available_backends("cuda")  # not installed: nowhere
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object())
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "triton" not in mgll.available_backends(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "triton" in mgll.available_backends("cpu")  # the interpreter, as the tests use it
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert "triton" in mgll.available_backends("cuda:0") and "triton" in mgll.available_backends()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "triton" not in mgll.available_backends("cuda")
+    with pytest.raises(TypeError, match=r"`device` must be a string .* got int"):
+        mgll.available_backends(0)
+    assert set(mgll.available_backends("cpu")) <= {"auto", *backends.BACKENDS}

@@ -103,7 +103,7 @@ class CoOccurrence:
 
 
 def sample_groups(cooc: CoOccurrence, dtype=torch.float32) -> Tensor:
-    """The N x J grouping S of the samples by this granularity (SPEC 2.3b), rows normalised.
+    """The N x J grouping S of the samples by this granularity (docs/smooth_kl.rst), rows normalised.
 
     Groups that hold no sample are dropped; samples without a label have a zero row.
     """

@@ -105,7 +105,7 @@ def cooccurrence_from_labels(
 def smooth_kl_maps(
     cooc: Sequence[CoOccurrence], config: LossConfig, dtype: torch.dtype = torch.float32
 ) -> list[Tensor | None]:
-    """T^g = R^g S for every granularity (SPEC 2.3 and 2.3b)."""
+    """T^g = R^g S for every granularity (paper eq. 5-6 and docs/smooth_kl.rst)."""
     owners = [ownership(c, dtype) for c in cooc]
     if config.smooth_kl_support == "samples":
         return owners

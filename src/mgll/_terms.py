@@ -1,4 +1,4 @@
-"""The three MGLL terms as sums over the rows of dense blocks (SPEC section 2).
+"""The three MGLL terms as sums over the rows of dense blocks (docs/concepts.rst).
 
 Each function returns an *unnormalised* sum over the rows it is given; callers divide by the
 global normaliser (anchor counts, N or N*K).  Keeping sums lets a process that owns only some

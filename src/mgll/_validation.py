@@ -1,4 +1,4 @@
-"""Checks at the public boundary (SPEC section 8): clear errors before any compute.
+"""Checks at the public boundary (docs/errors.rst): clear errors before any compute.
 
 Every message names the argument, says what was expected and echoes what was received.
 
@@ -103,6 +103,7 @@ def check_features(image: object, texts: object) -> list[Tensor]:
     for g, t in enumerate(texts):
         _check_float_matrix(f"text_features[{g}]", t)
         if t.shape[1] != d:
+            _check_not_transposed(image, texts, g)
             raise ValueError(
                 f"`text_features[{g}]` must have {d} columns to match `image_features` "
                 f"(N={n}, D={d}), got {tuple(t.shape)}"
@@ -120,8 +121,26 @@ def check_features(image: object, texts: object) -> list[Tensor]:
     return list(texts)
 
 
+def _check_not_transposed(image: Tensor, texts: Sequence[object], g: int) -> None:
+    """Blame ``image_features`` when it is (D, N): its rows match the texts' common D."""
+    widths = {t.shape[1] for t in texts if isinstance(t, Tensor) and t.dim() == 2}
+    if widths == {image.shape[0]}:
+        other = f" (or `text_features[{g}].T` if that is the transposed one)"
+        raise ValueError(
+            f"`image_features` must be (N, D) with the D={image.shape[0]} columns of "
+            f"`text_features`, got {tuple(image.shape)}, which looks transposed: pass "
+            f"`image_features.T`{other if len(texts) == 1 else ''}"
+        )
+
+
 def check_scalar(name: str, value: object, like: Tensor, like_name: str = "image_features") -> None:
     """A one-element floating-point tensor on the device of ``like``."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        learned = " (a learned one, `model.logit_scale.exp()`, is a tensor already)"
+        raise TypeError(
+            f"`{name}` must be a scalar tensor, got the Python {type(value).__name__} {value!r}; "
+            f"pass `torch.tensor({float(value)!r})`{learned if name == 'logit_scale' else ''}"
+        )
     if not isinstance(value, Tensor):
         raise TypeError(f"`{name}` must be a scalar tensor, got {type(value).__name__}")
     if value.numel() != 1:
@@ -135,6 +154,12 @@ def check_scalar(name: str, value: object, like: Tensor, like_name: str = "image
 
 def check_scale_and_bias(scale: object, bias: object, image: Tensor) -> None:
     check_scalar("logit_scale", scale, image)
+    if isinstance(bias, Sequence) and not isinstance(bias, str | Tensor):
+        raise TypeError(
+            f"`logit_bias` must be a scalar tensor or None, got a {type(bias).__name__} of "
+            f"{len(bias)}: did you pass labels positionally? use labels=[...] (or targets=[...]); "
+            "they are keyword-only, after the optional logit_bias"
+        )
     if bias is not None:
         check_scalar("logit_bias", bias, image)
 
@@ -332,7 +357,7 @@ def batch_conditions(
     values: Sequence[Tensor],
     normalize: bool,
 ) -> list[Condition]:
-    """The value conditions of :func:`mgll.functional.mgll_loss` (SPEC section 8)."""
+    """The value conditions of :func:`mgll.functional.mgll_loss` (docs/errors.rst)."""
     features = [("image_features", image)] + [
         (f"text_features[{g}]", t) for g, t in enumerate(texts)
     ]

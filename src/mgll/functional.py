@@ -1,4 +1,4 @@
-r"""The MGLL math as functions (SPEC section 2); :class:`mgll.MGLLLoss` is a thin wrapper.
+r"""The MGLL math as functions (docs/concepts.rst); :class:`mgll.MGLLLoss` is a thin wrapper.
 
 Shape letters: N images, D embedding width, G granularities, K_g texts at granularity g,
 C_g classes at granularity g, J groups of the smooth-KL support.
@@ -123,8 +123,8 @@ def smooth_kl_loss(
         Q^g_i \propto \operatorname{softmax}(Z^g_{i\cdot})\,R^g S
 
     Each granularity gives image i a distribution over a shared support: the samples of the
-    batch through the ownership :math:`R^g` (SPEC 2.3), optionally pooled into groups by
-    :math:`S` (SPEC 2.3b).  Bounded by :math:`G\log G`, never NaN.
+    batch through the ownership :math:`R^g` (paper eq. 5-6), optionally pooled into groups by
+    :math:`S` (docs/smooth_kl.rst).  Bounded by :math:`G\log G`, never NaN.
 
     Args:
         logits: G logit matrices :math:`Z^g`.
@@ -185,7 +185,7 @@ def mgll_loss(
     world_size: int | None = None,
     group: object = None,
 ) -> Tensor | dict[str, Tensor]:
-    r"""The full MGLL loss from features (SPEC 2.4); see :class:`mgll.MGLLLoss` for the options.
+    r"""The full MGLL loss from features (docs/concepts.rst); see :class:`mgll.MGLLLoss` for the options.
 
     .. math::
         L = \alpha_1\sum_g\lambda_g L^g_{\mathrm{sCLIP}} + \alpha_2\sum_g\lambda_g L^g_P
@@ -281,10 +281,12 @@ def make_config(**settings) -> LossConfig:
 
 
 def check_backend(name: str) -> None:
-    from mgll.backends import available_backends
+    from mgll.backends import BACKENDS
 
-    if name not in available_backends():
-        raise ValueError(f"`backend` must be one of {available_backends()}, got {name!r}")
+    # Every registered name is accepted; one that cannot run here (see available_backends)
+    # raises its own error on first use, saying what is missing.
+    if name not in ("auto", *BACKENDS):
+        raise ValueError(f"`backend` must be one of {('auto', *BACKENDS)}, got {name!r}")
 
 
 def _upcast(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:

@@ -34,8 +34,8 @@ class MGLLLoss(nn.Module):
             authors' code).
         pointwise_norm: ``"pairs"`` (divide by N*K_g, default) or ``"images"`` (divide by N).
         smooth_kl_support: ``"coarse"`` (default: pool the samples by a coarse granularity
-            before comparing, SPEC 2.3b; it beat the paper's form on every setting of the demo,
-            see the smooth-KL page) or ``"samples"`` (the paper's eq. 5-6).
+            before comparing; it beat the paper's form on every setting of the demo, see the
+            smooth-KL page, docs/smooth_kl.rst) or ``"samples"`` (the paper's eq. 5-6).
         smooth_kl_reference: the granularity whose groups pool the samples for
             ``"coarse"``; default: the coarsest in the batch (fewest distinct ids or label
             sets).
@@ -127,7 +127,7 @@ class MGLLLoss(nn.Module):
 
     @classmethod
     def reference_compatible(cls, **overrides) -> MGLLLoss:
-        """The configuration whose value and gradients equal the authors' code (SPEC 3).
+        """The configuration whose value and gradients equal the authors' code (docs/differences.rst).
 
         Per granularity :math:`\\tfrac14[CE(Z, W^r) + CE(Z^\\top, W^r)]` plus BCE-with-logits
         against the soft target W^r averaged over all pairs; the authors' consistency term,
@@ -153,6 +153,78 @@ class MGLLLoss(nn.Module):
         targets: Sequence[Tensor] | None = None,
         output_dict: bool = False,
     ) -> Tensor | dict[str, Tensor]:
+        r"""The loss of one batch, with this module's settings.
+
+        Pass exactly one of ``labels`` (paired mode: text ``i`` of every granularity describes
+        image ``i``) and ``targets`` (bank mode: a bank of ``K_g`` texts per granularity and
+        which of them describe which image).  Both are keyword-only.
+
+        Args:
+            image_features: the image embeddings, one row per image; L2-normalised here
+                unless the module was built with ``normalize=False``.
+            text_features: one tensor per granularity (G of them): the N paired texts, or a
+                bank of K_g texts.
+            logit_scale: the temperature :math:`s` that multiplies the cosine similarities,
+                already exponentiated (open_clip's ``model.logit_scale.exp()``): a positive
+                floating-point tensor, e.g. ``torch.tensor(100.0)``; gradients flow to it.
+            logit_bias: an optional additive bias :math:`b` of the pointwise (sigmoid) term, a
+                scalar tensor as in SigLIP; None (default) means no bias.
+            labels: paired mode, one tensor per granularity: integer class ids ``(N,)``
+                (images with the same id share texts) or a multi-hot ``(N, C_g)`` matrix
+                (images with a common label share texts); the co-occurrence :math:`C^g` is
+                built from them.
+            targets: bank mode, one ``(N, K_g)`` non-negative co-occurrence matrix per
+                granularity, :math:`C^g_{ik} > 0` when text ``k`` describes image ``i``
+                (:mod:`mgll.targets` builds them).
+            output_dict: return the three weighted terms as a dict instead of their sum.
+
+        Shape:
+            - image_features: (N, D)
+            - text_features[g]: (N, D) with ``labels``, (K_g, D) with ``targets``
+            - logit_scale, logit_bias: scalar (one element)
+            - labels[g]: (N,) or (N, C_g); targets[g]: (N, K_g)
+            - Output: scalar
+
+        Returns:
+            The scalar loss, in the dtype of the features; with ``output_dict=True`` a dict
+            with the keys ``soft_clip_loss``, ``pointwise_loss`` and ``smooth_kl_loss``, each
+            already weighted, whose values sum to the loss (open_clip's trainers sum such a
+            dict).  Under ``torch.distributed`` see :mod:`mgll.distributed` for what each rank
+            returns.
+
+        Raises:
+            TypeError: an argument of the wrong type: e.g. a Python number as
+                ``logit_scale`` (pass ``torch.tensor(100.0)``), integer features, float
+                ``labels`` (pass them as ``targets``), or labels passed positionally (they
+                land in ``logit_bias``: use ``labels=``).
+            ValueError: shapes that do not fit together (the message names the argument,
+                the expected and the received shape, e.g. transposed ``image_features``),
+                both or neither of ``labels`` and ``targets``, tensors on different devices,
+                and, unless ``validate=False``, NaN/inf or zero-norm features, a logit scale
+                that is not positive, negative labels or targets.  docs/errors.rst lists every
+                check.
+            ImportError: ``backend="triton"`` without triton installed.
+
+        Example:
+            >>> loss_fn = MGLLLoss()
+            >>> image = torch.randn(4, 16, requires_grad=True)           # N=4, D=16
+            >>> texts = [torch.randn(4, 16), torch.randn(4, 16)]         # G=2, paired
+            >>> ids = torch.tensor([0, 0, 1, 1])                         # granularity 0: ids
+            >>> multi_hot = torch.tensor([[1, 0], [1, 1], [0, 1], [0, 1]])  # granularity 1
+            >>> loss = loss_fn(image, texts, torch.tensor(100.0), labels=[ids, multi_hot])
+            >>> loss.shape, loss.requires_grad
+            (torch.Size([]), True)
+            >>> terms = loss_fn(image, texts, torch.tensor(100.0), labels=[ids, multi_hot],
+            ...                 output_dict=True)
+            >>> sorted(terms)
+            ['pointwise_loss', 'smooth_kl_loss', 'soft_clip_loss']
+            >>> torch.allclose(sum(terms.values()), loss)
+            True
+            >>> bank = [torch.randn(3, 16)]                              # G=1, K_0=3 texts
+            >>> c = torch.tensor([[1.0, 0, 0], [1, 1, 0], [0, 0, 1], [0, 1, 0]])  # (N, K_0)
+            >>> MGLLLoss()(image, bank, torch.tensor(100.0), targets=[c]).ndim
+            0
+        """
         return mgll_loss(
             image_features,
             text_features,

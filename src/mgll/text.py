@@ -1,4 +1,4 @@
-r"""Label-to-text builders: structured annotations in, texts and loss inputs out (see docs/guide_annotations.rst).
+r"""Label-to-text builders: structured annotations in, texts and loss inputs out (docs/guide_annotations.rst).
 
 A :class:`Granularity` says how one annotation field becomes text (a template, optional
 per-label descriptions); a :class:`MultiGranularTextBuilder` turns a batch of annotations

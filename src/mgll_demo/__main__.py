@@ -125,11 +125,29 @@ def run(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     return config, runs
 
 
+# The third-party packages of the ``[demo]`` extra (pyproject.toml), by import name.
+DEMO_EXTRA = ("mlxtend", "matplotlib", "tqdm")
+
+
+def require_demo_extra() -> None:
+    """Exit with one line naming the ``[demo]`` extra when any of its packages is missing."""
+    import importlib.util
+
+    missing = [name for name in DEMO_EXTRA if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(
+            f"mgll-demo needs the [demo] extra (missing: {', '.join(missing)}); install it with "
+            'pip install -e ".[demo]" in a clone of mgll, or pip install "<path to the mgll '
+            'wheel>[demo]"'
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``mgll-demo`` / ``python -m mgll_demo``."""
+    args = parse_args(argv)
+    require_demo_extra()
     from mgll_demo import report
 
-    args = parse_args(argv)
     start = time.perf_counter()
     if args.merge:
         loaded = [json.loads(Path(p).read_text()) for p in args.merge]

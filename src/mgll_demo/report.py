@@ -8,8 +8,6 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from mgll_demo.evaluation import METRICS
-
 _SHORT = {
     "zero_shot_auroc": "zero-shot AUROC",
     "linear_probe_auroc": "linear-probe AUROC",
@@ -18,14 +16,33 @@ _SHORT = {
 }
 
 
+def metric_names(runs_or_summary) -> list[str]:
+    """The metrics present, in the order the evaluation reported them (not ``train_seconds``)."""
+    if isinstance(runs_or_summary, dict):
+        keys = (k for stats in runs_or_summary.values() for k in stats)
+    else:
+        keys = (k for r in runs_or_summary for k in r["metrics"])
+    return [k for k in dict.fromkeys(keys) if k != "train_seconds"]
+
+
+def label(metric: str) -> str:
+    return _SHORT.get(metric, metric.replace("_", " "))
+
+
 def summarise(runs: Sequence[dict]) -> dict[str, dict[str, dict[str, float]]]:
     """Per method and metric: mean, sample standard deviation (0 for one seed), n."""
     out: dict[str, dict[str, dict[str, float]]] = {}
+    names = metric_names(runs)
     for name in dict.fromkeys(r["method"] for r in runs):
         mine = [r for r in runs if r["method"] == name]
         out[name] = {}
-        for metric in (*METRICS, "train_seconds"):
-            values = [r["metrics"][metric] if metric in METRICS else r[metric] for r in mine]
+        for metric in (*names, "train_seconds"):
+            if metric == "train_seconds":
+                values = [r[metric] for r in mine]
+            else:
+                values = [r["metrics"][metric] for r in mine if metric in r["metrics"]]
+            if not values:
+                continue
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             out[name][metric] = {"mean": statistics.fmean(values), "std": std, "n": len(values)}
     return out
@@ -33,12 +50,16 @@ def summarise(runs: Sequence[dict]) -> dict[str, dict[str, dict[str, float]]]:
 
 def table(summary: dict, fmt: str = "text", seconds: bool = True) -> str:
     """A plain-text (or reStructuredText list-table) table of the summary."""
-    header = ["method", *(_SHORT[m] for m in METRICS)] + (["train s"] if seconds else [])
+    metrics = metric_names(summary)
+    header = ["method", *(label(m) for m in metrics)] + (["train s"] if seconds else [])
     rows = []
     for name, stats in summary.items():
         cells = [name]
-        for metric in METRICS:
-            s = stats[metric]
+        for metric in metrics:
+            s = stats.get(metric)
+            if s is None:
+                cells.append("-")
+                continue
             cells.append(f"{s['mean']:.4f}" + (f" ± {s['std']:.4f}" if s["n"] > 1 else ""))
         if seconds:
             cells.append(f"{stats['train_seconds']['mean']:.0f}")
@@ -61,47 +82,98 @@ def save_json(path: Path, config: dict, runs: Sequence[dict], summary: dict) -> 
 
 
 def save_png(path: Path, runs: Sequence[dict], summary: dict) -> None:
-    """Training loss, held-out zero-shot AUROC during training, and the final metrics."""
+    """Write :func:`figure` to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(runs, summary)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def figure(runs: Sequence[dict], summary: dict):
+    """Training loss, held-out zero-shot AUROC during training, and the final metrics.
+
+    Every panel has a y-axis label; the losses are the raw values on one shared axis (each
+    method's own objective, so compare their shapes, not their heights); the bars start at 0;
+    error bars and "mean ± std" appear only when a method has several seeds.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     methods = list(summary)
+    metrics = metric_names(summary)
+    seeds = sorted({r["seed"] for r in runs})
+    several = max((s["n"] for st in summary.values() for s in st.values()), default=1) > 1
     colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    plt.rcParams.update({"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11})
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.4), gridspec_kw={"width_ratios": [1, 1, 1.3]})
     for r in runs:
-        label = r["method"] if r["seed"] == runs[0]["seed"] else None
         losses = r["losses"]
         smooth = _moving_average(losses, max(1, len(losses) // 30))
-        axes[0].plot([x / losses[0] for x in smooth], color=colors[r["method"]], label=label, lw=1)
-        axes[1].plot(
-            r["curve_steps"],
-            r["curve_zero_shot"],
-            "o-",
-            color=colors[r["method"]],
-            label=label,
-            ms=3,
-        )
-    axes[0].set(title="training loss / initial loss", xlabel="step", yscale="log")
-    axes[1].set(title="held-out zero-shot macro AUROC", xlabel="step")
-    for ax in axes[:2]:
-        ax.legend(fontsize=7)
+        steps = range(1, len(smooth) + 1)
+        axes[0].plot(steps, smooth, color=colors[r["method"]], lw=1.5, alpha=0.9)
+        if r.get("curve_steps"):
+            axes[1].plot(
+                r["curve_steps"], r["curve_zero_shot"], "o-", color=colors[r["method"]], ms=4
+            )
+    axes[0].set(
+        title="training loss (each method's own objective)",
+        xlabel="step",
+        ylabel="loss (nats, moving average)",
+    )
+    axes[1].axhline(0.5, color="0.5", ls="--", lw=1)
+    axes[1].text(
+        0.01,
+        0.5,
+        "chance",
+        color="0.4",
+        ha="left",
+        va="bottom",
+        transform=axes[1].get_yaxis_transform(),
+    )
+    axes[1].set(
+        title="held-out zero-shot AUROC during training",
+        xlabel="step",
+        ylabel="zero-shot macro AUROC",
+    )
+    lo = min([0.5, *(min(r["curve_zero_shot"]) for r in runs if r.get("curve_zero_shot"))])
+    axes[1].set_ylim(max(0.0, math.floor(lo * 10) / 10 - 0.02), 1.0)
+
+    ax = axes[2]
     width = 0.8 / max(1, len(methods))
     for j, m in enumerate(methods):
-        means = [summary[m][k]["mean"] for k in METRICS]
-        stds = [summary[m][k]["std"] for k in METRICS]
-        xs = [i + j * width for i in range(len(METRICS))]
-        axes[2].bar(xs, means, width, yerr=stds, color=colors[m], label=m)
-    axes[2].set_xticks([i + 0.4 - width / 2 for i in range(len(METRICS))])
-    axes[2].set_xticklabels([_SHORT[k] for k in METRICS], fontsize=8)
-    lows = [summary[m][k]["mean"] - summary[m][k]["std"] for m in methods for k in METRICS]
-    axes[2].set_ylim(max(0.0, math.floor(min(lows) * 20) / 20 - 0.05), 1.0)
-    axes[2].set_title("held-out metrics (mean ± std over seeds)")
-    axes[2].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(metrics))]
+        means = [summary[m].get(k, {"mean": math.nan})["mean"] for k in metrics]
+        stds = [summary[m].get(k, {"std": 0.0})["std"] for k in metrics]
+        bars = ax.bar(
+            xs,
+            means,
+            width * 0.95,
+            color=colors[m],
+            yerr=stds if several else None,
+            capsize=3 if several else 0,
+        )
+        ax.bar_label(bars, fmt="%.2f", fontsize=9, padding=6 if several else 2)
+    for i, k in enumerate(metrics):
+        if "auroc" in k:  # AUROC's chance level; retrieval mAP's depends on the labels
+            ax.hlines(0.5, i - 0.45, i + 0.45, colors="0.4", linestyles="--", lw=1)
+    ax.set_xticks(range(len(metrics)))
+    ax.set_xticklabels([label(k).replace(" ", "\n", 1) for k in metrics])
+    ax.set_ylim(0.0, 1.08)
+    ax.set_ylabel("held-out score (higher is better)")
+    if several:
+        n = max(s["n"] for st in summary.values() for s in st.values())
+        ax.set_title(f"held-out metrics: mean ± std over {n} seeds (dashed: AUROC chance)")
+    else:
+        ax.set_title(f"held-out metrics, one run (seed {seeds[0]}; dashed: AUROC chance)")
+    handles = [plt.Line2D([], [], color=colors[m], lw=6) for m in methods]
+    fig.legend(
+        handles, methods, loc="lower center", ncol=min(len(methods), 5), fontsize=11, frameon=False
+    )
+    fig.tight_layout(rect=(0, 0.02 + 0.05 * math.ceil(len(methods) / 5), 1, 1))
+    return fig
 
 
 def _moving_average(xs: Sequence[float], k: int) -> list[float]:

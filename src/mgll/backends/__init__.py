@@ -1,4 +1,4 @@
-"""Backends: interchangeable implementations of the same loss (SPEC section 5).
+"""Backends: interchangeable implementations of the same loss (docs/backends.rst).
 
 A backend is a function ``compute(problem, config) -> LossTerms``.  Backends are imported only
 when first used, so optional ones (triton) never load with ``import mgll``.
@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import numbers
+import os
 from collections.abc import Callable
+
+import torch
 
 from mgll._problem import LossConfig, LossTerms, Problem
 
@@ -24,15 +27,51 @@ BACKENDS: dict[str, str] = {
 }
 
 
-def available_backends() -> tuple[str, ...]:
-    """Names accepted by ``MGLLLoss(backend=...)`` on this installation.
+def available_backends(device: str | torch.device | None = None) -> tuple[str, ...]:
+    """The names ``MGLLLoss(backend=...)`` can run with here, on ``device``.
+
+    ``"auto"``, ``"reference"``, ``"fused"`` and ``"tiled"`` run everywhere.  ``"triton"`` is
+    listed only where it can run: triton is installed and the tensors are on CUDA (with CUDA
+    available), or on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
+    Asking for ``backend="triton"`` anywhere else raises the error this rule predicts: an
+    :class:`ImportError` naming the ``[triton]`` extra without triton, a
+    :class:`ValueError` for tensors that are not on CUDA.
+
+    Args:
+        device: where the features will live (``"cpu"``, ``"cuda:0"``, a
+            :class:`torch.device`); default: CUDA when it is available, else the CPU.
+
+    Returns:
+        A tuple of names, ``"auto"`` first.
+
+    Raises:
+        TypeError: if ``device`` is not a string, a :class:`torch.device` or None.
 
     Example:
         >>> import mgll
-        >>> mgll.available_backends()[:2]
-        ('auto', 'reference')
+        >>> mgll.available_backends("cpu")[:4]
+        ('auto', 'reference', 'fused', 'tiled')
     """
-    return ("auto", *BACKENDS)
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif isinstance(device, str):
+        device = torch.device(device)
+    elif not isinstance(device, torch.device):
+        raise TypeError(
+            f"`device` must be a string such as 'cpu' or 'cuda', a torch.device or None, "
+            f"got {type(device).__name__}"
+        )
+    return tuple(name for name in ("auto", *BACKENDS) if _runs_on(name, device))
+
+
+def _runs_on(name: str, device: torch.device) -> bool:
+    if name != "triton":
+        return True
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available()
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def resolve_backend(name: str, problem: Problem) -> Backend:

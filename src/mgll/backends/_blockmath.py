@@ -328,7 +328,7 @@ def kl_identity(z: Tensor, rlse: Tensor, q: Tensor, want_grad: bool):
 
 
 def kl_general_rows(probs: list[Tensor], maps: list[Tensor | None], part: list[bool]):
-    """Pooled smooth KL of SPEC 2.3b for full rows: per-row value and dL/du for each map.
+    """Pooled smooth KL of docs/smooth_kl.rst for full rows: per-row value and dL/du for each map.
 
     ``probs[g]`` is the row softmax (r, K_g); u^g = P^g T^g.  Returns the value summed over
     the rows and, per granularity that takes part, (u, dL/du, sum_j u dL/du).

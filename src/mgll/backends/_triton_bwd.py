@@ -17,8 +17,8 @@ N_ROW_FIELDS = tl.constexpr(6)
 CF_LSE, CF_CE, CF_INV = (tl.constexpr(i) for i in range(3))
 N_COL_FIELDS = tl.constexpr(3)
 #: Integer arguments compiled as plain runtime values (one kernel for every batch and option).
-_NOT_SPECIALIZED = ["row_lo", "row_hi", "col_lo", "col_hi", "N", "KMAX", "D", "NCLS", "G"]
-_NOT_SPECIALIZED += ["soft_y", "kind", "has_kl"]
+_DYNAMIC_ARGS = ["row_lo", "row_hi", "col_lo", "col_hi", "N", "KMAX", "D", "NCLS", "G"]
+_DYNAMIC_ARGS += ["soft_y", "kind", "has_kl"]
 
 
 @triton.jit
@@ -111,7 +111,7 @@ def _accumulate(
     tl.debug_barrier()  # the next tile reads what this one wrote, possibly from another thread
 
 
-@triton.jit(do_not_specialize=[*_NOT_SPECIALIZED, "write_dx"])
+@triton.jit(do_not_specialize=[*_DYNAMIC_ARGS, "write_dx"])
 def dx_kernel(
     X,
     T,
@@ -218,7 +218,7 @@ def dx_kernel(
     tl.store(RED + N + offs_i, d_bias, mask=mask_i)
 
 
-@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+@triton.jit(do_not_specialize=_DYNAMIC_ARGS)
 def dt_kernel(
     X,
     T,

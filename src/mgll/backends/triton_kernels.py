@@ -1,4 +1,4 @@
-r"""``backend="triton"``: fused Triton kernels for the heavy N x K_g parts (SPEC section 5).
+r"""``backend="triton"``: fused Triton kernels for the heavy N x K_g parts (docs/backends.rst).
 
 Tiled like flash-attention / Inf-CL: logits :math:`Z^g = s\,X T^{g\top}` are recomputed tile by
 tile from the features and never stored.  Forward: one program per image row block (and one
@@ -38,7 +38,10 @@ from mgll._problem import LossConfig, LossTerms, Problem
 from mgll._terms import smooth_kl_rows
 from mgll.backends._triton_autograd import TritonMGLL
 
-INSTALL_HINT = 'backend="triton" needs the optional dependency triton: pip install "mgll[triton]"'
+INSTALL_HINT = (
+    'backend="triton" needs the optional dependency triton (the [triton] extra): '
+    'pip install "triton>=3.0"'
+)
 
 #: Launch settings on CUDA and in the interpreter (tests may shrink the interpreter's tiles).
 #: On sm_90 (ptxas, bf16) these compile without register spills except 160 B in the dX kernel;
