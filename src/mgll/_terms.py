@@ -82,3 +82,36 @@ def _clamp_rows(kl: Tensor) -> Tensor:
 
 def _safe_log(x: Tensor, mask: Tensor) -> Tensor:
     return torch.log(torch.where(mask, x, torch.ones_like(x)))
+
+
+def scale_free(c: Tensor) -> Tensor:
+    """``c`` times the power of two that brings its largest entry into [0.5, 1).
+
+    Targets are scale-free (every term normalises them), so this changes no loss; it makes every
+    line sum fit the float range, from subnormal entries (1e-45) to 3e38.  The two multiplications
+    by powers of two are exact whenever the result is a normal number.
+    """
+    top = c.amax() if c.numel() else c.new_zeros(())
+    shift = -torch.frexp(top)[1].to(torch.int64)  # top = m 2^e, m in [0.5, 1); frexp(0) = (0, 0)
+    half = torch.div(shift, 2, rounding_mode="floor")
+    two = c.new_tensor(2.0)
+    scaled = c * two ** half.to(c.dtype) * two ** (shift - half).to(c.dtype)
+    return torch.where(c > 0, scaled.clamp_min(_smallest(c.dtype)), scaled)  # 1[C > 0] kept
+
+
+def normalise_lines(c: Tensor, dim: int) -> Tensor:
+    """``c`` divided by its sums along ``dim`` (rows: 1, columns: 0); zero lines stay zero.
+
+    A division, never a multiplication by ``1 / sum``: a subnormal sum (a row of ``exp(-100)``
+    in float32) has no finite reciprocal, but dividing by it is exact to rounding.  A positive
+    entry stays positive (at least the smallest subnormal), so ``1[C > 0]`` is unchanged.
+    """
+    sums = c.sum(dim, keepdim=True)
+    w = c / torch.where(sums > 0, sums, torch.ones_like(sums))
+    return torch.where(c > 0, w.clamp_min(_smallest(c.dtype)), w)
+
+
+def _smallest(dtype: torch.dtype) -> float:
+    """The smallest positive (subnormal) number of ``dtype``."""
+    info = torch.finfo(dtype)
+    return info.tiny * info.eps

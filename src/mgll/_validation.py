@@ -84,9 +84,19 @@ def check_reference(reference: int | None, g_count: int) -> None:
 # ----------------------------------------------------------------------------- structure
 
 
-def check_features(image: object, texts: object) -> list[Tensor]:
-    """Image (N, D) and text features (a sequence of G (K_g, D) tensors) of one float dtype."""
+def check_features(image: object, texts: object, allow_empty: bool = False) -> list[Tensor]:
+    """Image (N, D) and text features (a sequence of G (K_g, D) tensors) of one float dtype.
+
+    ``allow_empty``: N = 0 is valid (a rank without samples under ``torch.distributed``; the
+    global batch is checked once gathered).
+    """
     _check_float_matrix("image_features", image)
+    if image.is_meta:
+        raise ValueError(
+            "`image_features` is a meta tensor (no data: device='meta'); the loss needs the "
+            "values, so build the model and its inputs on a real device (e.g. call "
+            "`model.to_empty(device=...)` and load weights) before computing it"
+        )
     if isinstance(texts, Tensor) or not isinstance(texts, Sequence) or len(texts) == 0:
         got = (
             f"a tensor of shape {tuple(texts.shape)}"
@@ -98,7 +108,7 @@ def check_features(image: object, texts: object) -> list[Tensor]:
             f"granularity), got {got}"
         )
     n, d = image.shape
-    if n == 0:
+    if n == 0 and not allow_empty:
         raise ValueError("`image_features` is an empty batch (N=0); MGLL needs at least one image")
     for g, t in enumerate(texts):
         _check_float_matrix(f"text_features[{g}]", t)
@@ -107,7 +117,7 @@ def check_features(image: object, texts: object) -> list[Tensor]:
                 f"`text_features[{g}]` must have {d} columns to match `image_features` "
                 f"(N={n}, D={d}), got {tuple(t.shape)}"
             )
-        if t.shape[0] == 0:
+        if t.shape[0] == 0 and not (allow_empty and n == 0):  # paired on an empty rank: K_g = 0
             raise ValueError(
                 f"`text_features[{g}]` is empty (K_{g}=0); every granularity needs a text"
             )

@@ -26,6 +26,7 @@ def _dz_tile(
     X,
     T_g,
     TGT,
+    TGT_C,
     ROWF,
     COLF,
     g,
@@ -59,6 +60,11 @@ def _dz_tile(
     """
     z = scale * _dot_rows(X, T_g, offs_i, offs_k, mask_i, mask_k, D, BLOCK_D, PREC)
     c = _targets(TGT, g, offs_i, offs_k, mask_i, mask_k, N, KMAX, NCLS, kind, False, BLOCK_C)
+    c_c = c  # the t2i side: bank targets normalised per column (W^c), else C itself
+    if kind == 2:
+        c_c = _targets(
+            TGT_C, g, offs_i, offs_k, mask_i, mask_k, N, KMAX, NCLS, kind, False, BLOCK_C
+        )
     rowf = ROWF + g * N_ROW_FIELDS * N + offs_i
     lse_r = tl.load(rowf + RF_LSE * N, mask=mask_i, other=0.0)
     inv_r = tl.load(rowf + RF_INV * N, mask=mask_i, other=0.0)
@@ -71,7 +77,7 @@ def _dz_tile(
     ce_c = tl.load(colf + CF_CE * KMAX, mask=mask_k, other=0.0)
     inv_c = tl.load(colf + CF_INV * KMAX, mask=mask_k, other=0.0)
     p_c = tl.exp(tl.minimum(z - lse_c[None, :], 0.0))
-    dz = ce_r[:, None] * (p - c * inv_r[:, None]) + ce_c[None, :] * (p_c - c * inv_c[None, :])
+    dz = ce_r[:, None] * (p - c * inv_r[:, None]) + ce_c[None, :] * (p_c - c_c * inv_c[None, :])
     w_pw = tl.load(rowf + RF_PW * N, mask=mask_i, other=0.0)
     y = tl.where(soft_y != 0, c * inv_r[:, None], (c > 0).to(tl.float32))
     valid = mask_i[:, None] & mask_k[None, :]
@@ -113,6 +119,7 @@ def dx_kernel(
     X,
     T,
     TGT,
+    TGT_C,
     ROWF,
     COLF,
     DX,
@@ -184,6 +191,7 @@ def dx_kernel(
                     X,
                     T_g,
                     TGT,
+                    TGT_C,
                     ROWF,
                     COLF,
                     g,
@@ -218,6 +226,7 @@ def dt_kernel(
     X,
     T,
     TGT,
+    TGT_C,
     ROWF,
     COLF,
     DT,
@@ -283,6 +292,7 @@ def dt_kernel(
                     X,
                     T_g,
                     TGT,
+                    TGT_C,
                     ROWF,
                     COLF,
                     g,
