@@ -12,7 +12,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -40,9 +39,13 @@ def pointwise_targets(cooc: Tensor, target: str) -> Tensor:
 def pointwise_rows(logits: Tensor, targets: Tensor) -> Tensor:
     """sum_ik -[Y log s(Z) + (1 - Y) log s(-Z)] = sum_ik softplus(Z) - Y Z  (stable form).
 
+    softplus is ``logaddexp(Z, 0)``: stable, and its gradient is exactly sigmoid(Z) (torch's
+    ``F.softplus`` returns Z itself above its threshold 20, a gradient of 1 instead of
+    1 - 2e-9, visible in float64).
+
     Shape: logits, targets (n, K), bias already added to ``logits``.
     """
-    return (F.softplus(logits) - targets * logits).sum()
+    return (torch.logaddexp(logits, torch.zeros_like(logits)) - targets * logits).sum()
 
 
 def smooth_kl_rows(logits: Sequence[Tensor], maps: Sequence[Tensor | None]) -> Tensor:
@@ -85,14 +88,17 @@ def _safe_log(x: Tensor, mask: Tensor) -> Tensor:
 
 
 def scale_free(c: Tensor) -> Tensor:
-    """``c`` times the power of two that brings its largest entry into [0.5, 1).
+    """``c`` brought to a moderate scale by an exact power of two.
 
-    Targets are scale-free (every term normalises them), so this changes no loss; it makes every
-    line sum fit the float range, from subnormal entries (1e-45) to 3e38.  The two multiplications
-    by powers of two are exact whenever the result is a normal number.
+    Targets are scale-free (every term normalises them), so this changes no loss; it keeps every
+    line sum in the float range, from subnormal entries (1e-45) to 3e38: when the largest entry
+    is below 2^-60 or above 2^60 it is brought into [0.5, 1).  Moderate targets are left alone
+    (scaling them down would round their subnormal entries).  A multiplication by a power of
+    two is exact whenever the result is a normal number; a positive entry stays positive.
     """
     top = c.amax() if c.numel() else c.new_zeros(())
-    shift = -torch.frexp(top)[1].to(torch.int64)  # top = m 2^e, m in [0.5, 1); frexp(0) = (0, 0)
+    exp = torch.frexp(top)[1].to(torch.int64)  # top = m 2^e, m in [0.5, 1); frexp(0) = (0, 0)
+    shift = torch.where((exp > 60) | (exp < -60), -exp, torch.zeros_like(exp))
     half = torch.div(shift, 2, rounding_mode="floor")
     two = c.new_tensor(2.0)
     scaled = c * two ** half.to(c.dtype) * two ** (shift - half).to(c.dtype)

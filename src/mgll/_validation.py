@@ -29,6 +29,11 @@ OPTIONS = {
 #: A row whose L2 norm is at most this is "zero" for ``F.normalize`` (its default ``eps``).
 NORM_EPS = 1e-12
 
+#: The largest accepted ``|logit_bias|``.  A sigmoid saturates in every float type long before
+#: (sigma(+-100) is exactly 0 or 1 in float32), and the pointwise term sums N * K_g values of
+#: about ``|b|``: below this bound that sum cannot overflow float32 (a bias of 1e37 gave inf).
+MAX_LOGIT_BIAS = 1e6
+
 # ----------------------------------------------------------------------------- settings
 
 
@@ -231,6 +236,7 @@ def check_logits_and_targets(logits: object, targets: object, bias: object = Non
     if bias is not None:
         check_scalar("logit_bias", bias, logits, like_name="logits")
         conditions.append(_scalar_condition("logit_bias", bias, positive=False))
+        conditions.append(_bias_bound(bias))
     check_values(conditions)
 
 
@@ -351,6 +357,7 @@ def batch_conditions(
     conditions.append(_scalar_condition("logit_scale", scale, positive=True))
     if bias is not None:
         conditions.append(_scalar_condition("logit_bias", bias, positive=False))
+        conditions.append(_bias_bound(bias))
     name = "labels" if mode == "paired" else "targets"
     for g, x in enumerate(values):
         if mode == "bank":
@@ -437,3 +444,16 @@ def _scalar_condition(name: str, value: Tensor, positive: bool) -> Condition:
         )
 
     return ok, fail
+
+
+def _bias_bound(bias: Tensor) -> Condition:
+    """``|logit_bias| <= MAX_LOGIT_BIAS`` (a NaN or inf bias fails the finiteness check first)."""
+    b = bias.detach().reshape(())
+
+    def fail() -> None:
+        raise ValueError(
+            f"`logit_bias` must lie in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}] (a sigmoid bias: "
+            f"SigLIP starts at -10; beyond this the pointwise sums can overflow), got {b.item():g}"
+        )
+
+    return ~(b.abs() > MAX_LOGIT_BIAS), fail

@@ -224,6 +224,7 @@ def mgll_loss(
         smooth_kl_reference=smooth_kl_reference,
     )
     check_backend(backend)
+    v.check_flag("normalize", normalize)
     dist_options = distributed.check_options(gather_with_grad, local_loss, rank, world_size, group)
     # under torch.distributed a rank may hold no sample (the last, uneven batch); the global
     # batch must not be empty (checked on every rank alike once the sizes are gathered)
@@ -260,9 +261,21 @@ def mgll_loss(
 def _run(problem, config: LossConfig, backend: str, like: Tensor) -> LossTerms:
     with torch.autocast(like.device.type, enabled=False):
         terms = resolve_backend(backend, problem)(problem, config)
+        # a term that is off (weight 0) is a differentiable zero on every backend: backward()
+        # on the loss works and gives zero gradients, whatever the weights
+        anchor = _graph_zero(problem)
+        terms = LossTerms(*(t if t.requires_grad else t + anchor for t in terms))
     # float32 (or wider) for half inputs and under autocast, as open_clip's losses: a half loss
     # rounds, and overflows once a GradScaler multiplies it by 65536 (docs/errors.rst)
     return LossTerms(*(t.to(compute_dtype(like.dtype)) for t in terms))
+
+
+def _graph_zero(problem) -> Tensor:
+    """An exact 0 connected to every differentiable input (sums of empty slices)."""
+    leaves = [problem.image, *problem.texts, problem.scale.reshape(1)]
+    if problem.bias is not None:
+        leaves.append(problem.bias.reshape(1))
+    return sum((x[:0].sum() for x in leaves), problem.scale.new_zeros(()))
 
 
 def make_config(**settings) -> LossConfig:

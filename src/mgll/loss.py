@@ -106,7 +106,7 @@ class MGLLLoss(nn.Module):
             smooth_kl_reference=smooth_kl_reference,
         )
         check_backend(backend)
-        self.normalize = bool(normalize)
+        self.normalize = check_flag("normalize", normalize)
         self.backend = backend
         self.validate = check_flag("validate", validate)
         options = check_options(gather_with_grad, local_loss, rank, world_size, group)
