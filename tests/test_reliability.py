@@ -19,7 +19,6 @@ import torch
 import mgll
 from backends_under_test import CPU_BACKENDS
 from mgll.functional import pointwise_loss, soft_clip_loss
-from mgll.targets import stable_ids
 
 BACKENDS = [*CPU_BACKENDS, "auto"]
 ANALYTIC = [b for b in BACKENDS if b != "reference"]  # first-order only
@@ -210,6 +209,8 @@ def test_first_grad_scaler_step_under_fp16_autocast_is_taken(backend):
 
 
 def test_stable_ids_are_equal_for_equal_strings_only():
+    from mgll.targets import stable_ids
+
     labels = ["DR", "AMD", "DR", "glaucoma", "", "dr", "Ünïcode"]
     ids = stable_ids(labels)
     assert ids.dtype == torch.int64 and ids.shape == (7,) and bool((ids >= 0).all())
@@ -220,6 +221,8 @@ def test_stable_ids_are_equal_for_equal_strings_only():
 
 def test_stable_ids_do_not_depend_on_the_process():
     """Python's hash() changes with PYTHONHASHSEED; the ids must not (they cross ranks)."""
+    from mgll.targets import stable_ids
+
     code = "import json, mgll; print(json.dumps(mgll.targets.stable_ids(['DR', 'AMD']).tolist()))"
     outs = set()
     for seed in ("1", "2"):
@@ -232,6 +235,8 @@ def test_stable_ids_do_not_depend_on_the_process():
 
 def test_per_batch_numbering_is_the_silent_bug_stable_ids_avoid():
     """Two "ranks" numbering their own labels give colliding ids in the gathered batch."""
+    from mgll.targets import stable_ids
+
     names = [["DR", "AMD", "DR"], ["AMD", "glaucoma", "AMD"]]
     per_batch = torch.cat([torch.unique(torch.tensor([hash(x) for x in b]),
                                         return_inverse=True)[1] for b in names])  # fmt: skip
@@ -244,6 +249,8 @@ def test_per_batch_numbering_is_the_silent_bug_stable_ids_avoid():
 
 @pytest.mark.parametrize("bad", ["DR", ["DR", 3], None])
 def test_stable_ids_reject_non_strings(bad):
+    from mgll.targets import stable_ids
+
     with pytest.raises(TypeError, match=r"`labels(\[1\])?` must be"):
         stable_ids(bad)
 
