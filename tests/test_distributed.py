@@ -186,18 +186,17 @@ def _worker(rank: int, world: int, folder: str) -> None:
             out["errors"][name] = str(error)
         dist.barrier()  # every rank got here: nothing hangs after the error either
     torch.save(out, f"{folder}/rank{rank}.pt")
-    teardown()
+    teardown(f"{folder}/done{rank}")
 
 
-def teardown() -> None:
+def teardown(marker: str) -> None:
     """The teardown of docs/distributed.rst: no rank leaves while another still talks to it.
 
-    A rank that destroys its process group and exits while a peer is still inside a collective
-    or about to destroy its own (a loaded machine delays it) closes the gloo connections under
-    that peer, which then aborts (SIGABRT).  A barrier first means every rank has finished all
-    its collectives; then each destroys its group.
+    A barrier first, so that every rank has finished all its collectives, then each destroys
+    its group.  ``marker`` records that this rank passed the barrier with its results saved.
     """
     dist.barrier()
+    Path(marker).touch()
     dist.destroy_process_group()
 
 
@@ -278,9 +277,17 @@ def _launch(folder) -> dict[int, list[dict]]:
     deadline = time.monotonic() + TIMEOUT - 10
     try:
         for world, context in contexts.items():
-            while not context.join(timeout=1.0):  # raises if a worker raised
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the {world} gloo workers did not finish in time")
+            try:
+                while not context.join(timeout=1.0):  # raises if a worker raised
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"the {world} gloo workers did not finish in time")
+            except mp.ProcessExitedException:
+                # a signal (SIGABRT) inside destroy_process_group, after every rank saved its
+                # results and passed the final barrier, is gloo's teardown on a loaded machine
+                # (docs/distributed.rst), not a result under test; anything earlier fails
+                done = [folder / f"w{world}" / f"done{r}" for r in range(world)]
+                if not all(path.exists() for path in done):
+                    raise
     finally:
         for context in contexts.values():
             for process in context.processes:
@@ -362,7 +369,10 @@ def test_a_rank_without_samples(runs, case):
             torch.testing.assert_close(result["global"][key], value, **TOLERANCE)
         for name, grad in grads.items():
             torch.testing.assert_close(
-                result["grads"][name], grad, **TOLERANCE, msg=lambda m, r=rank, n=name: f"{r} {n}: {m}"
+                result["grads"][name],
+                grad,
+                **TOLERANCE,
+                msg=lambda m, r=rank, n=name: f"{r} {n}: {m}",
             )
 
 
