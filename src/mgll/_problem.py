@@ -169,7 +169,11 @@ def build_problem(
                 for c in cooc
             ],
             kl_maps=kl_maps,
-            col_weights=[normalise_lines(c.data, 0) if c.kind == "dense" else None for c in cooc],
+            # W^c: weights only (the support and the anchors are read from W^r)
+            col_weights=[
+                normalise_lines(c.data, 0, keep_support=False) if c.kind == "dense" else None
+                for c in cooc
+            ],
         )
 
 

@@ -263,8 +263,9 @@ def _run(problem, config: LossConfig, backend: str, like: Tensor) -> LossTerms:
         terms = resolve_backend(backend, problem)(problem, config)
         # a term that is off (weight 0) is a differentiable zero on every backend: backward()
         # on the loss works and gives zero gradients, whatever the weights
-        anchor = _graph_zero(problem)
-        terms = LossTerms(*(t if t.requires_grad else t + anchor for t in terms))
+        if not all(t.requires_grad for t in terms):
+            anchor = _graph_zero(problem)
+            terms = LossTerms(*(t if t.requires_grad else t + anchor for t in terms))
     # float32 (or wider) for half inputs and under autocast, as open_clip's losses: a half loss
     # rounds, and overflows once a GradScaler multiplies it by 65536 (docs/errors.rst)
     return LossTerms(*(t.to(compute_dtype(like.dtype)) for t in terms))
