@@ -70,8 +70,9 @@ class MGLLLoss(nn.Module):
         loss gathers ``labels`` and compares their integer ids across ranks.  Numbering each
         batch's labels on its own (``torch.unique(..., return_inverse=True)`` or a
         ``{label: index}`` dict per batch) makes different classes share an id and trains on
-        wrong targets with no error.  Use the declared ``classes`` of
-        :class:`mgll.text.Granularity` (the builder's ids), :func:`mgll.targets.stable_ids` for
+        wrong targets with no error (the builder does this for a granularity without declared
+        ``classes``).  Use the declared ``classes`` of :class:`mgll.text.Granularity` (then
+        the builder's ids are fixed), :func:`mgll.targets.stable_ids` for
         label strings, or one vocabulary built once for the dataset; see the distributed guide.
 
     Returns:
