@@ -178,7 +178,7 @@ def build_problem(
 
 
 def scale_free_targets(cooc: Sequence[CoOccurrence], dtype: torch.dtype) -> list[CoOccurrence]:
-    """Bank targets in ``dtype``, times the power of two that brings their maximum to [0.5, 1).
+    """Bank targets in ``dtype`` at a moderate scale (:func:`mgll._terms.scale_free`).
 
     Every term normalises the targets, so this changes no loss; it keeps their sums in the float
     range for any scale (1e-45 to 3e38).  The smooth-KL maps are built from these; the backends
