@@ -26,6 +26,7 @@ class LossConfig:
     pointwise_norm: str = "pairs"
     smooth_kl_support: str = "coarse"
     smooth_kl_reference: int | None = None
+    overlap: str | tuple[str, ...] = "any"
 
     def lam(self, g: int) -> float:
         return 1.0 if self.granularity_weights is None else float(self.granularity_weights[g])
@@ -95,11 +96,24 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def cooccurrence_from_labels(labels: Tensor) -> CoOccurrence:
-    """Paired mode: (N,) integer ids, or (N, C_g) multi-hot label sets."""
+def cooccurrence_from_labels(
+    labels: Tensor, rule: str = "any", check: bool = False
+) -> CoOccurrence:
+    """Paired mode: (N,) integer ids (equal ids, whatever ``rule``), or (N, C_g) multi-hot
+    label vectors combined by the overlap ``rule`` (see :mod:`mgll._overlap`).
+
+    ``check``: find out whether float labels are 0/1 (one host synchronisation) so that they
+    take the matrix-product path; otherwise they take the elementwise one (the same values).
+    """
     if labels.dim() == 1:
         return CoOccurrence("ids", labels)
-    return CoOccurrence("multi_hot", labels)
+    zero_one = (
+        check
+        and labels.is_floating_point()
+        and rule != "count"  # count is one matrix product on any entries
+        and bool(((labels == 0) | (labels == 1)).all())
+    )
+    return CoOccurrence("multi_hot", labels, rule, zero_one)
 
 
 def smooth_kl_maps(
@@ -153,7 +167,9 @@ def build_problem(
 
     # Everything is prepared in the compute dtype: autocast must not turn R^g S into bf16.
     with torch.autocast(image_features.device.type, enabled=False):
-        cooc = scale_free_targets(cooc, dtype)
+        # the "graded" pointwise target min(C, 1) reads the targets' own scale: used as given
+        free = config.pointwise_target != "graded"
+        cooc = scale_free_targets(cooc, dtype) if free else list(cooc)
         kl_maps = (
             smooth_kl_maps(cooc, config, dtype)
             if config.smooth_kl_weight != 0
@@ -165,13 +181,17 @@ def build_problem(
             scale=logit_scale.to(dtype).reshape(()),
             bias=None if logit_bias is None else logit_bias.to(dtype).reshape(()),
             cooc=[
-                CoOccurrence("dense", normalise_lines(c.data, 1)) if c.kind == "dense" else c
+                CoOccurrence("dense", normalise_lines(c.data, 1))
+                if c.kind == "dense" and free
+                else c
                 for c in cooc
             ],
             kl_maps=kl_maps,
             # W^c: weights only (the support and the anchors are read from W^r)
             col_weights=[
-                normalise_lines(c.data, 0, keep_support=False) if c.kind == "dense" else None
+                normalise_lines(c.data, 0, keep_support=False)
+                if c.kind == "dense" and free
+                else None
                 for c in cooc
             ],
         )

@@ -27,8 +27,11 @@ class MGLLLoss(nn.Module):
         pointwise_weight: :math:`\alpha_2`, weight of the pointwise sigmoid term.
         smooth_kl_weight: :math:`\alpha_3`, weight of the cross-granularity smooth KL.
         granularity_weights: :math:`\lambda_g`, one per granularity (default all 1).
-        pointwise_target: ``"binary"`` (:math:`1[C>0]`, default) or ``"soft"`` (C normalised
-            per row, as the authors' code).
+        pointwise_target: ``"binary"`` (:math:`1[C>0]`, default: every pair with a positive
+            weight is a positive, in both input modes), ``"graded"`` (:math:`\min(C, 1)`, a soft
+            BCE target for partial weights such as Jaccard overlaps or uncertain labels; equal
+            to ``"binary"`` on 0/1 co-occurrence) or ``"soft"`` (C normalised per row, as the
+            authors' code).
         pointwise_norm: ``"pairs"`` (divide by N*K_g, default) or ``"images"`` (divide by N).
         smooth_kl_support: ``"coarse"`` (default: pool the samples by a coarse granularity
             before comparing, SPEC 2.3b; it beat the paper's form on every setting of the demo,
@@ -36,6 +39,13 @@ class MGLLLoss(nn.Module):
         smooth_kl_reference: the granularity whose groups pool the samples for
             ``"coarse"``; default: the coarsest in the batch (fewest distinct ids or label
             sets).
+        overlap: how two multi-hot label vectors of a paired batch become a co-occurrence
+            weight: ``"any"`` (default: 1 when they share a label), ``"count"`` (the number of
+            shared labels) or ``"jaccard"`` (shared over present labels), or a sequence with one
+            rule per granularity.  Entries may be label probabilities in [0, 1] (uncertain
+            labels); the rules generalise as documented in
+            :func:`mgll.targets.from_multi_hot`.  Integer ids always mean "equal id"; bank
+            ``targets`` are used as given.
         normalize: L2-normalise the features (default True); a bool.
         backend: ``"auto"`` or a name from :func:`mgll.available_backends`.
         validate: check the input *values* (finite features with a non-zero norm, a positive
@@ -106,6 +116,7 @@ class MGLLLoss(nn.Module):
         pointwise_norm: str = "pairs",
         smooth_kl_support: str = "coarse",
         smooth_kl_reference: int | None = None,
+        overlap: str | Sequence[str] = "any",
         normalize: bool = True,
         backend: str = "auto",
         validate: bool = True,
@@ -125,6 +136,7 @@ class MGLLLoss(nn.Module):
             pointwise_norm=pointwise_norm,
             smooth_kl_support=smooth_kl_support,
             smooth_kl_reference=smooth_kl_reference,
+            overlap=overlap,
         )
         check_backend(backend)
         self.normalize = check_flag("normalize", normalize)

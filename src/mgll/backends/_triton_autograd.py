@@ -61,8 +61,8 @@ class TritonMGLL(torch.autograd.Function):
         row_blocks = _cdiv(r_hi - r_lo, blk["BLOCK_M"])  # 0: no owned row, nothing to launch
         if row_blocks:
             fwd.stats_kernel[(row_blocks, g)](
-                x, t, plan.targets, stats_r, s, b, ks, lo, hi, n, kmax, d, plan.n_classes,
-                plan.kind, TEXT_ROWS=False, **common,
+                x, t, plan.targets, plan.rules, stats_r, s, b, ks, lo, hi, n, kmax, d, plan.n_classes,
+                plan.kind, int(plan.graded), TEXT_ROWS=False, **common,
             )  # fmt: skip
         stats_c = torch.zeros(g, int(fwd.N_STATS), kmax, device=dev)
         width = max(c[1] - c[0] for c in plan.cols)
@@ -70,8 +70,8 @@ class TritonMGLL(torch.autograd.Function):
             c_lo = torch.tensor([c[0] for c in plan.cols], device=dev, dtype=torch.int32)
             c_hi = torch.tensor([c[1] for c in plan.cols], device=dev, dtype=torch.int32)
             fwd.stats_kernel[(_cdiv(width, blk["BLOCK_M"]), g)](
-                x, t, plan.targets_c, stats_c, s, b, ks, c_lo, c_hi, n, kmax, d, plan.n_classes, plan.kind,
-                TEXT_ROWS=True, **common,
+                x, t, plan.targets_c, plan.rules, stats_c, s, b, ks, c_lo, c_hi, n, kmax, d, plan.n_classes, plan.kind,
+                int(plan.graded), TEXT_ROWS=True, **common,
             )  # fmt: skip
         kl = torch.zeros(g, n, device=dev)
         if plan.has_kl and row_blocks:
@@ -135,14 +135,15 @@ class TritonMGLL(torch.autograd.Function):
         c_lo, c_hi = min(c[0] for c in plan.cols), max(c[1] for c in plan.cols)
         flags = dict(kind=plan.kind, has_kl=int(plan.has_kl), BLOCK_C=plan.block_c, PREC=plan.prec)
         flags.update(plan.blocks)
-        args = (r_lo, r_hi, c_lo, c_hi, n, kmax, d, plan.n_classes, g, int(plan.soft_y))
+        y_code = 1 if plan.soft_y else 2 if plan.graded else 0
+        args = (r_lo, r_hi, c_lo, c_hi, n, kmax, d, plan.n_classes, g, y_code)
         need = ctx.needs_input_grad
         d_image = d_scale = d_bias = None
         if need[1] or need[2] or need[3]:
             dx = torch.zeros(n, d, device=dev)
             red = torch.zeros(2, n, device=dev)
             bwd.dx_kernel[(_cdiv(n, plan.blocks["BLOCK_M"]),)](
-                x, t, plan.targets, plan.targets_c, rowf, colf, dx, red, s, b, ks, *args,
+                x, t, plan.targets, plan.targets_c, plan.rules, rowf, colf, dx, red, s, b, ks, *args,
                 write_dx=int(need[1]), **flags,
             )  # fmt: skip
             d_image = (s * dx).to(ctx.dtypes[0]) if need[1] else None
@@ -152,8 +153,9 @@ class TritonMGLL(torch.autograd.Function):
         if any(need[4:]):
             dt = torch.zeros(g, kmax, d, device=dev)
             bwd.dt_kernel[(_cdiv(kmax, plan.blocks["BLOCK_N"]),)](
-                x, t, plan.targets, plan.targets_c, rowf, colf, dt, s, b, ks, *args, **flags
-            )
+                x, t, plan.targets, plan.targets_c, plan.rules, rowf, colf, dt, s, b, ks, *args,
+                **flags,
+            )  # fmt: skip
             d_texts = [
                 (s * dt[i, : plan.ks[i]]).to(ctx.dtypes[1 + i]) if need[4 + i] else None
                 for i in range(g)

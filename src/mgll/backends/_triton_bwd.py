@@ -27,6 +27,7 @@ def _dz_tile(
     T_g,
     TGT,
     TGT_C,
+    RULE,
     ROWF,
     COLF,
     g,
@@ -59,11 +60,11 @@ def _dz_tile(
     ``sum_k dL_pointwise/dZ_ik`` (d(bias) is its total).
     """
     z = scale * _dot_rows(X, T_g, offs_i, offs_k, mask_i, mask_k, D, BLOCK_D, PREC)
-    c = _targets(TGT, g, offs_i, offs_k, mask_i, mask_k, N, KMAX, NCLS, kind, False, BLOCK_C)
+    c = _targets(TGT, RULE, g, offs_i, offs_k, mask_i, mask_k, N, KMAX, NCLS, kind, False, BLOCK_C)
     c_c = c  # the t2i side: bank targets normalised per column (W^c), else C itself
     if kind == 2:
         c_c = _targets(
-            TGT_C, g, offs_i, offs_k, mask_i, mask_k, N, KMAX, NCLS, kind, False, BLOCK_C
+            TGT_C, RULE, g, offs_i, offs_k, mask_i, mask_k, N, KMAX, NCLS, kind, False, BLOCK_C
         )
     rowf = ROWF + g * N_ROW_FIELDS * N + offs_i
     lse_r = tl.load(rowf + RF_LSE * N, mask=mask_i, other=0.0)
@@ -79,7 +80,9 @@ def _dz_tile(
     p_c = tl.exp(tl.minimum(z - lse_c[None, :], 0.0))
     dz = ce_r[:, None] * (p - c * inv_r[:, None]) + ce_c[None, :] * (p_c - c_c * inv_c[None, :])
     w_pw = tl.load(rowf + RF_PW * N, mask=mask_i, other=0.0)
-    y = tl.where(soft_y != 0, c * inv_r[:, None], (c > 0).to(tl.float32))
+    # soft_y: 0 binary 1[C > 0], 1 soft (C normalised per row), 2 graded min(C, 1)
+    y = tl.where(c > 0, 1.0, 0.0)
+    y = tl.where(soft_y == 1, c * inv_r[:, None], tl.where(soft_y == 2, tl.minimum(c, 1.0), y))
     valid = mask_i[:, None] & mask_k[None, :]
     gpw = tl.where(valid, w_pw[:, None] * (_sigmoid(z + bias) - y), 0.0)
     d_bias = tl.sum(gpw, 1)
@@ -120,6 +123,7 @@ def dx_kernel(
     T,
     TGT,
     TGT_C,
+    RULE,
     ROWF,
     COLF,
     DX,
@@ -192,6 +196,7 @@ def dx_kernel(
                     T_g,
                     TGT,
                     TGT_C,
+                    RULE,
                     ROWF,
                     COLF,
                     g,
@@ -227,6 +232,7 @@ def dt_kernel(
     T,
     TGT,
     TGT_C,
+    RULE,
     ROWF,
     COLF,
     DT,
@@ -293,6 +299,7 @@ def dt_kernel(
                     T_g,
                     TGT,
                     TGT_C,
+                    RULE,
                     ROWF,
                     COLF,
                     g,

@@ -9,7 +9,8 @@ chunks of BLOCK_D.  The co-occurrence C^g is rebuilt per tile from what the batc
 
 * 0: paired integer ids, ``TGT`` (G, N) float holding compact ids 0..U-1,
   ``C_ik = ids_i == ids_k``;
-* 1: paired multi-hot label sets, ``TGT`` (G, N, C_max) float, ``C_ik = <a_i, a_k> > 0``;
+* 1: paired multi-hot label vectors, ``TGT`` (G, N, C_max) float, ``C_ik = rule(a_i, a_k)``
+  with the overlap rule ``RULE[g]`` (see ``_triton_tiles._overlap``);
 * 2: bank targets, ``TGT`` (G, N, K_max) float, loaded as is.
 
 Forward: :func:`stats_kernel` keeps online log-sum-exp and target-weighted sums per row (image
@@ -32,11 +33,12 @@ ST_LSE, ST_C, ST_CZ, ST_SP, ST_YZ, ST_Y = (tl.constexpr(i) for i in range(6))
 N_STATS = tl.constexpr(6)
 
 
-@triton.jit(do_not_specialize=["N", "KMAX", "D", "NCLS", "kind"])
+@triton.jit(do_not_specialize=["N", "KMAX", "D", "NCLS", "kind", "graded"])
 def stats_kernel(
     X,
     T,
     TGT,
+    RULE,
     OUT,
     SCALE,
     BIAS,
@@ -48,6 +50,7 @@ def stats_kernel(
     D,
     NCLS,
     kind,
+    graded,
     TEXT_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -59,7 +62,7 @@ def stats_kernel(
 
     Lines are image rows against all K_g texts, or (``TEXT_ROWS``) text columns against all N
     images.  Writes ``OUT[g, :, line]``: log-sum-exp, sum C, sum C z, and for image rows
-    sum softplus(z + b), sum 1[C>0] z and sum 1[C>0].
+    sum softplus(z + b), sum Y z and sum Y with Y = 1[C>0] (``graded``: min(C, 1)).
     """
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -94,7 +97,7 @@ def stats_kernel(
         l = l * tl.exp(m - m_new) + tl.sum(tl.exp(z_lse - m_new[:, None]), 1)
         m = m_new
         c = _targets(
-            TGT, g, offs_a, offs_b, mask_a, mask_b, N, KMAX, NCLS, kind, TEXT_ROWS, BLOCK_C
+            TGT, RULE, g, offs_a, offs_b, mask_a, mask_b, N, KMAX, NCLS, kind, TEXT_ROWS, BLOCK_C
         )
         c = tl.where(mask_b[None, :], c, 0.0)
         s_c += tl.sum(c, 1)
@@ -102,7 +105,7 @@ def stats_kernel(
         if not TEXT_ROWS:
             sp = _softplus(z + bias)
             s_sp += tl.sum(tl.where(mask_b[None, :], sp, 0.0), 1)
-            y = (c > 0).to(tl.float32)
+            y = tl.where(graded != 0, tl.minimum(c, 1.0), (c > 0).to(tl.float32))
             s_yz += tl.sum(y * z, 1)
             s_y += tl.sum(y, 1)
     n_lines = KMAX if TEXT_ROWS else N

@@ -121,6 +121,7 @@ class _Plan:
     kind: int
     targets: Tensor
     targets_c: Tensor  # the t2i side's targets: W^c for bank targets, else ``targets``
+    rules: Tensor
     n_classes: int
     rows: tuple[int, int]
     cols: list[tuple[int, int]]
@@ -132,6 +133,7 @@ class _Plan:
     has_kl: bool
     torch_kl: bool
     soft_y: bool
+    graded: bool
     dtype: torch.dtype
     prec: str
     blocks: dict
@@ -146,6 +148,7 @@ class _Plan:
         n, g = problem.num_images, problem.num_granularities
         device = problem.image.device
         kind, targets, n_classes = _stack_targets(problem)
+        rules = torch.tensor([_rule_code(c) for c in problem.cooc], dtype=torch.int32)
         feature_dtype = problem.image.dtype
         half = feature_dtype in (torch.float16, torch.bfloat16) and not interpreted
         ks = [t.shape[0] for t in problem.texts]
@@ -157,6 +160,7 @@ class _Plan:
             kind=kind,
             targets=targets,
             targets_c=_stack_col_weights(problem, targets) if kind == _KIND_DENSE else targets,
+            rules=rules.to(device),
             n_classes=n_classes,
             rows=_span(problem.rows, n, "problem.rows"),
             cols=[
@@ -174,6 +178,7 @@ class _Plan:
             has_kl=kl_on and identity,
             torch_kl=kl_on and not identity,
             soft_y=config.pointwise_target == "soft",
+            graded=config.pointwise_target == "graded",
             dtype=feature_dtype if half else torch.float32,
             prec=_fp32_dot_precision(),
             blocks=INTERPRETER_BLOCKS if interpreted else CUDA_BLOCKS,
@@ -231,6 +236,23 @@ def _stack_col_weights(problem: Problem, targets: Tensor) -> Tensor:
     for g, w in enumerate(problem.col_weights):
         out[g, :, : w.shape[1]] = w.to(device=device, dtype=torch.float32)
     return out
+
+
+def _rule_code(cooc: CoOccurrence) -> int:
+    """The kernels' code of a paired granularity's overlap rule (``_triton_tiles._overlap``).
+
+    0/1 labels (bool, integer, floats known to be 0/1; ids become one-hot sets) take the
+    exact-product rules 0-2; other float labels may be probabilities and take the elementwise
+    rules for "any" and "jaccard" (the same numbers on 0/1 entries).
+    """
+    if cooc.kind != "multi_hot":
+        return 0
+    if cooc.rule == "count":
+        return 1
+    binary = cooc.zero_one_labels
+    if cooc.rule == "any":
+        return 0 if binary else 3
+    return 2 if binary else 4
 
 
 def _torch_smooth_kl(problem: Problem, plan: _Plan) -> Tensor:

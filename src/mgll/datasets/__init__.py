@@ -1,0 +1,45 @@
+"""From dataset label files to annotations, and from annotations to DataLoader batches.
+
+The first layer of mgll's data flow: data files → annotations (this package) → texts and
+labels (:mod:`mgll.text`) → the loss.  The readers use the stdlib :mod:`csv` module, parse
+lazily and decode no image; nothing here imports the loss.  :doc:`/guide_data` shows the
+whole path for ChestX-ray14 and CheXpert.
+
+Supported formats (each reader's docstring names its columns and source):
+
+* ChestX-ray14 ``Data_Entry_2017.csv``: :func:`read_chestxray14`;
+* CheXpert ``train.csv`` / ``valid.csv``: :func:`read_chexpert`;
+* MIMIC-CXR ``mimic-cxr-2.0.0-chexpert.csv`` / ``-negbio.csv``, joined to images through
+  ``mimic-cxr-2.0.0-metadata.csv``: :func:`read_mimic_cxr`;
+* any "one row per image" table (label columns or a delimited label column, optional text
+  columns), e.g. MIDRC-style or MGLL-Fundus-style exports: :func:`read_label_table`.
+"""
+
+from mgll.datasets.chestxray14 import CHESTXRAY14_FINDINGS, chestxray14_builder, read_chestxray14
+from mgll.datasets.chexpert import (
+    CHEXPERT_CATEGORIES,
+    CHEXPERT_HIERARCHY,
+    CHEXPERT_OBSERVATIONS,
+    chexpert_builder,
+    read_chexpert,
+)
+from mgll.datasets.collate import MultiGranularCollate
+from mgll.datasets.generic import UNCERTAINTY_POLICIES, apply_uncertainty, read_label_table
+from mgll.datasets.mimic_cxr import MIMIC_IMAGE_TEMPLATE, read_mimic_cxr
+
+__all__ = [
+    "CHESTXRAY14_FINDINGS",
+    "CHEXPERT_CATEGORIES",
+    "CHEXPERT_HIERARCHY",
+    "CHEXPERT_OBSERVATIONS",
+    "MIMIC_IMAGE_TEMPLATE",
+    "UNCERTAINTY_POLICIES",
+    "MultiGranularCollate",
+    "apply_uncertainty",
+    "chestxray14_builder",
+    "chexpert_builder",
+    "read_chestxray14",
+    "read_chexpert",
+    "read_label_table",
+    "read_mimic_cxr",
+]

@@ -1,0 +1,147 @@
+r"""ChestX-ray14 (NIH ChestX-ray8 extended to 14 findings): ``Data_Entry_2017.csv``.
+
+Format (Wang et al., *ChestX-ray8*, CVPR 2017; the NIH Clinical Center's release notes): one
+row per image, columns ``Image Index``, ``Finding Labels`` (``|``-separated findings, or
+``No Finding``), ``Follow-up #``, ``Patient ID``, ``Patient Age``, ``Patient Gender``,
+``View Position``, ``OriginalImage[Width``, ``Height]``, ``OriginalImagePixelSpacing[x``,
+``y]`` (the bracketed names are split by the comma inside them, and each line ends with a
+comma: an unnamed empty column, ignored).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+from mgll.datasets._csv import Source
+from mgll.datasets._describe import phrase, sentence
+from mgll.datasets.generic import read_label_table
+from mgll.text import Granularity, MultiGranularTextBuilder
+
+__all__ = ["CHESTXRAY14_FINDINGS", "chestxray14_builder", "read_chestxray14"]
+
+#: The 14 findings, spelt as in ``Finding Labels``.
+CHESTXRAY14_FINDINGS = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
+
+
+def read_chestxray14(
+    path: Source,
+    *,
+    root: str | os.PathLike[str] | None = None,
+    null_labels: Sequence[str] = ("No Finding",),
+    classes: Sequence[str] | None = CHESTXRAY14_FINDINGS,
+) -> Iterator[dict[str, object]]:
+    r"""Annotations from ChestX-ray14's ``Data_Entry_2017.csv``, parsed lazily.
+
+    Each annotation holds ``"image"`` (``Image Index``, joined to ``root``), ``"finding"``
+    (the findings of ``Finding Labels``, in file order; ``No Finding`` gives ``[]``, no
+    positive, unless ``null_labels=()`` makes it a class), ``"description"`` (a sentence,
+    ``"A chest X-ray showing atelectasis and effusion."``), ``"uncertain"`` (always ``[]``:
+    the file has no uncertain labels) and every other column under its own name (strings).
+
+    Args:
+        path: the CSV file, or a text stream.
+        root: the image directory (e.g. ``.../images``).
+        null_labels: labels meaning "no finding".
+        classes: the allowed findings (``No Finding`` is always allowed); an unknown one is
+            an error naming the line.  ``None`` accepts any.
+
+    Returns:
+        An iterator of annotation dicts, one per image, in file order.
+
+    Raises:
+        ValueError: a missing column, an unknown finding, a blank or repeated
+            ``Image Index`` (naming the file, line and column).
+
+    Example:
+        >>> import io
+        >>> csv_file = io.StringIO(
+        ...     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
+        ...     "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],\n"
+        ...     "00000001_000.png,Cardiomegaly|Effusion,0,1,58,M,PA,2682,2749,0.143,0.143,\n"
+        ...     "00000002_000.png,No Finding,0,2,81,M,PA,2500,2048,0.168,0.168,\n"
+        ... )
+        >>> first, second = read_chestxray14(csv_file)
+        >>> first["image"], first["finding"], first["description"]
+        ('00000001_000.png', ['Cardiomegaly', 'Effusion'], 'A chest X-ray showing cardiomegaly and effusion.')
+        >>> second["finding"], second["View Position"]
+        ([], 'PA')
+    """
+    rows = read_label_table(
+        path,
+        image="Image Index",
+        labels="Finding Labels",
+        label_key="finding",
+        separator="|",
+        classes=None if classes is None else (*classes, "No Finding"),
+        null_labels=null_labels,
+        root=root,
+        what="ChestX-ray14 Data_Entry_2017.csv",
+    )
+    return ({**a, "description": sentence(a["finding"])} for a in rows)
+
+
+def chestxray14_builder(
+    levels: Sequence[str] = ("finding", "description"),
+    *,
+    null_labels: Sequence[str] = ("No Finding",),
+) -> MultiGranularTextBuilder:
+    r"""A builder for :func:`read_chestxray14` annotations, with the 14 findings declared.
+
+    Granularities: ``"finding"`` (``"a chest X-ray showing {}"`` over
+    :data:`CHESTXRAY14_FINDINGS`, lower-case phrases, ``"a chest X-ray with no finding"``
+    for an image without a finding) and ``"description"`` (the sentence, verbatim).
+
+    Args:
+        levels: the granularities to use, in order.
+        null_labels: as given to :func:`read_chestxray14`; ``No Finding`` becomes a class
+            (the last) when it is not a null label.
+
+    Example:
+        >>> builder = chestxray14_builder()
+        >>> batch = builder.build([
+        ...     {"finding": ["Effusion", "Atelectasis"], "description": "A chest X-ray."},
+        ...     {"finding": [], "description": "A chest X-ray with no finding."},
+        ... ], label_format="multi_hot")
+        >>> batch["finding"].texts
+        ('a chest X-ray showing atelectasis and effusion', 'a chest X-ray with no finding')
+        >>> batch["finding"].labels.shape  # (N, C_g): the 14 findings
+        torch.Size([2, 14])
+    """
+    findings = CHESTXRAY14_FINDINGS + (() if "No Finding" in null_labels else ("No Finding",))
+    table = {
+        "finding": Granularity(
+            "finding",
+            "a chest X-ray showing {}",
+            {x: phrase(x) for x in findings},
+            classes=findings,
+            last_joiner=" and ",
+            missing_text="a chest X-ray with no finding",
+        ),
+        "description": Granularity("description"),
+    }
+    return MultiGranularTextBuilder(_levels(levels, table))
+
+
+def _levels(levels: Sequence[str], table: dict) -> list[Granularity]:
+    if isinstance(levels, str) or not isinstance(levels, Sequence) or len(levels) == 0:
+        raise TypeError(f"`levels` must be a non-empty sequence of names from {tuple(table)}")
+    unknown = [x for x in levels if x not in table]
+    if unknown:
+        raise ValueError(f"`levels` must name granularities from {tuple(table)}, got {unknown}")
+    return [table[x] for x in levels]

@@ -1,0 +1,220 @@
+r"""CheXpert ``train.csv`` / ``valid.csv``: the 14 observations, their hierarchy and presets.
+
+Format (Irvin et al., *CheXpert: A Large Chest Radiograph Dataset with Uncertainty Labels and
+Expert Comparison*, AAAI 2019, arXiv:1901.07031, and the dataset's release): one row per
+image, columns ``Path``, ``Sex``, ``Age``, ``Frontal/Lateral``, ``AP/PA`` and the 14
+observations of :data:`CHEXPERT_OBSERVATIONS`, each ``1.0`` (positive), ``0.0`` (negative),
+``-1.0`` (uncertain) or blank (not mentioned in the report); ``valid.csv`` (radiologist
+labels) holds 1.0 and 0.0 only.  MIMIC-CXR's label files use the same 14 observations
+(:func:`~mgll.datasets.read_mimic_cxr`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+
+from mgll._hierarchy import LabelHierarchy
+from mgll.datasets._csv import Source
+from mgll.datasets._describe import phrase, sentence
+from mgll.datasets.chestxray14 import _levels
+from mgll.datasets.generic import read_label_table
+from mgll.text import Granularity, MultiGranularTextBuilder
+
+__all__ = [
+    "CHEXPERT_CATEGORIES",
+    "CHEXPERT_HIERARCHY",
+    "CHEXPERT_OBSERVATIONS",
+    "chexpert_builder",
+    "read_chexpert",
+]
+
+#: The 14 observation columns, in the order of the CheXpert files.
+CHEXPERT_OBSERVATIONS = (
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+)
+
+#: The clinical hierarchy of the observations: Lung Opacity is the parent of Lung Lesion,
+#: Edema, Consolidation and Atelectasis; Consolidation of Pneumonia; Enlarged
+#: Cardiomediastinum of Cardiomegaly; the others (and No Finding) are roots.  This is the
+#: label hierarchy of the CheXpert labeler (Irvin et al., 2019), as used for hierarchical
+#: training by Pham et al. (*Interpreting chest X-rays via CNNs that exploit hierarchical
+#: disease dependencies and uncertainty labels*, Neurocomputing 2021, arXiv:1911.06475).
+CHEXPERT_HIERARCHY = LabelHierarchy(
+    {
+        "Lung Lesion": "Lung Opacity",
+        "Edema": "Lung Opacity",
+        "Consolidation": "Lung Opacity",
+        "Pneumonia": "Consolidation",
+        "Atelectasis": "Lung Opacity",
+        "Cardiomegaly": "Enlarged Cardiomediastinum",
+        "No Finding": None,
+        "Pneumothorax": None,
+        "Pleural Effusion": None,
+        "Pleural Other": None,
+        "Fracture": None,
+        "Support Devices": None,
+    },
+    labels=CHEXPERT_OBSERVATIONS,
+)
+
+#: The roots of :data:`CHEXPERT_HIERARCHY` except No Finding: the ``"category"`` level.
+CHEXPERT_CATEGORIES = tuple(
+    x for x in CHEXPERT_OBSERVATIONS if x != "No Finding" and not CHEXPERT_HIERARCHY.ancestors(x)
+)
+
+
+_TOP = {x: (CHEXPERT_HIERARCHY.ancestors(x) or (x,))[-1] for x in CHEXPERT_OBSERVATIONS}
+_ORDER = {x: j for j, x in enumerate(CHEXPERT_OBSERVATIONS)}
+
+
+def read_chexpert(
+    path: Source,
+    *,
+    uncertainty: str = "U-Ignore",
+    soft_weight: float = 0.5,
+    null_labels: Sequence[str] = ("No Finding",),
+    root: str | os.PathLike[str] | None = None,
+) -> Iterator[dict[str, object]]:
+    r"""Annotations from CheXpert's ``train.csv`` or ``valid.csv``, parsed lazily.
+
+    Each annotation holds ``"image"`` (``Path``, joined to ``root``), ``"finding"`` (the
+    observations resolved by ``uncertainty``, see :func:`~mgll.datasets.apply_uncertainty`:
+    a list, or ``{observation: weight}`` under U-Soft), ``"uncertain"`` (the observations
+    marked -1.0), ``"category"`` (the roots of :data:`CHEXPERT_HIERARCHY` above the
+    findings, with the largest weight under U-Soft), ``"description"`` (a sentence that
+    names uncertain observations as "possibly ...", whatever the policy) and ``Sex``,
+    ``Age``, ``Frontal/Lateral``, ``AP/PA`` (strings).  ``No Finding`` is a null label by
+    default: such an image has no positive instead of a class of its own.
+
+    Args:
+        path: the CSV file, or a text stream.
+        uncertainty: ``"U-Ignore"`` (default), ``"U-Zeros"``, ``"U-Ones"`` or ``"U-Soft"``.
+        soft_weight: an uncertain observation's weight under U-Soft.
+        null_labels: observations meaning "nothing here".
+        root: the directory that holds ``CheXpert-v1.0/`` (the paths' first part).
+
+    Returns:
+        An iterator of annotation dicts, one per image, in file order.
+
+    Raises:
+        ValueError: a missing column, an unknown value (``2.0``), a blank or repeated
+            ``Path`` (naming the file, line and column), an unknown policy.
+
+    Example:
+        >>> import io
+        >>> header = "Path,Sex,Age,Frontal/Lateral,AP/PA," + ",".join(CHEXPERT_OBSERVATIONS)
+        >>> row = "CheXpert-v1.0/train/patient00001/study1/view1_frontal.jpg,Female,68,Frontal,AP,"
+        >>> values = ",,1.0,,,-1.0,,,,0.0,,,,1.0"  # Cardiomegaly, Edema uncertain, Support Devices
+        >>> (a,) = read_chexpert(io.StringIO(header + "\n" + row + values + "\n"), uncertainty="U-Soft")
+        >>> a["finding"], a["uncertain"]
+        ({'Cardiomegaly': 1.0, 'Edema': 0.5, 'Support Devices': 1.0}, ['Edema'])
+        >>> a["category"]
+        {'Enlarged Cardiomediastinum': 1.0, 'Lung Opacity': 0.5, 'Support Devices': 1.0}
+        >>> a["description"]
+        'A chest X-ray showing cardiomegaly and support devices; possibly edema.'
+    """
+    rows = read_label_table(
+        path,
+        image="Path",
+        labels=list(CHEXPERT_OBSERVATIONS),
+        label_key="finding",
+        null_labels=null_labels,
+        uncertainty=uncertainty,
+        soft_weight=soft_weight,
+        root=root,
+        what="CheXpert train.csv/valid.csv",
+    )
+    return (with_levels(a) for a in rows)
+
+
+def with_levels(annotation: dict[str, object]) -> dict[str, object]:
+    """Add ``"category"`` and ``"description"`` from ``"finding"`` and ``"uncertain"``."""
+    finding, uncertain = annotation["finding"], annotation["uncertain"]
+    positives = [x for x in finding if x not in uncertain]
+    category: dict[str, float] = {}
+    weights = finding if isinstance(finding, Mapping) else dict.fromkeys(finding, 1.0)
+    for x, w in weights.items():
+        top = _TOP.get(x, x)
+        category[top] = max(category.get(top, 0.0), w)
+    ordered = dict(sorted(category.items(), key=lambda item: _ORDER.get(item[0], len(_ORDER))))
+    return {
+        **annotation,
+        "category": ordered if isinstance(finding, Mapping) else list(ordered),
+        "description": sentence(positives, uncertain),
+    }
+
+
+def chexpert_builder(
+    levels: Sequence[str] = ("category", "finding", "description"),
+    *,
+    hierarchy: bool = True,
+    null_labels: Sequence[str] = ("No Finding",),
+) -> MultiGranularTextBuilder:
+    r"""A builder for :func:`read_chexpert` / :func:`~mgll.datasets.read_mimic_cxr` annotations.
+
+    Granularities (choose with ``levels``, in order):
+
+    * ``"category"``: ``"a chest X-ray showing {}"`` over :data:`CHEXPERT_CATEGORIES`
+      (and No Finding when it is not a null label);
+    * ``"finding"``: the same template over the observations (without ``null_labels``),
+      with :data:`CHEXPERT_HIERARCHY` applied when ``hierarchy`` (a Pneumonia image is also
+      a positive of Consolidation and Lung Opacity texts);
+    * ``"description"``: the sentence, verbatim.
+
+    An image without a finding reads ``"a chest X-ray with no finding"``.  The files hold
+    no location or severity words, so the finding texts have none.  Collate U-Soft
+    annotations with ``label_format="soft"``.
+
+    Args:
+        levels: the granularities to use, in order.
+        hierarchy: expand findings with their ancestors.
+        null_labels: the observations left out of the classes (as given to the reader).
+
+    Example:
+        >>> builder = chexpert_builder()
+        >>> batch = builder.build([
+        ...     {"category": ["Lung Opacity"], "finding": ["Pneumonia"], "description": "x"},
+        ...     {"category": [], "finding": [], "description": "y"},
+        ... ], label_format="multi_hot")
+        >>> batch["finding"].texts
+        ('a chest X-ray showing pneumonia', 'a chest X-ray with no finding')
+        >>> [batch["finding"].classes[c] for c in batch["finding"].labels[0].nonzero()[:, 0]]
+        ['Lung Opacity', 'Consolidation', 'Pneumonia']
+    """
+    findings = tuple(x for x in CHEXPERT_OBSERVATIONS if x not in null_labels)
+    categories = tuple(x for x in findings if x == "No Finding" or x in CHEXPERT_CATEGORIES)
+    common = {"last_joiner": " and ", "missing_text": "a chest X-ray with no finding"}
+    table = {
+        "category": Granularity(
+            "category",
+            "a chest X-ray showing {}",
+            {x: phrase(x) for x in categories},
+            classes=categories,
+            **common,
+        ),
+        "finding": Granularity(
+            "finding",
+            "a chest X-ray showing {}",
+            {x: phrase(x) for x in findings},
+            classes=findings,
+            **common,
+        ),
+        "description": Granularity("description"),
+    }
+    grans = _levels(levels, table)
+    use = hierarchy and "finding" in levels
+    return MultiGranularTextBuilder(grans, {"finding": CHEXPERT_HIERARCHY} if use else None)

@@ -1,0 +1,257 @@
+r"""A generic reader for "one row per image" label tables, and the uncertainty policies.
+
+The provider-specific readers (:func:`~mgll.datasets.read_chestxray14`,
+:func:`~mgll.datasets.read_chexpert`, :func:`~mgll.datasets.read_mimic_cxr`) are built on
+:func:`read_label_table`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+
+from mgll.datasets._csv import Source, Table
+
+__all__ = ["UNCERTAINTY_POLICIES", "apply_uncertainty", "read_label_table"]
+
+#: The uncertainty policies of Irvin et al. (2019, CheXpert, section "Uncertainty approaches")
+#: plus U-Soft; see :func:`apply_uncertainty`.
+UNCERTAINTY_POLICIES = ("U-Ignore", "U-Zeros", "U-Ones", "U-Soft")
+
+_VALUES = {"1.0": 1, "1": 1, "0.0": 0, "0": 0, "-1.0": -1, "-1": -1, "": None}
+
+
+def apply_uncertainty(
+    values: Mapping[str, int | None],
+    policy: str = "U-Ignore",
+    soft_weight: float = 0.5,
+    null_labels: Sequence[str] = (),
+) -> tuple[list[str] | dict[str, float], list[str]]:
+    r"""A sample's label field and uncertain labels from per-observation values.
+
+    ``values`` maps each observation to 1 (positive), 0 (negative), -1 (uncertain) or
+    ``None`` (not mentioned).  Negatives and unmentioned observations are absent (weight 0).
+    An uncertain observation is, under
+
+    * ``"U-Ignore"``: absent from the labels and listed in the returned ``uncertain`` list,
+      which a loss can use to mask the pair (the labels alone equal U-Zeros);
+    * ``"U-Zeros"``: absent (a negative);
+    * ``"U-Ones"``: a positive;
+    * ``"U-Soft"``: a positive with weight ``soft_weight`` (the label field becomes
+      ``{label: weight}``; build it with ``label_format="soft"``).
+
+    Observations in ``null_labels`` ("No Finding") are never labels: such an image has no
+    positive at the granularity instead of a class of its own.
+
+    Args:
+        values: ``{observation: 1, 0, -1 or None}``, in the order labels should appear.
+        policy: one of :data:`UNCERTAINTY_POLICIES` (case-insensitive, ``"U-"`` optional).
+        soft_weight: the weight of an uncertain label under U-Soft, in (0, 1).
+        null_labels: observations that mean "nothing here".
+
+    Returns:
+        ``(labels, uncertain)``: a list of labels (a ``{label: weight}`` mapping under
+        U-Soft) and the uncertain observations (outside ``null_labels``).
+
+    Raises:
+        ValueError: an unknown policy or a ``soft_weight`` outside (0, 1).
+
+    Example:
+        >>> values = {"No Finding": None, "Edema": -1, "Cardiomegaly": 1, "Fracture": 0}
+        >>> apply_uncertainty(values, "U-Ignore")
+        (['Cardiomegaly'], ['Edema'])
+        >>> apply_uncertainty(values, "U-Ones")
+        (['Edema', 'Cardiomegaly'], ['Edema'])
+        >>> apply_uncertainty(values, "U-Soft", soft_weight=0.3)
+        ({'Edema': 0.3, 'Cardiomegaly': 1.0}, ['Edema'])
+        >>> apply_uncertainty({"No Finding": 1, "Edema": 0}, null_labels=["No Finding"])
+        ([], [])
+    """
+    return _resolve(values, check_policy(policy, soft_weight), soft_weight, null_labels)
+
+
+def _resolve(values, policy, soft_weight, null_labels) -> tuple:
+    """:func:`apply_uncertainty` for an already checked policy (once per row)."""
+    kept = {k: v for k, v in values.items() if k not in null_labels}
+    uncertain = [k for k, v in kept.items() if v == -1]
+    if policy == "U-Soft":
+        soft = {k: 1.0 if v == 1 else soft_weight for k, v in kept.items() if v in (1, -1)}
+        return soft, uncertain
+    positive = (1, -1) if policy == "U-Ones" else (1,)
+    return [k for k, v in kept.items() if v in positive], uncertain
+
+
+def check_policy(policy: object, soft_weight: object) -> str:
+    """The canonical policy name; errors for unknown names and bad weights."""
+    names = {p.lower(): p for p in UNCERTAINTY_POLICIES} | {
+        p[2:].lower(): p for p in UNCERTAINTY_POLICIES
+    }
+    if not isinstance(policy, str) or policy.lower() not in names:
+        raise ValueError(f"`uncertainty` must be one of {UNCERTAINTY_POLICIES}, got {policy!r}")
+    if (
+        isinstance(soft_weight, bool)
+        or not isinstance(soft_weight, (int, float))
+        or not 0 < soft_weight < 1
+    ):
+        raise ValueError(
+            f"`soft_weight` must be a number in (0, 1) (the weight of an uncertain label under "
+            f"U-Soft), got {soft_weight!r}"
+        )
+    return names[policy.lower()]
+
+
+def read_label_table(
+    path: Source,
+    *,
+    image: str,
+    labels: str | Sequence[str],
+    label_key: str | None = None,
+    separator: str | None = None,
+    classes: Sequence[str] | None = None,
+    null_labels: Sequence[str] = (),
+    uncertainty: str = "U-Ignore",
+    soft_weight: float = 0.5,
+    texts: Sequence[str] | Mapping[str, str] = (),
+    metadata: Sequence[str] | None = None,
+    root: str | os.PathLike[str] | None = None,
+    what: str = "label table",
+) -> Iterator[dict[str, object]]:
+    r"""Annotations from a CSV file with one row per image, parsed lazily.
+
+    The labels come either from **one label column** (``labels="Finding Labels"``, a cell
+    holding one label, or several split on ``separator``; a blank cell means no label) or
+    from **one column per class** (``labels=["Edema", "Cardiomegaly", ...]``, each cell
+    ``1.0`` positive, ``0.0`` negative, ``-1.0`` uncertain or blank for not mentioned, as in
+    the CheXpert files; ``1``/``0``/``-1`` are accepted too), resolved by ``uncertainty``
+    (:func:`apply_uncertainty`).
+
+    Each annotation is a dict with ``"image"`` (the image column's value, joined to ``root``
+    when given), ``label_key`` (the labels: a list, or ``{label: weight}`` under U-Soft),
+    ``"uncertain"`` (the uncertain labels, ``[]`` for a label column), one key per text
+    column and per metadata column (the values as strings, by column name unless ``texts``
+    maps annotation keys to columns).  The header is checked when the function is called;
+    rows are parsed as the iterator is consumed (``list(...)`` for a map-style dataset).
+
+    Args:
+        path: the CSV file, or a text stream (read once).
+        image: the column with the image path or id (unique per row).
+        labels: the label column, or the per-class columns.
+        label_key: the annotation key of the labels; default ``labels`` when it is one
+            column name, else ``"labels"``.
+        separator: splits a label column (``"|"`` for ChestX-ray14); default: one label.
+        classes: the allowed labels of a label column (besides ``null_labels``); an unknown
+            label is an error naming the line.  Default: any label.
+        null_labels: labels that mean "nothing here" ("No Finding", "Normal"): dropped, so
+            the image has no positive at that granularity instead of a class of its own.
+        uncertainty: a policy of :data:`UNCERTAINTY_POLICIES` for per-class columns.
+        soft_weight: the weight of an uncertain label under U-Soft.
+        texts: free-text columns to keep (a list of columns, or ``{key: column}``).
+        metadata: further columns to keep; default every column not used otherwise.
+        root: a directory prepended to the image paths.
+        what: the kind of file, for error messages.
+
+    Returns:
+        An iterator of annotation dicts, one per row, in file order.
+
+    Raises:
+        ValueError: (naming the file, line and column) a missing column, an unknown value
+            (``2.0``) or label, a blank or repeated image id.
+
+    Example:
+        >>> import io
+        >>> table = io.StringIO(
+        ...     "ImageID,Disease,Description\n"
+        ...     'a.jpg,"DR, DME",hard exudates near the macula\n'
+        ...     "b.jpg,Normal,a healthy fundus\n"
+        ... )
+        >>> for annotation in read_label_table(
+        ...     table, image="ImageID", labels="Disease", separator=",",
+        ...     null_labels=["Normal"], texts=["Description"],
+        ... ):
+        ...     print(annotation)
+        {'image': 'a.jpg', 'Disease': ['DR', 'DME'], 'uncertain': [], 'Description': 'hard exudates near the macula'}
+        {'image': 'b.jpg', 'Disease': [], 'uncertain': [], 'Description': 'a healthy fundus'}
+    """
+    policy = check_policy(uncertainty, soft_weight)
+    one_column = isinstance(labels, str)
+    label_columns = [labels] if one_column else _names("labels", labels)
+    if label_key is None:
+        label_key = labels if one_column else "labels"
+    text_map = dict(texts) if isinstance(texts, Mapping) else {c: c for c in _names("texts", texts)}
+    null = frozenset(_names("null_labels", null_labels))
+    allowed = None if classes is None else frozenset(_names("classes", classes)) | null
+    used = {image, *label_columns, *text_map.values()}
+    table = Table(path, [image, *label_columns, *text_map.values(), *(metadata or ())], what)
+    meta = [c for c in table.header if c and c not in used] if metadata is None else metadata
+    return _annotations(
+        table, image, label_columns, one_column, label_key, separator, allowed, null, policy,
+        soft_weight, text_map, list(meta), root,
+    )  # fmt: skip
+
+
+def _annotations(
+    table, image, label_columns, one_column, label_key, separator, allowed, null, policy,
+    soft_weight, text_map, meta, root,
+) -> Iterator[dict[str, object]]:  # fmt: skip
+    seen: dict[str, int] = {}
+    for line, row in table.rows():
+        ident = row[image]
+        if not ident:
+            raise table.error(line, image, "the id is blank")
+        if ident in seen:
+            raise table.error(
+                line, image, f"{ident!r} repeats line {seen[ident]}; each row needs its own id"
+            )
+        seen[ident] = line
+        if one_column:
+            found = _split(table, line, label_columns[0], row[label_columns[0]], separator, allowed)
+            labels, uncertain = [x for x in found if x not in null], []
+        else:
+            values = {c: _value(table, line, c, row[c]) for c in label_columns}
+            labels, uncertain = _resolve(values, policy, soft_weight, null)
+        out: dict[str, object] = {
+            "image": os.path.join(root, ident) if root is not None else ident,
+            label_key: labels,
+            "uncertain": uncertain,
+        }
+        out.update({key: row[column] for key, column in text_map.items()})
+        out.update({column: row[column] for column in meta})
+        yield out
+
+
+def _split(table, line, column, cell, separator, allowed) -> list[str]:
+    parts = [cell] if separator is None else cell.split(separator)
+    found = list(dict.fromkeys(p.strip() for p in parts if p.strip()))
+    if allowed is not None:
+        unknown = [x for x in found if x not in allowed]
+        if unknown:
+            raise table.error(
+                line, column, f"unknown label(s) {unknown}; expected labels from {sorted(allowed)}"
+            )
+    return found
+
+
+def _value(table, line, column, cell) -> int | None:
+    if cell in _VALUES:
+        return _VALUES[cell]
+    try:
+        number = float(cell)
+    except ValueError:
+        number = None
+    if number in (1.0, 0.0, -1.0):
+        return int(number)
+    raise table.error(
+        line,
+        column,
+        f"unknown value {cell!r}; expected 1.0 (positive), 0.0 (negative), -1.0 "
+        "(uncertain) or blank (not mentioned)",
+    )
+
+
+def _names(arg: str, names: object) -> list[str]:
+    if isinstance(names, str) or not isinstance(names, (Sequence, frozenset, set)):
+        raise TypeError(f"`{arg}` must be a list of strings, got {type(names).__name__}")
+    names = list(names)
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError(f"`{arg}` must be a list of strings, got {names!r}")
+    return names
