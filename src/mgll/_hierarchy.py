@@ -44,6 +44,12 @@ class LabelHierarchy:
             raise TypeError(
                 f"`parents` must be a mapping {{child: parent}}, got {type(parents).__name__}"
             )
+        for child, parent in parents.items():
+            if not isinstance(parent, Hashable):
+                raise TypeError(
+                    f"`parents` must map each child to one parent label (or None), got "
+                    f"{type(parent).__name__} {parent!r} for child {child!r}"
+                )
         self._parents: dict[Label, Label] = {c: p for c, p in parents.items() if p is not None}
         named = set(parents) | set(self._parents.values())
         if labels is not None:
@@ -66,6 +72,12 @@ class LabelHierarchy:
         cls, data: Mapping[str, object], labels: Iterable[Label] | None = None
     ) -> LabelHierarchy:
         """From ``{child: parent}`` or ``{"parents": {child: parent}, "labels": [...]}``."""
+        if isinstance(data, Mapping) and isinstance(data.get("parents"), list | tuple):
+            raise TypeError(
+                "`data['parents']` must be a mapping {child: parent}, got a "
+                f"{type(data['parents']).__name__}; write it as a JSON object, e.g. "
+                '{"parents": {"NPDR": "DR"}}'
+            )
         if isinstance(data, Mapping) and "parents" in data and isinstance(data["parents"], Mapping):
             extra = set(data) - {"parents", "labels"}
             if extra:
@@ -77,14 +89,34 @@ class LabelHierarchy:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> LabelHierarchy:
-        """Load a JSON file holding either form accepted by :meth:`from_dict`."""
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        if not isinstance(data, dict):
+        """Load a JSON file holding either form accepted by :meth:`from_dict`.
+
+        Raises:
+            ValueError: the file is not UTF-8 JSON holding an object (the message names the
+                file and, for a JSON error, the line and column); the checks of
+                :meth:`from_dict`, with the file named.
+            TypeError: a non-mapping ``parents`` (also naming the file).
+        """
+        name = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as exc:
             raise ValueError(
-                f"`path` {os.fspath(path)!r} must hold a JSON object, got {type(data).__name__}"
-            )
-        return cls.from_dict(data)
+                f"`path` {name!r} is not valid JSON: {exc.msg} at line {exc.lineno}, column "
+                f"{exc.colno}"
+            ) from exc
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"`path` {name!r} is not UTF-8 text (byte {exc.start}: {exc.reason}); save the "
+                "hierarchy as UTF-8 JSON"
+            ) from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"`path` {name!r} must hold a JSON object, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"in {name!r}: {exc}") from exc
 
     @property
     def labels(self) -> frozenset[Label]:

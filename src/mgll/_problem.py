@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mgll._cooc import CoOccurrence, ownership, sample_groups
+from mgll._terms import normalise_lines, scale_free
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,10 @@ class Problem:
 
     ``image`` (N, D) and ``texts[g]`` (K_g, D) are normalised (unless the user opted out) and in
     the compute dtype; ``cooc[g]`` is C^g (N x K_g); ``kl_maps[g]`` is T^g = R^g S (K_g x J) or
-    None for the identity.  A backend computes the row terms of image rows ``rows`` and the
+    None for the identity.  Bank (dense) targets arrive row-normalised, as W^r, with their
+    column-normalised W^c in ``col_weights[g]`` (None for paired labels): both are divisions of
+    the targets, so no backend takes the reciprocal of a possibly subnormal sum (docs/errors.rst,
+    target-scale invariance).  A backend computes the row terms of image rows ``rows`` and the
     column terms of text columns ``cols[g]`` only, each divided by the *global* normaliser, so
     that processes owning disjoint rows and columns add up to the loss of the whole batch.
     """
@@ -58,10 +62,20 @@ class Problem:
     kl_maps: list[Tensor | None]
     rows: slice = field(default_factory=lambda: slice(None))
     cols: list[slice] = field(default_factory=list)
+    col_weights: list[Tensor | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.cols:
             self.cols = [slice(None)] * len(self.texts)
+        if not self.col_weights:
+            self.col_weights = [None] * len(self.texts)
+
+    def column_block(self, g: int, cols: slice, dtype=None) -> Tensor:
+        """The targets of granularity g's text columns ``cols`` for the t2i direction (N x k)."""
+        weights = self.col_weights[g]
+        if weights is None:
+            return self.cooc[g].block(slice(None), cols, dtype)
+        return weights[:, cols].to(dtype or torch.float32)
 
     @property
     def num_images(self) -> int:
@@ -153,15 +167,44 @@ def build_problem(
 
     # Everything is prepared in the compute dtype: autocast must not turn R^g S into bf16.
     with torch.autocast(image_features.device.type, enabled=False):
+        # the "graded" pointwise target min(C, 1) reads the targets' own scale: used as given
+        free = config.pointwise_target != "graded"
+        cooc = scale_free_targets(cooc, dtype) if free else list(cooc)
+        kl_maps = (
+            smooth_kl_maps(cooc, config, dtype)
+            if config.smooth_kl_weight != 0
+            else [None] * len(cooc)
+        )
         return Problem(
             image=prepare(image_features),
             texts=[prepare(t) for t in text_features],
             scale=logit_scale.to(dtype).reshape(()),
             bias=None if logit_bias is None else logit_bias.to(dtype).reshape(()),
-            cooc=list(cooc),
-            kl_maps=(
-                smooth_kl_maps(cooc, config, dtype)
-                if config.smooth_kl_weight != 0
-                else [None] * len(cooc)
-            ),
+            cooc=[
+                CoOccurrence("dense", normalise_lines(c.data, 1))
+                if c.kind == "dense" and free
+                else c
+                for c in cooc
+            ],
+            kl_maps=kl_maps,
+            # W^c: weights only (the support and the anchors are read from W^r)
+            col_weights=[
+                normalise_lines(c.data, 0, keep_support=False)
+                if c.kind == "dense" and free
+                else None
+                for c in cooc
+            ],
         )
+
+
+def scale_free_targets(cooc: Sequence[CoOccurrence], dtype: torch.dtype) -> list[CoOccurrence]:
+    """Bank targets in ``dtype`` at a moderate scale (:func:`mgll._terms.scale_free`).
+
+    Every term normalises the targets, so this changes no loss; it keeps their sums in the float
+    range for any scale (1e-45 to 3e38).  The smooth-KL maps are built from these; the backends
+    then receive W^r and W^c, both divisions (:func:`mgll._terms.normalise_lines`).
+    """
+    return [
+        CoOccurrence("dense", scale_free(c.data.to(dtype))) if c.kind == "dense" else c
+        for c in cooc
+    ]

@@ -12,7 +12,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -43,9 +42,13 @@ def pointwise_targets(cooc: Tensor, target: str) -> Tensor:
 def pointwise_rows(logits: Tensor, targets: Tensor) -> Tensor:
     """sum_ik -[Y log s(Z) + (1 - Y) log s(-Z)] = sum_ik softplus(Z) - Y Z  (stable form).
 
+    softplus is ``logaddexp(Z, 0)``: stable, and its gradient is exactly sigmoid(Z) (torch's
+    ``F.softplus`` returns Z itself above its threshold 20, a gradient of 1 instead of
+    1 - 2e-9, visible in float64).
+
     Shape: logits, targets (n, K), bias already added to ``logits``.
     """
-    return (F.softplus(logits) - targets * logits).sum()
+    return (torch.logaddexp(logits, torch.zeros_like(logits)) - targets * logits).sum()
 
 
 def smooth_kl_rows(logits: Sequence[Tensor], maps: Sequence[Tensor | None]) -> Tensor:
@@ -85,3 +88,53 @@ def _clamp_rows(kl: Tensor) -> Tensor:
 
 def _safe_log(x: Tensor, mask: Tensor) -> Tensor:
     return torch.log(torch.where(mask, x, torch.ones_like(x)))
+
+
+def scale_free(c: Tensor) -> Tensor:
+    """``c`` brought to a moderate scale by an exact power of two.
+
+    Targets are scale-free (every term normalises them), so this changes no loss; it keeps every
+    line sum in the float range, from subnormal entries (1e-45) to 3e38: when the largest entry
+    is below 2^-60 or above 2^60 it is brought into [0.5, 1).  Moderate targets are left alone
+    (scaling them down would round their subnormal entries).  A multiplication by a power of
+    two is exact whenever the result is a normal number; a positive entry stays positive.
+    """
+    top = c.amax() if c.numel() else c.new_zeros(())
+    exp = torch.frexp(top)[1].to(torch.int64)  # top = m 2^e, m in [0.5, 1); frexp(0) = (0, 0)
+    shift = torch.where((exp > 60) | (exp < -60), -exp, torch.zeros_like(exp))
+    half = torch.div(shift, 2, rounding_mode="floor")
+    two = c.new_tensor(2.0)
+    scaled = c * two ** half.to(c.dtype) * two ** (shift - half).to(c.dtype)
+    return keep_positive(scaled, c)  # 1[C > 0] unchanged
+
+
+def normalise_lines(c: Tensor, dim: int, keep_support: bool = True) -> Tensor:
+    """``c`` divided by its sums along ``dim`` (rows: 1, columns: 0); zero lines stay zero.
+
+    A division, never a multiplication by ``1 / sum``: a subnormal sum (a row of ``exp(-100)``
+    in float32) has no finite reciprocal, but dividing by it is exact to rounding.  With
+    ``keep_support`` a positive entry stays positive (at least the smallest subnormal), so
+    ``1[C > 0]`` read from the result is that of ``c``.
+    """
+    sums = c.sum(dim, keepdim=True)
+    w = c / torch.where(sums > 0, sums, torch.ones_like(sums))
+    return keep_positive(w, c) if keep_support else w
+
+
+_SAME_WIDTH_INT = {
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+}
+
+
+def keep_positive(x: Tensor, c: Tensor) -> Tensor:
+    """``x``, with the smallest subnormal wherever ``c > 0`` but ``x`` underflowed to 0.
+
+    Sets the lowest bit of those zeros (+0.0 has all bits 0), so that no arithmetic touches a
+    subnormal number: on a CPU that costs a slow microcode assist per element.
+    """
+    ints = _SAME_WIDTH_INT[x.dtype]
+    lost = (x == 0) & (c > 0)
+    return (x.view(ints) | lost.to(ints)).view(x.dtype)

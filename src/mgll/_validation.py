@@ -29,6 +29,11 @@ OPTIONS = {
 #: A row whose L2 norm is at most this is "zero" for ``F.normalize`` (its default ``eps``).
 NORM_EPS = 1e-12
 
+#: The largest accepted ``|logit_bias|``.  A sigmoid saturates in every float type long before
+#: (sigma(+-100) is exactly 0 or 1 in float32), and the pointwise term sums N * K_g values of
+#: about ``|b|``: below this bound that sum cannot overflow float32 (a bias of 1e37 gave inf).
+MAX_LOGIT_BIAS = 1e6
+
 # ----------------------------------------------------------------------------- settings
 
 
@@ -84,9 +89,19 @@ def check_reference(reference: int | None, g_count: int) -> None:
 # ----------------------------------------------------------------------------- structure
 
 
-def check_features(image: object, texts: object) -> list[Tensor]:
-    """Image (N, D) and text features (a sequence of G (K_g, D) tensors) of one float dtype."""
+def check_features(image: object, texts: object, allow_empty: bool = False) -> list[Tensor]:
+    """Image (N, D) and text features (a sequence of G (K_g, D) tensors) of one float dtype.
+
+    ``allow_empty``: N = 0 is valid (a rank without samples under ``torch.distributed``; the
+    global batch is checked once gathered).
+    """
     _check_float_matrix("image_features", image)
+    if image.is_meta:
+        raise ValueError(
+            "`image_features` is a meta tensor (no data: device='meta'); the loss needs the "
+            "values, so build the model and its inputs on a real device (e.g. call "
+            "`model.to_empty(device=...)` and load weights) before computing it"
+        )
     if isinstance(texts, Tensor) or not isinstance(texts, Sequence) or len(texts) == 0:
         got = (
             f"a tensor of shape {tuple(texts.shape)}"
@@ -98,7 +113,7 @@ def check_features(image: object, texts: object) -> list[Tensor]:
             f"granularity), got {got}"
         )
     n, d = image.shape
-    if n == 0:
+    if n == 0 and not allow_empty:
         raise ValueError("`image_features` is an empty batch (N=0); MGLL needs at least one image")
     for g, t in enumerate(texts):
         _check_float_matrix(f"text_features[{g}]", t)
@@ -108,7 +123,7 @@ def check_features(image: object, texts: object) -> list[Tensor]:
                 f"`text_features[{g}]` must have {d} columns to match `image_features` "
                 f"(N={n}, D={d}), got {tuple(t.shape)}"
             )
-        if t.shape[0] == 0:
+        if t.shape[0] == 0 and not (allow_empty and n == 0):  # paired on an empty rank: K_g = 0
             raise ValueError(
                 f"`text_features[{g}]` is empty (K_{g}=0); every granularity needs a text"
             )
@@ -247,6 +262,7 @@ def check_logits_and_targets(logits: object, targets: object, bias: object = Non
     if bias is not None:
         check_scalar("logit_bias", bias, logits, like_name="logits")
         conditions.append(_scalar_condition("logit_bias", bias, positive=False))
+        conditions.append(_bias_bound(bias))
     check_values(conditions)
 
 
@@ -367,6 +383,7 @@ def batch_conditions(
     conditions.append(_scalar_condition("logit_scale", scale, positive=True))
     if bias is not None:
         conditions.append(_scalar_condition("logit_bias", bias, positive=False))
+        conditions.append(_bias_bound(bias))
     name = "labels" if mode == "paired" else "targets"
     for g, x in enumerate(values):
         if mode == "bank":
@@ -468,3 +485,16 @@ def _scalar_condition(name: str, value: Tensor, positive: bool) -> Condition:
         )
 
     return ok, fail
+
+
+def _bias_bound(bias: Tensor) -> Condition:
+    """``|logit_bias| <= MAX_LOGIT_BIAS`` (a NaN or inf bias fails the finiteness check first)."""
+    b = bias.detach().reshape(())
+
+    def fail() -> None:
+        raise ValueError(
+            f"`logit_bias` must lie in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}] (a sigmoid bias: "
+            f"SigLIP starts at -10; beyond this the pointwise sums can overflow), got {b.item():g}"
+        )
+
+    return ~(b.abs() > MAX_LOGIT_BIAS), fail

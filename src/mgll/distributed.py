@@ -5,7 +5,10 @@ every granularity's text features (paired mode) and the labels (paired) or targe
 of every rank, builds the targets on the *global* batch and computes the loss of the
 concatenated batch (rank 0's samples first).  The text bank of bank mode is shared by all ranks
 and is not gathered.  Per-rank batch sizes may differ: the sizes are gathered first and every
-tensor is padded, gathered and unpadded.
+tensor is padded, gathered and unpadded.  A rank may even hold no sample (N_r = 0, e.g. the
+last batch of an epoch split over more ranks than it has samples): it contributes no rows, its
+features' gradient is empty, and the global loss is that of the other ranks' samples.  Only an
+empty *global* batch is an error, raised on every rank alike.
 
 Gradient convention.  DDP *averages* parameter gradients over the W ranks.  Write L for the
 loss of the concatenated batch, :math:`x_r` for rank r's own features, and :math:`L_r` for the
@@ -168,6 +171,11 @@ def gather_batch(
         return GlobalBatch(image, list(texts), list(values))
     group, rank, world = resolved
     sizes = _agree(image, texts, mode, values, options, group, world)
+    if sum(sizes) == 0:
+        raise ValueError(
+            f"every rank passed an empty batch (N=0 on all {world} ranks); MGLL needs at least "
+            "one image in the global batch"
+        )
     start = sum(sizes[:rank])
     n_local, g_count = image.shape[0], len(texts)
     if mode == "paired":
@@ -304,7 +312,9 @@ def _gather_labels(labels: Sequence[Tensor], sizes, group, rank) -> list[Tensor]
         which = [g for g, x in enumerate(labels) if x.is_floating_point() == floating]
         if not which:
             continue
-        columns = [labels[g].reshape(labels[g].shape[0], -1).to(dtype) for g in which]
+        columns = [
+            (labels[g][:, None] if labels[g].dim() == 1 else labels[g]).to(dtype) for g in which
+        ]
         gathered = _gather_rows(torch.cat(columns, dim=1), sizes, group, rank)
         start = 0
         for g, c in zip(which, columns, strict=True):

@@ -22,7 +22,13 @@ from mgll._problem import (
     compute_dtype,
     cooccurrence_from_labels,
 )
-from mgll._terms import pointwise_rows, pointwise_targets, smooth_kl_rows, soft_ce_rows
+from mgll._terms import (
+    pointwise_rows,
+    pointwise_targets,
+    scale_free,
+    smooth_kl_rows,
+    soft_ce_rows,
+)
 from mgll.backends import resolve_backend
 
 __all__ = ["mgll_loss", "pointwise_loss", "smooth_kl_loss", "soft_clip_loss"]
@@ -59,7 +65,7 @@ def soft_clip_loss(logits: Tensor, targets: Tensor) -> Tensor:
     n_rows = (c.sum(1) > 0).sum().clamp_min(1)
     n_cols = (c.sum(0) > 0).sum().clamp_min(1)
     loss = 0.5 * (soft_ce_rows(z, c) / n_rows + soft_ce_rows(z.T, c.T) / n_cols)
-    return loss.to(logits.dtype)
+    return loss
 
 
 def pointwise_loss(
@@ -107,7 +113,7 @@ def pointwise_loss(
         z = z + logit_bias.to(z.dtype).reshape(())
     y = pointwise_targets(c, target)
     denom = z.numel() if norm == "pairs" else z.shape[0]
-    return (pointwise_rows(z, y) / denom).to(logits.dtype)
+    return pointwise_rows(z, y) / denom
 
 
 def smooth_kl_loss(
@@ -153,9 +159,8 @@ def smooth_kl_loss(
         s = normalize_rows(groups.to(dtype))
         maps = [s if t is None else t @ s for t in maps]
     if len(logits) < 2:
-        return logits[0].new_zeros(())
-    loss = smooth_kl_rows([z.to(dtype) for z in logits], maps) / n
-    return loss.to(logits[0].dtype)
+        return logits[0].new_zeros((), dtype=dtype)
+    return smooth_kl_rows([z.to(dtype) for z in logits], maps) / n
 
 
 def mgll_loss(
@@ -230,8 +235,12 @@ def mgll_loss(
         overlap=overlap,
     )
     check_backend(backend)
+    v.check_flag("normalize", normalize)
     dist_options = distributed.check_options(gather_with_grad, local_loss, rank, world_size, group)
-    texts = v.check_features(image_features, text_features)
+    # under torch.distributed a rank may hold no sample (the last, uneven batch); the global
+    # batch must not be empty (checked on every rank alike once the sizes are gathered)
+    empty_ok = distributed.resolve_group(dist_options) is not None
+    texts = v.check_features(image_features, text_features, allow_empty=empty_ok)
     v.check_scale_and_bias(logit_scale, logit_bias, image_features)
     mode, values = v.check_labels_or_targets(labels, targets, image_features, texts)
     v.check_granularity_count(config.granularity_weights, len(texts))
@@ -266,7 +275,22 @@ def mgll_loss(
 def _run(problem, config: LossConfig, backend: str, like: Tensor) -> LossTerms:
     with torch.autocast(like.device.type, enabled=False):
         terms = resolve_backend(backend, problem)(problem, config)
-    return LossTerms(*(t.to(like.dtype) for t in terms))
+        # a term that is off (weight 0) is a differentiable zero on every backend: backward()
+        # on the loss works and gives zero gradients, whatever the weights
+        if not all(t.requires_grad for t in terms):
+            anchor = _graph_zero(problem)
+            terms = LossTerms(*(t if t.requires_grad else t + anchor for t in terms))
+    # float32 (or wider) for half inputs and under autocast, as open_clip's losses: a half loss
+    # rounds, and overflows once a GradScaler multiplies it by 65536 (docs/errors.rst)
+    return LossTerms(*(t.to(compute_dtype(like.dtype)) for t in terms))
+
+
+def _graph_zero(problem) -> Tensor:
+    """An exact 0 connected to every differentiable input (sums of empty slices)."""
+    leaves = [problem.image, *problem.texts, problem.scale.reshape(1)]
+    if problem.bias is not None:
+        leaves.append(problem.bias.reshape(1))
+    return sum((x[:0].sum() for x in leaves), problem.scale.new_zeros(()))
 
 
 def make_config(**settings) -> LossConfig:
@@ -290,5 +314,6 @@ def check_backend(name: str) -> None:
 
 
 def _upcast(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits and targets in the compute dtype; targets brought to a maximum in [0.5, 1)."""
     dtype = compute_dtype(logits.dtype)
-    return logits.to(dtype), targets.to(dtype)
+    return logits.to(dtype), scale_free(targets.to(dtype))

@@ -46,7 +46,7 @@ class MGLLLoss(nn.Module):
             labels); the rules generalise as documented in
             :func:`mgll.targets.from_multi_hot`.  Integer ids always mean "equal id"; bank
             ``targets`` are used as given.
-        normalize: L2-normalise the features (default True).
+        normalize: L2-normalise the features (default True); a bool.
         backend: ``"auto"`` or a name from :func:`mgll.available_backends`.
         validate: check the input *values* (finite features with a non-zero norm, a positive
             finite logit scale, non-negative labels and targets) before computing; this costs
@@ -74,6 +74,27 @@ class MGLLLoss(nn.Module):
         - targets[g]: (N, K_g) non-negative co-occurrence (bank mode)
         - Output: scalar, or with ``output_dict=True`` the dict ``soft_clip_loss``,
           ``pointwise_loss``, ``smooth_kl_loss`` (each weighted; they sum to the loss)
+
+    Warning:
+        **Label ids must mean the same class on every rank.**  Under ``torch.distributed`` the
+        loss gathers ``labels`` and compares their integer ids across ranks.  Numbering each
+        batch's labels on its own (``torch.unique(..., return_inverse=True)`` or a
+        ``{label: index}`` dict per batch) makes different classes share an id and trains on
+        wrong targets with no error (the builder does this for a granularity without declared
+        ``classes``).  Use the declared ``classes`` of :class:`mgll.text.Granularity` (then
+        the builder's ids are fixed), :func:`mgll.targets.stable_ids` for
+        label strings, or one vocabulary built once for the dataset; see the distributed guide.
+
+    Returns:
+        The scalar loss (or the dict of terms) in float32 for float16/bfloat16 inputs and under
+        autocast, as open_clip's losses; float64 for float64 inputs.
+
+    Raises:
+        TypeError, ValueError: on bad input, before any compute (see the "Errors and
+            guarantees" page).
+        RuntimeError: on ``create_graph=True`` with ``backend="fused"``, ``"tiled"``,
+            ``"triton"`` or ``"auto"``: they give exact first-order gradients only; use
+            ``backend="reference"`` for second-order gradients.
 
     Example:
         >>> loss_fn = MGLLLoss()
@@ -118,7 +139,7 @@ class MGLLLoss(nn.Module):
             overlap=overlap,
         )
         check_backend(backend)
-        self.normalize = bool(normalize)
+        self.normalize = check_flag("normalize", normalize)
         self.backend = backend
         self.validate = check_flag("validate", validate)
         options = check_options(gather_with_grad, local_loss, rank, world_size, group)

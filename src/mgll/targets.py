@@ -17,6 +17,7 @@ Shape letters: N rows (images), K columns (texts), C_g label classes at a granul
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Hashable, Sequence
 
 import torch
@@ -33,6 +34,7 @@ __all__ = [
     "normalize",
     "similarity_softmax",
     "smooth",
+    "stable_ids",
 ]
 
 
@@ -480,3 +482,43 @@ def _cooc(name: str, x: object) -> Tensor:
     if bool((x < 0).any()):
         raise ValueError(f"`{name}` must be non-negative, got min {float(x.min())}")
     return x
+
+
+def stable_ids(labels: Sequence[str]) -> Tensor:
+    r"""Integer class ids for label strings that are the same on every rank and in every run.
+
+    Under ``torch.distributed`` the loss gathers every rank's ``labels`` and compares ids across
+    ranks, so an id must mean the same class everywhere.  Numbering each batch's labels on its
+    own (``torch.unique(..., return_inverse=True)`` per batch) gives rank 0's "DR" and rank 1's
+    "AMD" the same id 0, and the loss trains on wrong targets without any error.  The first
+    choice is the declared classes of a :class:`mgll.text.Granularity` (the builder's ids);
+    this helper serves labels that are only known as strings: each id is the first 63 bits of
+    the BLAKE2b hash of the UTF-8 string (not Python's ``hash``, which changes from process to
+    process).  Two distinct strings share an id with probability about :math:`2^{-63}` per pair.
+
+    Args:
+        labels: one label string per sample.
+
+    Shape:
+        - Output: (N,) int64, non-negative
+
+    Raises:
+        TypeError: ``labels`` is a single string, or holds something other than strings.
+
+    Example:
+        >>> ids = stable_ids(["DR", "AMD", "DR"])
+        >>> ids.dtype, bool(ids[0] == ids[2]), bool(ids[0] != ids[1])
+        (torch.int64, True, True)
+        >>> bool((stable_ids(["AMD"]) == ids[1]).all())  # the same id in any batch, on any rank
+        True
+    """
+    if isinstance(labels, str) or not isinstance(labels, Sequence):
+        got = "a single string" if isinstance(labels, str) else type(labels).__name__
+        raise TypeError(f"`labels` must be a sequence of label strings, got {got}")
+    ids = []
+    for i, label in enumerate(labels):
+        if not isinstance(label, str):
+            raise TypeError(f"`labels[{i}]` must be a string, got {type(label).__name__}")
+        digest = hashlib.blake2b(label.encode("utf-8"), digest_size=8).digest()
+        ids.append(int.from_bytes(digest, "big") >> 1)  # 63 bits: a non-negative int64
+    return torch.tensor(ids, dtype=torch.int64).reshape(len(ids))

@@ -79,6 +79,11 @@ class ZeroShotClassifier(nn.Module):
             raise ValueError(
                 f"`classes` must name the C={prototypes.shape[0]} prototypes, got {len(classes)}"
             )
+        if not bool(torch.isfinite(prototypes.detach()).all()):
+            raise ValueError(
+                "`prototypes` must be finite (no NaN or inf): a non-finite prototype would turn "
+                "every score into NaN; check the text encoder's output"
+            )
         scale = _scalar("logit_scale", logit_scale, prototypes)
         if not float(scale) > 0:
             raise ValueError(f"`logit_scale` must be positive (exponentiated), got {float(scale)}")
@@ -171,6 +176,12 @@ class ZeroShotClassifier(nn.Module):
             raise ValueError(
                 f"`image_features` is on {x.device} but the prototypes are on "
                 f"{self.prototypes.device}; move the classifier with `.to(device)`"
+            )
+        if not bool(torch.isfinite(x).all()):
+            row = int((~torch.isfinite(x)).any(1).nonzero()[0])
+            raise ValueError(
+                f"`image_features` must be finite (no NaN or inf), got a non-finite value in row "
+                f"{row}; its scores would be NaN"
             )
         return x
 

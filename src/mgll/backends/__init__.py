@@ -6,6 +6,7 @@ when first used, so optional ones (triton) never load with ``import mgll``.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import numbers
@@ -154,3 +155,31 @@ def choose_backend(problem: Problem) -> str:
     if on_cuda and "triton" in BACKENDS and importlib.util.find_spec("triton") is not None:
         return "triton"
     return "tiled" if logits_bytes(problem) > get_memory_budget() else "fused"
+
+
+def first_order_only(name: str):
+    """Decorate an analytic ``backward``: refuse to build a second-order graph, clearly.
+
+    The analytic backends return exact first-order gradients but do not differentiate them
+    again.  A backward pass that must itself be differentiable (``create_graph=True``) runs in
+    grad mode; there, instead of returning a gradient whose own gradient is silently wrong, raise
+    an error that names the backend and the one that supports it.
+    """
+
+    def wrap(backward):
+        @functools.wraps(backward)
+        def checked(ctx, *grads):
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    f'backend="{name}" computes exact first-order gradients but cannot '
+                    "differentiate them again (a backward pass with create_graph=True, e.g. "
+                    "torch.autograd.grad(loss, x, create_graph=True)); use "
+                    'MGLLLoss(backend="reference") for second-order gradients (gradient '
+                    'penalties, Hessian-vector products, MAML). backend="auto" picks "fused" or '
+                    '"tiled" on the CPU and "triton" on CUDA, so it needs backend="reference" too'
+                )
+            return backward(ctx, *grads)
+
+        return checked
+
+    return wrap

@@ -116,6 +116,8 @@ def _make_stats(plan: Plan) -> Stats:
     st = Stats([], [], [], [], [], [], [], p.scale.new_zeros(()), False, [], False)
     for g, cooc in enumerate(p.cooc):
         rows, cols = cooc.line_sums(1, dtype), cooc.line_sums(0, dtype)
+        if p.col_weights[g] is not None:  # bank: the t2i side reads W^c (see Problem)
+            cols = p.col_weights[g].to(dtype).sum(0)
         st.row_mass.append((rows > 0).to(dtype))
         st.col_mass.append((cols > 0).to(dtype))
         st.row_inv.append(_inverse(rows))
@@ -216,6 +218,16 @@ def targets(problem: Problem, v: GroupView, rows: slice, cols: list[slice], dtyp
     return torch.stack([problem.cooc[g].block(rows, cols[g], dtype) for g in v.gs])
 
 
+def col_targets(problem: Problem, v: GroupView, rows: slice, cols: list[slice], dtype):
+    """W^c[rows, cols[g]] (bank targets normalised per column) for the t2i side, or None.
+
+    None when the stack is paired: then the t2i side reads the same C as the i2t side.
+    """
+    if v.col_inv is None or all(problem.col_weights[g] is None for g in v.gs):
+        return None
+    return torch.stack([problem.col_weights[g][rows, cols[g]].to(dtype) for g in v.gs])
+
+
 def row_softmax(z: Tensor) -> tuple[Tensor, Tensor]:
     """Row softmax P and row log-sum-exp of a (G', r, k) block with complete rows."""
     top = z.amax(-1, keepdim=True)
@@ -230,12 +242,15 @@ def _part(x: Tensor | None, s: slice, dim: int) -> Tensor | None:
     return x[:, s] if dim == 1 else x[..., s]
 
 
-def tile_terms(z, c, v: GroupView, rs: slice, cs: slice, bias, prob, clse, want_grad: bool):
+def tile_terms(
+    z, c, v: GroupView, rs: slice, cs: slice, bias, prob, clse, want_grad: bool, c_col=None
+):
     r"""A tile's share of the terms that need no log-sum-exp, and its whole dL/dZ.
 
     ``rs``/``cs`` index the tile's rows/columns inside the block (``v``'s vectors); ``prob``
     is the row softmax of the tile and ``clse`` the column log-sum-exp (when those sides are
-    owned and wanted).  Returns the soft-CLIP share :math:`-\sum W Z`, the pointwise sum, dZ
+    owned and wanted).  ``c_col`` (bank targets: W^c of :func:`col_targets`) replaces ``c`` on
+    the t2i side.  Returns the soft-CLIP share :math:`-\sum W Z`, the pointwise sum, dZ
     (or None) and the pointwise share of dL/db.
     """
     row_inv, row_mass = _part(v.row_inv, rs, 1), _part(v.row_mass, rs, 1)
@@ -244,20 +259,25 @@ def tile_terms(z, c, v: GroupView, rs: slice, cs: slice, bias, prob, clse, want_
     zero = z.new_zeros(())
     ce, pw, db = zero, zero, zero
     # the parts linear in Z: -sum_ik C_ik Z_ik (row_inv_i + col_inv_k + y_coef_i)
-    coef = [x for x in (row_inv, col_inv, y_coef) if x is not None]
+    split = c_col is not None and col_inv is not None  # the t2i side has its own targets
+    coef = [x for x in (row_inv, None if split else col_inv, y_coef) if x is not None]
     if coef:
         cz = c * z
         row_sums = cz.sum(-1, keepdim=True)
         if row_inv is not None:
             ce = ce - (row_inv * row_sums).sum()
-        if col_inv is not None:
+        if col_inv is not None and not split:
             ce = ce - (col_inv * cz.sum(1, keepdim=True)).sum()
+    if split:
+        ce = ce - (col_inv * (c_col * z).sum(1, keepdim=True)).sum()
     dz = None
     if want_grad:
         dz = torch.zeros_like(z)
         if coef:
             total = coef[0] if len(coef) == 1 else sum(coef[1:], coef[0])
             dz.addcmul_(c, total, value=-1)
+        if split:
+            dz.addcmul_(c_col, col_inv, value=-1)
         if row_mass is not None:
             dz.addcmul_(prob, row_mass)
         if col_mass is not None:

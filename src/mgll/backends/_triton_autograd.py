@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from mgll._terms import safe_divide
+from mgll.backends import first_order_only
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -36,6 +37,7 @@ class TritonMGLL(torch.autograd.Function):
             return TritonMGLL._forward(ctx, plan, image, scale, bias, *texts)
 
     @staticmethod
+    @first_order_only("triton")
     def backward(ctx, g_clip: Tensor, g_pw: Tensor, g_kl: Tensor):
         with _on_device(ctx.saved_tensors[0].device):
             return TritonMGLL._backward(ctx, g_clip, g_pw, g_kl)
@@ -68,7 +70,7 @@ class TritonMGLL(torch.autograd.Function):
             c_lo = torch.tensor([c[0] for c in plan.cols], device=dev, dtype=torch.int32)
             c_hi = torch.tensor([c[1] for c in plan.cols], device=dev, dtype=torch.int32)
             fwd.stats_kernel[(_cdiv(width, blk["BLOCK_M"]), g)](
-                x, t, plan.targets, plan.rules, stats_c, s, b, ks, c_lo, c_hi, n, kmax, d, plan.n_classes, plan.kind,
+                x, t, plan.targets_c, plan.rules, stats_c, s, b, ks, c_lo, c_hi, n, kmax, d, plan.n_classes, plan.kind,
                 int(plan.graded), TEXT_ROWS=True, **common,
             )  # fmt: skip
         kl = torch.zeros(g, n, device=dev)
@@ -141,7 +143,7 @@ class TritonMGLL(torch.autograd.Function):
             dx = torch.zeros(n, d, device=dev)
             red = torch.zeros(2, n, device=dev)
             bwd.dx_kernel[(_cdiv(n, plan.blocks["BLOCK_M"]),)](
-                x, t, plan.targets, plan.rules, rowf, colf, dx, red, s, b, ks, *args,
+                x, t, plan.targets, plan.targets_c, plan.rules, rowf, colf, dx, red, s, b, ks, *args,
                 write_dx=int(need[1]), **flags,
             )  # fmt: skip
             d_image = (s * dx).to(ctx.dtypes[0]) if need[1] else None
@@ -151,8 +153,9 @@ class TritonMGLL(torch.autograd.Function):
         if any(need[4:]):
             dt = torch.zeros(g, kmax, d, device=dev)
             bwd.dt_kernel[(_cdiv(kmax, plan.blocks["BLOCK_N"]),)](
-                x, t, plan.targets, plan.rules, rowf, colf, dt, s, b, ks, *args, **flags
-            )
+                x, t, plan.targets, plan.targets_c, plan.rules, rowf, colf, dt, s, b, ks, *args,
+                **flags,
+            )  # fmt: skip
             d_texts = [
                 (s * dt[i, : plan.ks[i]]).to(ctx.dtypes[1 + i]) if need[4 + i] else None
                 for i in range(g)

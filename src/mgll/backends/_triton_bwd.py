@@ -26,6 +26,7 @@ def _dz_tile(
     X,
     T_g,
     TGT,
+    TGT_C,
     RULE,
     ROWF,
     COLF,
@@ -60,6 +61,11 @@ def _dz_tile(
     """
     z = scale * _dot_rows(X, T_g, offs_i, offs_k, mask_i, mask_k, D, BLOCK_D, PREC)
     c = _targets(TGT, RULE, g, offs_i, offs_k, mask_i, mask_k, N, KMAX, NCLS, kind, False, BLOCK_C)
+    c_c = c  # the t2i side: bank targets normalised per column (W^c), else C itself
+    if kind == 2:
+        c_c = _targets(
+            TGT_C, RULE, g, offs_i, offs_k, mask_i, mask_k, N, KMAX, NCLS, kind, False, BLOCK_C
+        )
     rowf = ROWF + g * N_ROW_FIELDS * N + offs_i
     lse_r = tl.load(rowf + RF_LSE * N, mask=mask_i, other=0.0)
     inv_r = tl.load(rowf + RF_INV * N, mask=mask_i, other=0.0)
@@ -72,7 +78,7 @@ def _dz_tile(
     ce_c = tl.load(colf + CF_CE * KMAX, mask=mask_k, other=0.0)
     inv_c = tl.load(colf + CF_INV * KMAX, mask=mask_k, other=0.0)
     p_c = tl.exp(tl.minimum(z - lse_c[None, :], 0.0))
-    dz = ce_r[:, None] * (p - c * inv_r[:, None]) + ce_c[None, :] * (p_c - c * inv_c[None, :])
+    dz = ce_r[:, None] * (p - c * inv_r[:, None]) + ce_c[None, :] * (p_c - c_c * inv_c[None, :])
     w_pw = tl.load(rowf + RF_PW * N, mask=mask_i, other=0.0)
     # soft_y: 0 binary 1[C > 0], 1 soft (C normalised per row), 2 graded min(C, 1)
     y = tl.where(c > 0, 1.0, 0.0)
@@ -116,6 +122,7 @@ def dx_kernel(
     X,
     T,
     TGT,
+    TGT_C,
     RULE,
     ROWF,
     COLF,
@@ -188,6 +195,7 @@ def dx_kernel(
                     X,
                     T_g,
                     TGT,
+                    TGT_C,
                     RULE,
                     ROWF,
                     COLF,
@@ -223,6 +231,7 @@ def dt_kernel(
     X,
     T,
     TGT,
+    TGT_C,
     RULE,
     ROWF,
     COLF,
@@ -289,6 +298,7 @@ def dt_kernel(
                     X,
                     T_g,
                     TGT,
+                    TGT_C,
                     RULE,
                     ROWF,
                     COLF,

@@ -25,6 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from mgll._problem import LossConfig, LossTerms, Problem
 from mgll.backends import _blockmath as bm
+from mgll.backends import first_order_only
 
 #: Elements per chunk of rows (all stacks together): about half a MB of float32 per temporary.
 CHUNK = 1 << 17
@@ -52,6 +53,7 @@ class _FusedLoss(torch.autograd.Function):
         return values[0], values[1], values[2]
 
     @staticmethod
+    @first_order_only("fused")
     @once_differentiable
     def backward(ctx, g_clip: Tensor, g_pw: Tensor, g_kl: Tensor):
         plan: bm.Plan = ctx.plan
@@ -126,9 +128,10 @@ def _block(plan, st: bm.Stats, blk: bm.Block, image, scale, bias, texts, want_gr
         for v, z, clse in zip(views, zs, clses, strict=True):
             chunk = z[:, rs]
             c = bm.targets(p, v, rows, blk.cols, dtype) if need_c else None
+            c_col = bm.col_targets(p, v, rows, blk.cols, dtype) if need_c else None
             prob, rlse = bm.row_softmax(chunk) if need_prob else (None, None)
             ce, pw, dz, dbias = bm.tile_terms(
-                chunk, c, v, rs, slice(None), bias, prob, clse, want_grad
+                chunk, c, v, rs, slice(None), bias, prob, clse, want_grad, c_col
             )
             if v.row_mass is not None:
                 ce = ce + (v.row_mass[:, rs] * rlse).sum()

@@ -26,7 +26,7 @@ def compute(problem: Problem, config: LossConfig) -> LossTerms:
         if config.soft_clip_weight != 0:
             # (k_local, N): columns as rows; the same logits when this process owns everything
             cols_z = rows_z.T if problem.is_full else problem.scale * text[cols] @ problem.image.T
-            cols_c = cooc.block(slice(None), cols, rows_z.dtype).T
+            cols_c = problem.column_block(g, cols, rows_z.dtype).T
             n_rows, n_cols = cooc.anchor_counts()
             i2t = soft_ce_rows(rows_z, rows_c) / n_rows.clamp_min(1)
             t2i = soft_ce_rows(cols_z, cols_c) / n_cols.clamp_min(1)

@@ -26,6 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from mgll._problem import LossConfig, LossTerms, Problem
 from mgll.backends import _blockmath as bm
+from mgll.backends import first_order_only
 
 #: Image rows per tile and text columns per tile (a few MB of float32 per temporary).
 TILE_ROWS = 256
@@ -50,6 +51,7 @@ class _TiledLoss(torch.autograd.Function):
         return values[0], values[1], values[2]
 
     @staticmethod
+    @first_order_only("tiled")
     @once_differentiable
     def backward(ctx, g_clip: Tensor, g_pw: Tensor, g_kl: Tensor):
         image, scale, *texts = ctx.saved_tensors
@@ -119,7 +121,10 @@ def _forward(plan: bm.Plan, image, scale, bias, texts):
                 for local, cols in tiles.col_tiles(j):
                     z = tiles.logits(rsl, j, local)
                     c = _target(plan, blk, v, rows, cols, z.dtype)
-                    ce, pw, _, _ = bm.tile_terms(z, c, v, rsl, local, bias, None, None, False)
+                    c_col = _col_target(plan, blk, v, rows, cols, z.dtype)
+                    ce, pw, _, _ = bm.tile_terms(
+                        z, c, v, rsl, local, bias, None, None, False, c_col
+                    )
                     values[0] += ce
                     values[1] += pw
                     if blk.do_rows:
@@ -154,6 +159,10 @@ def _online(z: Tensor, top: Tensor, total: Tensor, dim: int):
 def _target(plan, blk, v: bm.GroupView, rows, cols, dtype):
     need = plan.ce or (plan.pw and blk.do_rows)
     return bm.targets(plan.problem, v, rows, cols, dtype) if need else None
+
+
+def _col_target(plan, blk, v: bm.GroupView, rows, cols, dtype):
+    return bm.col_targets(plan.problem, v, rows, cols, dtype) if plan.ce else None
 
 
 def _kl_forward(plan, st: bm.Stats, tiles: _Tiles, rsl, rlse, kl_rows) -> Tensor:
@@ -234,7 +243,8 @@ def _tile_grad(plan, st: bm.Stats, blk, v, z, rsl, local, rows, cols, bias, lse,
     prob = None
     if blk.do_rows and (plan.ce or plan.kl):
         prob = torch.sub(z, lse[0]).exp_()
-    _, _, dz, dbias = bm.tile_terms(z, c, v, rsl, local, bias, prob, lse[1], True)
+    c_col = _col_target(plan, blk, v, rows, cols, z.dtype)
+    _, _, dz, dbias = bm.tile_terms(z, c, v, rsl, local, bias, prob, lse[1], True, c_col)
     if plan.kl and blk.do_rows:
         if st.kl_identity:
             a, q = bm.kl_identity_terms(z, lse[0])

@@ -123,6 +123,7 @@ class _Plan:
     ks: list[int]
     kind: int
     targets: Tensor
+    targets_c: Tensor  # the t2i side's targets: W^c for bank targets, else ``targets``
     rules: Tensor
     n_classes: int
     rows: tuple[int, int]
@@ -161,6 +162,7 @@ class _Plan:
             ks=ks,
             kind=kind,
             targets=targets,
+            targets_c=_stack_col_weights(problem, targets) if kind == _KIND_DENSE else targets,
             rules=rules.to(device),
             n_classes=n_classes,
             rows=_span(problem.rows, n, "problem.rows"),
@@ -222,6 +224,21 @@ def _stack_targets(problem: Problem) -> tuple[int, Tensor, int]:
     for g, c in enumerate(cooc):
         out[g, :, : c.shape[1]] = c.data.to(device=device, dtype=torch.float32)
     return _KIND_DENSE, out, 0
+
+
+def _stack_col_weights(problem: Problem, targets: Tensor) -> Tensor:
+    """W^c (bank targets normalised per column) of every granularity, laid out as the targets.
+
+    A problem built without column weights reads its targets on both sides.
+    """
+    if any(w is None for w in problem.col_weights):
+        return targets
+    kmax = max(t.shape[0] for t in problem.texts)
+    device = problem.image.device
+    out = torch.zeros(len(problem.cooc), problem.num_images, kmax, device=device)
+    for g, w in enumerate(problem.col_weights):
+        out[g, :, : w.shape[1]] = w.to(device=device, dtype=torch.float32)
+    return out
 
 
 def _rule_code(cooc: CoOccurrence) -> int:
