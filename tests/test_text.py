@@ -265,10 +265,12 @@ def annotation_batches(draw):
     labels = st.sampled_from(["DR", "DME", "AMD", "glaucoma", "normal"])
     value = st.one_of(st.none(), labels, st.lists(labels, max_size=4))
     n = draw(st.integers(1, 10))
-    return [
+    batch = [
         {k: v for k, v in {"a": draw(value), "b": draw(value)}.items() if v is not None}
         for _ in range(n)
     ]
+    batch[0] = {"a": batch[0].get("a"), "b": batch[0].get("b")}  # a field of every batch
+    return batch
 
 
 def _label_set(value) -> frozenset:

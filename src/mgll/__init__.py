@@ -1,6 +1,6 @@
 """mgll: Multi-Granular Language Learning as a drop-in CLIP loss for PyTorch."""
 
-from mgll import distributed, functional, targets, text
+from mgll import datasets, distributed, functional, targets, text
 from mgll.backends import available_backends, get_memory_budget, set_memory_budget
 from mgll.functional import mgll_loss
 from mgll.loss import MGLLLoss
@@ -17,6 +17,7 @@ __all__ = [
     "ZeroShotClassifier",
     "__version__",
     "available_backends",
+    "datasets",
     "distributed",
     "functional",
     "get_memory_budget",

@@ -15,8 +15,10 @@ class Granularity:
     r"""How one annotation field becomes text.
 
     A sample's labels at this granularity are read from ``annotation[key]`` (default: ``name``):
-    a string or integer is one label, a list/tuple/set is a label set, ``None``, an empty list
-    or a missing key means "no label here".  The sample's text is
+    a string or integer is one label, a list/tuple/set is a label set, a mapping
+    ``{label: weight}`` is a label set with weights in [0, 1] (uncertain labels, see
+    :meth:`weights_of`), ``None``, an empty list or a missing key means "no label here" (but a
+    field missing from *every* annotation of a batch is an error: a misspelt ``key``).  The sample's text is
     ``template.format(phrases)`` where the phrases of its labels, in canonical order (the order
     of ``classes`` when given, else sorted), are joined with ``joiner`` (and ``last_joiner``
     between the last two), so equal label sets always give equal strings.  A label's phrase is
@@ -36,7 +38,9 @@ class Granularity:
             ``joiner``.
         separator: split string values on it into label sets (``"DR, DME"`` with ``","``).
         missing_text: the paired-mode text of a sample without a label here (a pure negative:
-            its column has no positive, so it is never an anchor).
+            its column has no positive, so it is never an anchor).  The default ``""`` is
+            sent to the text encoder as an empty string; give a sentence (``"no finding"``)
+            or make sure your tokenizer handles empty strings.
 
     Example:
         >>> g = Granularity("digits", "digits {}", last_joiner=" and ")
@@ -72,12 +76,33 @@ class Granularity:
 
     def labels_of(self, annotation: Mapping[str, object], where: str = "annotation") -> tuple:
         """The sample's labels here, de-duplicated, in canonical order (``()`` if none)."""
+        return tuple(self.weights_of(annotation, where))
+
+    def weights_of(self, annotation: Mapping[str, object], where: str = "annotation") -> dict:
+        """The sample's labels here with their weights, in canonical order (``{}`` if none).
+
+        A plain label or label list gives weight 1.0 to each label; a mapping
+        ``{label: weight}`` (weights in [0, 1], e.g. 0.5 for an uncertain finding under
+        U-Soft) gives its own weights, and a label of weight 0 is dropped (absent).
+
+        Example:
+            >>> g = Granularity("finding")
+            >>> g.weights_of({"finding": {"Edema": 0.5, "Cardiomegaly": 1.0, "Fracture": 0.0}})
+            {'Cardiomegaly': 1.0, 'Edema': 0.5}
+            >>> g.weights_of({"finding": ["Edema"]})
+            {'Edema': 1.0}
+        """
         value = annotation.get(self.source)
         if value is None:
-            return ()
-        if isinstance(value, str) and self.separator is not None:
-            value = [part.strip() for part in value.split(self.separator) if part.strip()]
-        items = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
+            return {}
+        if isinstance(value, Mapping):
+            weights = {x: _check_weight(where, self.source, x, w) for x, w in value.items()}
+            items = [x for x, w in weights.items() if w > 0]
+        else:
+            if isinstance(value, str) and self.separator is not None:
+                value = [part.strip() for part in value.split(self.separator) if part.strip()]
+            items = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
+            weights = None
         for j, x in enumerate(items):
             if isinstance(x, bool) or not isinstance(x, (str, int)):
                 raise TypeError(
@@ -91,7 +116,7 @@ class Granularity:
                     f"`{where}[{self.source!r}]` holds labels not in `classes` of granularity "
                     f"{self.name!r}: {', '.join(map(repr, unknown))}"
                 )
-        return self.canonical(items)
+        return {x: 1.0 if weights is None else weights[x] for x in self.canonical(items)}
 
     def canonical(self, labels: Sequence[Label]) -> tuple:
         """``labels`` de-duplicated in canonical order (``classes`` order, else sorted)."""
@@ -122,6 +147,15 @@ class Granularity:
     def _phrase(self, label: Label, rng: random.Random | None) -> str:
         options = self.phrases(label)
         return options[0] if rng is None or len(options) == 1 else rng.choice(options)
+
+
+def _check_weight(where: str, source: str, label: object, weight: object) -> float:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+        raise ValueError(
+            f"`{where}[{source!r}]` maps label {label!r} to weight {weight!r}; a label weight "
+            "must be a number in [0, 1] (1 positive, 0 absent, e.g. 0.5 uncertain)"
+        )
+    return float(weight)
 
 
 def _check_str(attr: str, value: object) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -78,10 +78,12 @@ class GranularityTexts:
         unique_texts: the distinct texts, first-occurrence order.
         inverse: (K_g,) long, ``texts[k] == unique_texts[inverse[k]]``.
         classes: the C_g classes, indexing the ids / multi-hot columns / bank columns.
-        label_sets: each sample's labels after hierarchy expansion, canonical order.
-        labels: paired mode: (N,) long class ids or (N, C_g) bool multi-hot; else None.
+        label_sets: each sample's labels (weight > 0) after hierarchy expansion, canonical
+            order.
+        labels: paired mode: (N,) long class ids, (N, C_g) bool multi-hot or (N, C_g)
+            float32 soft labels in [0, 1] (see ``label_format``); else None.
         targets: bank mode: (N, K_g) float32 co-occurrence (``targets[:, k]`` is
-            ``classes[k]``); else None.
+            ``classes[k]``; a label's weight, 1.0 unless the annotation gave one); else None.
 
     Example:
         >>> from mgll.text import Granularity, MultiGranularTextBuilder
@@ -119,6 +121,15 @@ class GranularityTexts:
     def encode(self, encode_fn: EncodeFn) -> Tensor:
         """(K_g, D) text features: ``encode_fn`` runs once on ``unique_texts``."""
         return encode_unique(self.texts, encode_fn)
+
+    def to(self, device: torch.device | str | int, non_blocking: bool = False) -> GranularityTexts:
+        """A copy with ``inverse``, ``labels`` and ``targets`` on ``device`` (dtypes kept)."""
+        moved = {
+            k: None if v is None else v.to(device=device, non_blocking=non_blocking)
+            for k, v in (("labels", self.labels), ("targets", self.targets))
+        }
+        inverse = self.inverse.to(device=device, non_blocking=non_blocking)
+        return replace(self, inverse=inverse, **moved)
 
 
 class TextBatch(Sequence[GranularityTexts]):
@@ -178,6 +189,20 @@ class TextBatch(Sequence[GranularityTexts]):
         """``{"labels": [...]}`` (paired) or ``{"targets": [...]}`` (bank), one per granularity."""
         key = "labels" if self.mode == "paired" else "targets"
         return {key: [p.loss_input for p in self._parts]}
+
+    def to(self, device: torch.device | str | int, non_blocking: bool = False) -> TextBatch:
+        """A new batch with its tensors (labels, targets, inverse indices) on ``device``.
+
+        open_clip's train loop calls ``texts.to(device=device, non_blocking=True)`` on what
+        the loader yields; dtypes are kept (bool multi-hot stays bool).
+
+        Example:
+            >>> from mgll.text import Granularity, MultiGranularTextBuilder
+            >>> batch = MultiGranularTextBuilder([Granularity("dx")]).build([{"dx": "DR"}])
+            >>> batch.to("cpu")["dx"].labels.device
+            device(type='cpu')
+        """
+        return TextBatch(tuple(p.to(device, non_blocking) for p in self._parts), self.mode)
 
     def encode(self, encode_fn: EncodeFn) -> list[Tensor]:
         """The G text feature tensors, with one ``encode_fn`` call over every distinct string.

@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 _MODES = ("paired", "bank")
-_LABEL_FORMATS = ("auto", "ids", "multi_hot")
+_LABEL_FORMATS = ("auto", "ids", "multi_hot", "soft")
 
 
 class MultiGranularTextBuilder:
@@ -137,21 +137,39 @@ class MultiGranularTextBuilder:
             annotations: N mappings from field names to labels (see :class:`Granularity`).
             mode: ``"paired"`` (one text per sample, ``labels``) or ``"bank"`` (one text per
                 class, ``targets``).
-            label_format: paired mode only: ``"auto"`` (ids when every sample has exactly one
-                label at the granularity, else multi-hot), ``"ids"`` (an error if a sample
-                has zero or several labels) or ``"multi_hot"``.
+            label_format: paired mode only, one value or ``{granularity name: value}``
+                (unnamed granularities ``"auto"``): ``"auto"`` (ids when every sample has
+                exactly one label at the granularity, else bool multi-hot, float32 soft labels
+                when a weight is in (0, 1)), ``"ids"`` (an error if a sample has zero or
+                several labels), ``"multi_hot"`` (bool) or ``"soft"`` (float32 in [0, 1],
+                always).  Fix it (as :class:`mgll.datasets.MultiGranularCollate` does) when
+                label shapes must not change from batch to batch.
             rng: picks one of several descriptions per label at random; default the first.
 
         Returns:
             A :class:`TextBatch`, indexable by granularity name or position.
+
+        Raises:
+            TypeError: ``annotations`` is not a sequence of mappings (a dict of lists, as
+                torch's default collate makes, gets a hint to
+                :class:`mgll.datasets.MultiGranularCollate`).
+            ValueError: a granularity's field is absent from every annotation of the batch
+                (a misspelt ``key``; the message lists the fields present), unknown labels,
+                or labels that do not fit ``label_format``.
         """
         if mode not in _MODES:
             raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}")
-        if label_format not in _LABEL_FORMATS:
-            raise ValueError(
-                f"`label_format` must be one of {_LABEL_FORMATS}, got {label_format!r}"
+        formats = self._label_formats(label_format)
+        if isinstance(annotations, Mapping):
+            raise TypeError(
+                "`annotations` must be a sequence of N mappings (one per sample), got "
+                f"{type(annotations).__name__} with keys {sorted(map(str, annotations))[:8]}: "
+                "this is what torch's default DataLoader collate makes of a batch of "
+                "annotation dicts (one list per field). Pass "
+                "`collate_fn=mgll.datasets.MultiGranularCollate(builder)` to the DataLoader, "
+                "or collate the annotations as a list"
             )
-        if isinstance(annotations, (str, Mapping)) or not isinstance(annotations, Sequence):
+        if isinstance(annotations, str) or not isinstance(annotations, Sequence):
             raise TypeError(
                 "`annotations` must be a sequence of N mappings (one per sample), got "
                 f"{type(annotations).__name__}"
@@ -161,29 +179,51 @@ class MultiGranularTextBuilder:
         for i, a in enumerate(annotations):
             if not isinstance(a, Mapping):
                 raise TypeError(f"`annotations[{i}]` must be a mapping, got {type(a).__name__}")
+        for gran in self.granularities:
+            _check_field_present(gran, annotations)
         parts = [
-            self._one(gran, annotations, mode, label_format, rng) for gran in self.granularities
+            self._one(gran, annotations, mode, formats[gran.name], rng)
+            for gran in self.granularities
         ]
         return TextBatch(tuple(parts), mode)
 
+    def _label_formats(self, label_format: str | Mapping[str, str]) -> dict[str, str]:
+        names = [g.name for g in self.granularities]
+        if isinstance(label_format, Mapping):
+            unknown = [n for n in label_format if n not in names]
+            if unknown:
+                raise ValueError(
+                    f"`label_format` names unknown granularities {unknown}; known: {names}"
+                )
+            formats = {n: label_format.get(n, "auto") for n in names}
+        else:
+            formats = {n: label_format for n in names}
+        for n, f in formats.items():
+            if f not in _LABEL_FORMATS:
+                raise ValueError(
+                    f"`label_format` must be one of {_LABEL_FORMATS} (or a mapping "
+                    f"{{granularity name: format}}), got {f!r} for granularity {n!r}"
+                )
+        return formats
+
     def _one(self, gran, annotations, mode, label_format, rng) -> GranularityTexts:
-        own = [gran.labels_of(a, f"annotations[{i}]") for i, a in enumerate(annotations)]
-        sets = [self._expand(gran, labels, i) for i, labels in enumerate(own)]
+        own = [gran.weights_of(a, f"annotations[{i}]") for i, a in enumerate(annotations)]
+        sets = [self._expand(gran, weights, i) for i, weights in enumerate(own)]
         if gran.classes is not None:
             classes = gran.classes
         else:
             classes = gran.canonical([x for s in sets for x in s])
         index = {c: j for j, c in enumerate(classes)}
-        multi_hot = torch.zeros(len(sets), len(classes), dtype=torch.bool)
+        weights = torch.zeros(len(sets), len(classes), dtype=torch.float32)
         for i, s in enumerate(sets):
-            multi_hot[i, [index[x] for x in s]] = True
+            weights[i, [index[x] for x in s]] = torch.tensor(list(s.values()))
         labels = targets = None
         if mode == "paired":
-            texts = tuple(gran.render(labels, rng) for labels in own)
-            labels = _paired_labels(gran.name, multi_hot, label_format)
+            texts = tuple(gran.render(tuple(labels), rng) for labels in own)
+            labels = _paired_labels(gran.name, weights, label_format)
         else:
             texts = tuple(gran.render((c,), rng) for c in classes)
-            targets = multi_hot.to(torch.float32)
+            targets = weights
         unique, inverse = unique_inverse(texts)
         return GranularityTexts(
             name=gran.name,
@@ -192,17 +232,19 @@ class MultiGranularTextBuilder:
             unique_texts=unique,
             inverse=inverse,
             classes=tuple(classes),
-            label_sets=tuple(sets),
+            label_sets=tuple(tuple(x) for x in sets),
             labels=labels,
             targets=targets,
         )
 
-    def _expand(self, gran: Granularity, labels: tuple, i: int) -> tuple:
+    def _expand(self, gran: Granularity, weights: dict, i: int) -> dict:
+        """Add the ancestors of a sample's labels; an ancestor's weight is the largest weight
+        of its descendants (an uncertain Edema makes Lung Opacity at least as likely)."""
         strict, hierarchy = self._hierarchies.get(gran.name, (False, None))
-        if hierarchy is None or not labels:
-            return labels
+        if hierarchy is None or not weights:
+            return weights
         try:
-            expanded = hierarchy.expand(labels, strict=strict)
+            expanded = hierarchy.expand(tuple(weights), strict=strict)
         except ValueError as err:
             raise ValueError(f"`annotations[{i}]` at granularity {gran.name!r}: {err}") from None
         if gran.classes is not None:
@@ -212,7 +254,11 @@ class MultiGranularTextBuilder:
                     f"`annotations[{i}]`: the ancestors {', '.join(map(repr, missing))} of its "
                     f"labels are not in `classes` of granularity {gran.name!r}; declare them"
                 )
-        return gran.canonical(expanded)
+        out = dict(weights)
+        for x, w in weights.items():
+            for a in hierarchy.ancestors(x) if x in hierarchy else ():
+                out[a] = max(out.get(a, 0.0), w)
+        return {x: out[x] for x in gran.canonical(expanded)}
 
     @classmethod
     def mgll_fundus(
@@ -267,7 +313,19 @@ def _preset(arg, levels, table, separator) -> list[Granularity]:
     return [Granularity(x, table[x][1], key=table[x][0], separator=separator) for x in levels]
 
 
-def _paired_labels(name: str, multi_hot: Tensor, label_format: str) -> Tensor:
+def _paired_labels(name: str, weights: Tensor, label_format: str) -> Tensor:
+    """(N,) ids, (N, C_g) bool multi-hot or (N, C_g) float32 soft labels from the weights."""
+    fractional = (weights > 0) & (weights < 1)
+    if label_format == "soft" or (label_format == "auto" and bool(fractional.any())):
+        return weights
+    if bool(fractional.any()):
+        i, c = (int(v) for v in fractional.nonzero()[0])
+        raise ValueError(
+            f"`label_format={label_format!r}` needs 0/1 labels at granularity {name!r}, but "
+            f"sample {i} has weight {float(weights[i, c])} at class {c}; use 'soft' for "
+            "labels with probabilities in [0, 1] (uncertain labels)"
+        )
+    multi_hot = weights > 0
     counts = multi_hot.sum(1)
     single = bool((counts == 1).all())
     if label_format == "ids" and not single:
@@ -279,6 +337,19 @@ def _paired_labels(name: str, multi_hot: Tensor, label_format: str) -> Tensor:
     if label_format == "multi_hot" or not single:
         return multi_hot
     return multi_hot.to(torch.long).argmax(1)
+
+
+def _check_field_present(gran: Granularity, annotations: Sequence[Mapping]) -> None:
+    """A field absent from every annotation is a misspelt ``key``, not a batch of negatives."""
+    if any(gran.source in a for a in annotations):
+        return
+    present = sorted({str(k) for a in annotations for k in a})
+    raise ValueError(
+        f"granularity {gran.name!r} reads the field {gran.source!r}, which no annotation of "
+        f"this batch has (N={len(annotations)}); fields present: {present}. Fix the "
+        "granularity's `key=` (or name), or write the field with None or [] for samples "
+        "without a label there"
+    )
 
 
 def _check_hierarchy(hierarchy: object, names: list[str]) -> dict:
