@@ -77,7 +77,9 @@ class ImageTableDataset(Dataset):
         self.path, self.transform, self.root = path, transform, root
         self.images = [row[image_key] for row in rows]
         self.columns = tuple(columns)
-        self.annotations = [{c: (row[c] if row[c] != "" else None) for c in columns} for row in rows]
+        self.annotations = [
+            {c: (row[c] if row[c] != "" else None) for c in columns} for row in rows
+        ]
 
     def __len__(self) -> int:
         return len(self.images)

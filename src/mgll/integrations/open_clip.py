@@ -283,13 +283,17 @@ class FlatMultiGranularCLIP(nn.Module):
         if image is not None:
             out["image_features"] = self.model.encode_image(image, normalize=self.normalize)
         if text is not None:
-            if getattr(text, "mode", None) != "paired" or not callable(getattr(text, "encode", None)):
+            if getattr(text, "mode", None) != "paired" or not callable(
+                getattr(text, "encode", None)
+            ):
                 raise TypeError(
                     "`text` must be a paired-mode mgll TextBatch (what "
                     "`MultiGranularCollate(builder, mode='paired')` yields), got "
                     f"{type(text).__name__}"
                 )
-            for g, (features, part) in enumerate(zip(text.encode(self.encode_texts), text, strict=True)):
+            for g, (features, part) in enumerate(
+                zip(text.encode(self.encode_texts), text, strict=True)
+            ):
                 text_key, label_key = _flat_keys(g)
                 out[text_key] = features
                 out[label_key] = part.labels
