@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     parser.add_argument("--atol", type=float, default=1e-5)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args(argv)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mgll_hf_"))
+    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="mgll_hf_"))).resolve()
     if args.check_replicas:
         check_replicas(workdir, steps=4, atol=args.atol)
         return []

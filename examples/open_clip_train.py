@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args(argv)
     epochs = 3 if args.smoke else args.epochs
-    folder = args.workdir or Path(tempfile.mkdtemp(prefix="mgll_open_clip_"))
+    folder = (args.workdir or Path(tempfile.mkdtemp(prefix="mgll_open_clip_"))).resolve()
     train, val = write_data(folder, n_train=32 * args.accum_freq, n_val=32)
     cmd = command(folder, train, val, epochs=epochs, nproc=args.nproc, accum_freq=args.accum_freq)
     print("$", " ".join(cmd[1:] if cmd[1] != "-m" else ["python", *cmd[1:]]))
