@@ -80,7 +80,28 @@ def write_data(folder: Path, n_train: int, n_val: int, seed: int = 0) -> tuple[P
     return files[0], files[1]
 
 
-def command(folder: Path, train: Path, val: Path, *, epochs: int, nproc: int, accum_freq: int):
+def write_shards(folder: Path, train: Path, val: Path) -> tuple[str, str]:
+    """The same samples as webdataset shards: a ``.png`` and a ``.json`` annotation each."""
+    import webdataset as wds
+
+    sizes, names = {}, []
+    for split, table, n_shards in (("train", train, 2), ("val", val, 1)):
+        rows = [line.split(",") for line in table.read_text().splitlines()[1:]]
+        for s in range(n_shards):
+            name = f"{split}-{s}.tar"
+            part = rows[s::n_shards]
+            with wds.TarWriter(str(folder / name)) as sink:
+                for i, (path, digits, parity) in enumerate(part):
+                    annotation = {"digits": digits.split("|"), "parity": parity.split("|")}
+                    sink.write({"__key__": f"{s}_{i:05d}", "png": Path(path).read_bytes(),
+                                "json": annotation})  # fmt: skip
+            sizes[name] = len(part)
+        names.append(str(folder / (f"{split}-{{0..{n_shards - 1}}}.tar" if n_shards > 1 else name)))
+    (folder / "sizes.json").write_text(json.dumps(sizes))
+    return names[0], names[1]
+
+
+def command(folder: Path, train, val, *, epochs: int, nproc: int, accum_freq: int, kind: str):
     """The documented command line for these files."""
     (folder / "mgll-tiny-vit.json").write_text(json.dumps(TINY))
     (folder / "mgll.json").write_text(json.dumps(MGLL))
@@ -90,7 +111,7 @@ def command(folder: Path, train: Path, val: Path, *, epochs: int, nproc: int, ac
                     f"--nproc_per_node={nproc}", "-m", "mgll.integrations.open_clip_train"]  # fmt: skip
     return [
         *launcher,
-        "--train-data", str(train), "--val-data", str(val), "--dataset-type", "csv",
+        "--train-data", str(train), "--val-data", str(val), "--dataset-type", kind,
         "--csv-separator", ",", "--csv-img-key", "filepath",
         "--model", "mgll-tiny-vit", "--batch-size", str(16 // nproc),
         "--accum-freq", str(accum_freq), "--epochs", str(epochs), "--lr", "1e-3",
@@ -114,12 +135,18 @@ def main(argv: list[str] | None = None) -> list[float]:
     parser.add_argument("--nproc", type=int, default=1, help="processes (torchrun, gloo)")
     parser.add_argument("--accum-freq", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--webdataset", action="store_true", help="shards with .json, not a CSV")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args(argv)
     epochs = 3 if args.smoke else args.epochs
     folder = (args.workdir or Path(tempfile.mkdtemp(prefix="mgll_open_clip_"))).resolve()
     train, val = write_data(folder, n_train=32 * args.accum_freq, n_val=32)
-    cmd = command(folder, train, val, epochs=epochs, nproc=args.nproc, accum_freq=args.accum_freq)
+    kind = "csv"
+    if args.webdataset:
+        (train, val), kind = write_shards(folder, train, val), "webdataset"
+    cmd = command(
+        folder, train, val, epochs=epochs, nproc=args.nproc, accum_freq=args.accum_freq, kind=kind
+    )
     print("$", " ".join(cmd[1:] if cmd[1] != "-m" else ["python", *cmd[1:]]))
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]

@@ -40,8 +40,8 @@ def test_plain_loop_smoke(tmp_path):
 
 @pytest.mark.parametrize(
     "flags",
-    [["--smoke"], ["--smoke", "--nproc", "2", "--accum-freq", "2"]],
-    ids=["one-process", "torchrun2-accum2"],
+    [["--smoke"], ["--smoke", "--nproc", "2", "--accum-freq", "2"], ["--smoke", "--webdataset"]],
+    ids=["one-process", "torchrun2-accum2", "webdataset"],
 )
 def test_open_clip_train_example(tmp_path, flags):
     """open_clip's own trainer with MGLL from a labelled CSV: the three terms logged, loss falls."""

@@ -19,7 +19,9 @@ torchrun).  No file of open_clip is edited: while ``main`` runs, these names are
 * ``open_clip_train.data.get_dataset_fn``: ``--train-data`` / ``--val-data`` CSV/TSV files
   become :class:`~mgll.integrations.image_table.ImageTableDataset` collated by
   :class:`mgll.datasets.MultiGranularCollate`, because open_clip's loader yields
-  ``(image, caption)`` and no labels.
+  ``(image, caption)`` and no labels.  Webdataset shards go through open_clip's own
+  ``get_wds_dataset``, whose last six pipeline stages (caption filter, decode, rename,
+  tokenise, to-tuple, batch) are replaced by stages reading each sample's ``.json`` annotation.
 * ``open_clip_train.train.zero_shot_eval``: adds the multi-label zero-shot AUROC of
   :class:`mgll.ZeroShotClassifier` on the validation set (every ``--zeroshot-frequency``
   epochs), because open_clip's zero-shot evaluation knows only ImageNet.
@@ -249,15 +251,30 @@ class _Hooks:
             )
 
     def get_dataset_fn(self, data_path, dataset_type):
-        tabular = dataset_type == "csv" or (
-            dataset_type == "auto" and str(data_path).rsplit(".", 1)[-1] in ("csv", "tsv")
+        ext = str(data_path).rsplit(".", 1)[-1]
+        if dataset_type == "csv" or (dataset_type == "auto" and ext in ("csv", "tsv")):
+            return self.csv_data
+        if dataset_type == "webdataset" or (dataset_type == "auto" and ext == "tar"):
+            return self.wds_data
+        raise SystemExit(
+            f"mgll: --dataset-type {dataset_type} ({data_path}) is not supported; MGLL reads "
+            "labelled CSV/TSV files or webdataset shards with a .json per sample"
         )
-        if not tabular:
-            raise SystemExit(
-                f"mgll: --dataset-type {dataset_type} ({data_path}) is not supported; MGLL reads "
-                "labelled CSV/TSV files (--dataset-type csv, or auto with .csv/.tsv)"
-            )
-        return self.csv_data
+
+    def _builder(self, args, scan: bool) -> MultiGranularTextBuilder:
+        if self.builder is None:
+            grans = self.cfg["granularities"]
+            if scan:  # CSV files: classes not declared are read from the files
+                table = {"image_key": args.csv_img_key, "sep": args.csv_separator}
+                grans = _classes_from_files(grans, [args.train_data, args.val_data], **table)
+            undeclared = [g.name for g in grans if g.classes is None]
+            if undeclared:
+                raise SystemExit(
+                    f"mgll: granularities {undeclared} declare no `classes`; webdataset shards "
+                    "are not scanned, so declare them in --mgll-config"
+                )
+            self.builder = MultiGranularTextBuilder(grans)
+        return self.builder
 
     def csv_data(self, args, preprocess_fn, is_train, epoch=0, tokenizer=None):
         from torch.utils.data import DataLoader, DistributedSampler
@@ -265,14 +282,12 @@ class _Hooks:
         from mgll.datasets import MultiGranularCollate
         from mgll.integrations.image_table import ImageTableDataset
 
-        table = {"image_key": args.csv_img_key, "sep": args.csv_separator}
-        if self.builder is None:
-            files = [args.train_data, args.val_data]
-            grans = _classes_from_files(self.cfg["granularities"], files, **table)
-            self.builder = MultiGranularTextBuilder(grans)
-        columns = sorted({g.source for g in self.builder.granularities})
+        builder = self._builder(args, scan=True)
+        columns = sorted({g.source for g in builder.granularities})
         path = args.train_data if is_train else args.val_data
-        dataset = ImageTableDataset(path, preprocess_fn, columns=columns, **table)
+        dataset = ImageTableDataset(
+            path, preprocess_fn, columns=columns, image_key=args.csv_img_key, sep=args.csv_separator
+        )
         sampler = DistributedSampler(dataset) if args.distributed and is_train else None
         loader = DataLoader(
             dataset,
@@ -282,10 +297,37 @@ class _Hooks:
             pin_memory=False,  # torch's pin_memory would turn the TextBatch into a list
             sampler=sampler,
             drop_last=is_train,
-            collate_fn=MultiGranularCollate(self.builder, mode="paired"),
+            collate_fn=MultiGranularCollate(builder, mode="paired"),
         )
         loader.num_samples, loader.num_batches = len(dataset), len(loader)
         return self.oc_data.DataInfo(loader, sampler)
+
+    def wds_data(self, args, preprocess_fn, is_train, epoch=0, tokenizer=None):
+        """open_clip's own webdataset pipeline (shards, shuffles, epochs, sizes), with its last
+        six stages (caption filter, decode, rename, tokenise, to_tuple, batch) replaced by
+        stages that read each sample's ``.json`` annotation and batch with the collate."""
+        import webdataset as wds
+
+        from mgll.datasets import MultiGranularCollate
+
+        collate = MultiGranularCollate(self._builder(args, scan=False), mode="paired")
+        info = self.oc_data.get_wds_dataset(
+            args, preprocess_fn, is_train, epoch, tokenizer=tokenizer
+        )
+        loader = info.dataloader.pipeline[0]  # WebLoader -> its DataLoader -> the stages
+        loader.collate_fn = _as_is  # torch's default_convert would turn the TextBatch into a list
+        pipe = loader.dataset.pipeline
+        tail = [getattr(getattr(stage, "f", None), "__name__", None) for stage in pipe[-6:]]
+        if tail != ["_select", "_decode", "_rename", "_map_dict", "_to_tuple", "_batched"]:
+            raise SystemExit(f"mgll: open_clip's webdataset pipeline changed ({tail}): untested")
+        pipe[-6:] = [
+            wds.select(lambda sample: "json" in sample),
+            wds.decode("pilrgb", handler=self.oc_data.log_and_continue),
+            wds.to_tuple("jpg;png;jpeg;webp", "json"),
+            wds.map_tuple(preprocess_fn, _annotation),
+            wds.batched(args.batch_size, partial=not is_train, collation_fn=collate),
+        ]
+        return info
 
     def zero_shot_eval(self, model, data, epoch, args, tokenizer=None):
         results = self.original["zero_shot_eval"](model, data, epoch, args, tokenizer=tokenizer)
@@ -294,6 +336,16 @@ class _Hooks:
             return results
         grans = self.builder.granularities
         return {**results, **_zero_shot_auroc(_unwrap(model), data["val"].dataloader, grans, args)}
+
+
+def _as_is(batch):
+    return batch
+
+
+def _annotation(value) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"a sample's .json must hold an object of annotations, got {value!r}")
+    return value
 
 
 def _zero_shot_auroc(model, loader, grans, args) -> dict[str, float]:
