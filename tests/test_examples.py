@@ -89,6 +89,7 @@ def test_import_mgll_stays_light(tmp_path):
     code = (
         "import sys, mgll, mgll.integrations, mgll.integrations.open_clip, mgll.integrations.hf\n"
         "import mgll.integrations.open_clip_train, mgll.integrations.image_table\n"
+        "import mgll.integrations.hf_trainer\n"
         "heavy = {'open_clip', 'transformers', 'matplotlib', 'mgll_demo', 'mlxtend'} & set(sys.modules)\n"
         "assert not heavy, heavy"
     )

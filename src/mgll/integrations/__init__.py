@@ -1,8 +1,8 @@
 """Glue between :class:`mgll.MGLLLoss` and the CLIP trainers users already have.
 
-The submodules import their framework lazily (inside functions; all but ``hf_trainer``, a
-``transformers.Trainer`` subclass), so ``import mgll`` and
-``import mgll.integrations`` never import open_clip or transformers:
+The submodules import their framework lazily (inside functions, or for ``hf_trainer`` when
+``MGLLTrainer`` is first looked up), so ``import mgll`` and ``import mgll.integrations.*``
+never import open_clip or transformers:
 
 * :mod:`mgll.integrations.open_clip` — encode G granularity texts with an open_clip model and
   return the batch-first dict ``MGLLLoss`` consumes (``loss(**model_out, output_dict=True)``).
@@ -12,8 +12,7 @@ The submodules import their framework lazily (inside functions; all but ``hf_tra
   ``Dataset`` of ``(image, annotation)`` items.
 * :mod:`mgll.integrations.hf` — the same dict for a Hugging Face ``CLIPModel``, and
   ``MGLLModel`` / ``MultiGranularDataCollator`` for the ``Trainer``.
-* :mod:`mgll.integrations.hf_trainer` — ``MGLLTrainer``, a ``transformers.Trainer`` (this one
-  imports transformers).
+* :mod:`mgll.integrations.hf_trainer` — ``MGLLTrainer``, a ``transformers.Trainer``.
 """
 
 __all__: list[str] = []

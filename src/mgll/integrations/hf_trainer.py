@@ -1,4 +1,4 @@
-r"""A Hugging Face ``Trainer`` for :class:`~mgll.integrations.hf.MGLLModel` (imports transformers).
+r"""A Hugging Face ``Trainer`` for :class:`~mgll.integrations.hf.MGLLModel`.
 
 .. code-block:: python
 
@@ -21,66 +21,94 @@ r"""A Hugging Face ``Trainer`` for :class:`~mgll.integrations.hf.MGLLModel` (imp
 * ``label_names=["labels"]``: the per-granularity labels travel to the model under ``labels``.
 
 and it logs the three terms (``soft_clip_loss``, ``pointwise_loss``, ``smooth_kl_loss``,
-averaged over the logging interval) beside ``loss``.
+averaged over the logging interval) beside ``loss``.  transformers is imported when
+``MGLLTrainer`` is first looked up, not when this module is imported:
+
+>>> import tempfile
+>>> from transformers import TrainingArguments
+>>> from mgll.integrations.hf_trainer import MGLLTrainer
+>>> args = TrainingArguments(output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=True)
+>>> trainer = MGLLTrainer(model=torch.nn.Linear(2, 2), args=args)
+>>> trainer.args.remove_unused_columns, trainer.args.label_names
+(False, ['labels'])
 """
 
 from __future__ import annotations
 
 import logging
 
-from transformers import Trainer
-
-__all__ = ["MGLLTrainer"]
+__all__ = ["MGLLTrainer"]  # noqa: F822 (defined on first access: see __getattr__)
 
 _TERMS = ("soft_clip_loss", "pointwise_loss", "smooth_kl_loss")
 log = logging.getLogger(__name__)
 
 
-class MGLLTrainer(Trainer):
-    """``transformers.Trainer`` for :class:`~mgll.integrations.hf.MGLLModel`.
+def __getattr__(name: str):
+    if name == "MGLLTrainer":
+        try:
+            from transformers import Trainer
+        except ImportError as err:
+            raise ImportError(
+                f"MGLLTrainer needs transformers and accelerate ({err}); "
+                'pip install "mgll[examples]"'
+            ) from err
+        cls = globals()["MGLLTrainer"] = _define(Trainer)
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    Sets ``args.remove_unused_columns = False`` and ``args.label_names = ["labels"]`` (both
-    logged when they change what you passed), and adds the mean of each MGLL term since the
-    last log to the ``Trainer``'s logs.  Takes exactly ``Trainer``'s arguments.
 
-    Example:
-        >>> import tempfile
-        >>> from transformers import TrainingArguments
-        >>> args = TrainingArguments(output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=True)
-        >>> trainer = MGLLTrainer(model=torch.nn.Linear(2, 2), args=args)
-        >>> trainer.args.remove_unused_columns, trainer.args.label_names
-        (False, ['labels'])
-    """
+def _define(Trainer: type) -> type:
+    class MGLLTrainer(Trainer):
+        """``transformers.Trainer`` for :class:`~mgll.integrations.hf.MGLLModel`.
 
-    def __init__(self, *args, **kwargs) -> None:
-        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if training_args is not None:
-            if training_args.remove_unused_columns:
-                log.info("MGLLTrainer: remove_unused_columns=False (the collator needs the rows)")
-            training_args.remove_unused_columns = False
-            if training_args.label_names not in (None, ["labels"]):
-                log.info(f"MGLLTrainer: label_names {training_args.label_names} -> ['labels']")
-            training_args.label_names = ["labels"]
-        super().__init__(*args, **kwargs)
-        if training_args is None:  # the Trainer made default arguments
-            self.args.remove_unused_columns = False
-            self.args.label_names = self.label_names = ["labels"]
-        self._mgll_sums: dict[str, float] = {}
-        self._mgll_count = 0
+        Sets ``args.remove_unused_columns = False`` and ``args.label_names = ["labels"]`` (both
+        logged when they change what you passed), and adds the mean of each MGLL term since the
+        last log to the ``Trainer``'s logs.  Takes exactly ``Trainer``'s arguments.
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
-        if model.training:
-            for term in _TERMS:
-                if term in outputs:
-                    value = float(outputs[term].detach())
-                    self._mgll_sums[term] = self._mgll_sums.get(term, 0.0) + value
-            self._mgll_count += 1
-        loss = outputs["loss"]
-        return (loss, outputs) if return_outputs else loss
+        Example:
+            >>> import tempfile
+            >>> from transformers import TrainingArguments
+            >>> args = TrainingArguments(output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=True)
+            >>> trainer = MGLLTrainer(model=torch.nn.Linear(2, 2), args=args)
+            >>> trainer.args.remove_unused_columns, trainer.args.label_names
+            (False, ['labels'])
+        """
 
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs and self._mgll_count:
-            logs.update({k: v / self._mgll_count for k, v in self._mgll_sums.items()})
-            self._mgll_sums, self._mgll_count = {}, 0
-        super().log(logs, *args, **kwargs)
+        def __init__(self, *args, **kwargs) -> None:
+            training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+            if training_args is not None:
+                if training_args.remove_unused_columns:
+                    log.info(
+                        "MGLLTrainer: remove_unused_columns=False (the collator needs the rows)"
+                    )
+                training_args.remove_unused_columns = False
+                if training_args.label_names not in (None, ["labels"]):
+                    log.info(f"MGLLTrainer: label_names {training_args.label_names} -> ['labels']")
+                training_args.label_names = ["labels"]
+            super().__init__(*args, **kwargs)
+            if training_args is None:  # the Trainer made default arguments
+                self.args.remove_unused_columns = False
+                self.args.label_names = self.label_names = ["labels"]
+            self._mgll_sums: dict[str, float] = {}
+            self._mgll_count = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            outputs = model(**inputs)
+            if model.training:
+                for term in _TERMS:
+                    if term in outputs:
+                        value = float(outputs[term].detach())
+                        self._mgll_sums[term] = self._mgll_sums.get(term, 0.0) + value
+                self._mgll_count += 1
+            loss = outputs["loss"]
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+            if "loss" in logs and self._mgll_count:
+                logs.update({k: v / self._mgll_count for k, v in self._mgll_sums.items()})
+                self._mgll_sums, self._mgll_count = {}, 0
+            super().log(logs, *args, **kwargs)
+
+    MGLLTrainer.__qualname__ = "MGLLTrainer"
+    MGLLTrainer.__module__ = __name__
+    return MGLLTrainer
