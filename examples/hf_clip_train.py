@@ -163,10 +163,13 @@ def check_replicas(workdir: Path, steps: int, atol: float) -> None:
         "0.05",
     ]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    for cmd in ([*torchrun, *me], [sys.executable, *me]):
+    for cmd in ([*torchrun, *me], [sys.executable, *me, "--smoke"]):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        print(
+            proc.stdout.strip().splitlines()[-1]
+        )  # the losses (and the smoke checks of one process)
     r0, r1, single = (
         torch.load(workdir / f"params_world{w}_rank{r}.pt") for w, r in ((2, 0), (2, 1), (1, 0))
     )
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a few steps; assert the loss falls")
     parser.add_argument("--check-replicas", action="store_true")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=None, help="default 60, --smoke 8")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--optim", default="adamw_torch", help="a TrainingArguments optim")
     parser.add_argument("--atol", type=float, default=1e-5)
@@ -194,7 +197,8 @@ def main(argv: list[str] | None = None) -> list[float]:
     if args.check_replicas:
         check_replicas(workdir, steps=4, atol=args.atol)
         return []
-    losses = train(8 if args.smoke else args.steps, workdir, args.lr, args.optim)
+    steps = args.steps if args.steps is not None else (8 if args.smoke else 60)
+    losses = train(steps, workdir, args.lr, args.optim)
     if int(os.environ.get("RANK", "0")) == 0:
         print("losses:", " ".join(f"{x:.4f}" for x in losses))
     if args.smoke:
