@@ -206,3 +206,13 @@ def test_hf_collator_requires_declared_classes():
         hf.MultiGranularDataCollator(BUILDER, tokenize)([{"digits": "1"}])
     with pytest.raises(TypeError, match="get_image_features"):
         hf.MGLLModel(torch.nn.Linear(2, 2))
+
+
+def test_hf_model_output_points_ddp_users_to_mgll_model():
+    class FakeDDP(torch.nn.parallel.DistributedDataParallel):
+        def __init__(self, module):  # no process group needed for the type check
+            torch.nn.Module.__init__(self)
+            self.module = module
+
+    with pytest.raises(TypeError, match="Wrap `MGLLModel"):
+        hf.model_output(FakeDDP(ToyHF()), torch.randn(2, 12), [torch.zeros(2, 3).long()])

@@ -66,7 +66,8 @@ def model_output(
         plus ``"logit_bias"`` when the model has one: ``MGLLLoss(**out, labels=...)``.
 
     Raises:
-        TypeError: ``texts`` is not a non-empty sequence of token batches.
+        TypeError: ``texts`` is not a non-empty sequence of token batches, or ``model`` is a
+            ``DistributedDataParallel`` (use :class:`MGLLModel`).
 
     Example:
         >>> class Toy(torch.nn.Module):  # stands in for transformers.CLIPModel
@@ -90,6 +91,13 @@ def model_output(
         raise TypeError(
             "`texts` must be a non-empty sequence of G token batches (tokenizer outputs or "
             f"input_ids tensors), got {type(texts).__name__}"
+        )
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise TypeError(
+            "`model` is wrapped in DistributedDataParallel: calling its towers outside DDP's "
+            "forward (e.g. through `model.module`) leaves gradients unsynchronised and the "
+            "replicas drift apart. Wrap `MGLLModel(clip_model)` in DDP instead: its forward "
+            "runs every pass and the loss"
         )
 
     def prepare(x: Tensor) -> Tensor:
