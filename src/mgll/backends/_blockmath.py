@@ -25,7 +25,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from mgll._problem import LossConfig, Problem
+from mgll._cooc import apply_map, apply_map_transposed, map_takes_part
+from mgll._problem import LossConfig, Problem, kl_contributes
 
 # ------------------------------------------------------------------------------ planning
 
@@ -77,7 +78,7 @@ def make_plan(problem: Problem, config: LossConfig) -> Plan:
     pw = config.pointwise_weight != 0
     kl = config.smooth_kl_weight != 0 and problem.num_granularities > 1
     if kl:
-        kl = sum(_takes_part(t) for t in problem.kl_maps) >= 2
+        kl = kl_contributes(problem.kl_maps)
     g_all = problem.num_granularities
     full = [slice(None)] * g_all
     if problem.is_full:
@@ -95,8 +96,8 @@ def make_plan(problem: Problem, config: LossConfig) -> Plan:
     return plan
 
 
-def _takes_part(t: Tensor | None) -> bool:
-    return t is None or bool((t > 0).any())
+def _takes_part(t) -> bool:
+    return map_takes_part(t)
 
 
 def _group(problem: Problem, cols: list[slice]) -> list[list[int]]:
@@ -329,7 +330,7 @@ def kl_general_rows(probs: list[Tensor], maps: list[Tensor | None], part: list[b
     ``probs[g]`` is the row softmax (r, K_g); u^g = P^g T^g.  Returns the value summed over
     the rows and, per granularity that takes part, (u, dL/du, sum_j u dL/du).
     """
-    us = [p if t is None else p @ t for p, t, on in zip(probs, maps, part, strict=True) if on]
+    us = [apply_map(p, t) for p, t, on in zip(probs, maps, part, strict=True) if on]
     return kl_from_u(us)
 
 
@@ -352,7 +353,7 @@ def kl_from_u(us: list[Tensor]):
     return value, u, gu, (gu * u).sum(-1, keepdim=True)
 
 
-def kl_general_grad(p: Tensor, t: Tensor | None, gu: Tensor, dot: Tensor) -> Tensor:
+def kl_general_grad(p: Tensor, t, gu: Tensor, dot: Tensor) -> Tensor:
     """dL/dZ for one granularity (r, k) from dL/du: softmax backward through u = P T."""
-    gp = gu if t is None else gu @ t.T
+    gp = apply_map_transposed(gu, t)
     return p * (gp - dot)

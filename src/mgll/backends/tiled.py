@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from mgll._cooc import apply_map, map_rows
 from mgll._problem import LossConfig, LossTerms, Problem
 from mgll.backends import _blockmath as bm
 
@@ -177,8 +178,7 @@ def _pooled(plan, st: bm.Stats, tiles: _Tiles, rsl, rlse):
             for i, g in enumerate(gs):
                 if not st.kl_part[g]:
                     continue
-                t = p.kl_maps[g]
-                part = prob[i] if t is None else prob[i] @ t[cols[g]]
+                part = apply_map(prob[i], map_rows(p.kl_maps[g], cols[g]))
                 us[g] = part if g not in us else us[g] + part
     taking = sorted(us)
     value, _, gu, dot = bm.kl_from_u([us[g] for g in taking])
@@ -242,9 +242,7 @@ def _tile_grad(plan, st: bm.Stats, blk, v, z, rsl, local, rows, cols, bias, lse,
         else:
             for i, g in enumerate(v.gs):
                 if g in pooled:
-                    t = p.kl_maps[g]
-                    grad = bm.kl_general_grad(
-                        prob[i], None if t is None else t[cols[g]], *pooled[g]
-                    )
+                    t = map_rows(p.kl_maps[g], cols[g])
+                    grad = bm.kl_general_grad(prob[i], t, *pooled[g])
                     dz[i].add_(grad.mul_(st.w_kl))
     return dz, dbias
