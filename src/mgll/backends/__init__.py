@@ -11,6 +11,8 @@ import importlib.util
 import numbers
 from collections.abc import Callable
 
+import torch
+
 from mgll._problem import LossConfig, LossTerms, Problem
 
 Backend = Callable[[Problem, LossConfig], LossTerms]
@@ -102,6 +104,14 @@ def logits_bytes(problem: Problem) -> int:
         k = text.shape[0]
         total += n * k if problem.is_full else rows * k + n * len(range(k)[cols])
     return 2 * item * total
+
+
+def fused_would_run(image, texts) -> bool:
+    """Whether ``"auto"`` picks ``"fused"`` for one process's paired or bank batch (from shapes)."""
+    if image.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return False
+    item = torch.promote_types(image.dtype, torch.float32).itemsize
+    return 2 * item * image.shape[0] * sum(t.shape[0] for t in texts) <= get_memory_budget()
 
 
 def choose_backend(problem: Problem) -> str:

@@ -93,19 +93,44 @@ def _feature_grads(plan: bm.Plan, image: Tensor, texts, scale: Tensor, dz_blocks
     return d_image, d_scale, d_texts
 
 
-def _run(plan: bm.Plan, st: bm.Stats, image, scale, bias, texts, want_grad: bool):
-    """The three weighted terms; with ``want_grad`` also dZ per block (in the logits' memory)."""
+def _run(plan: bm.Plan, st: bm.Stats, image, scale, bias, texts, want_grad: bool, out=None):
+    """The three weighted terms; with ``want_grad`` also dZ per block (in the logits' memory).
+
+    ``out``, when given, is a flat buffer that the logits (then dZ) of every stack fill in
+    order (blocks, then stacks): see :func:`stack_shapes`.
+    """
     values = [scale.new_zeros(()) for _ in range(3)]
     db = scale.new_zeros(())
     dz_blocks = []
+    buffers = iter(_views(out, stack_shapes(plan))) if out is not None else None
     for blk in plan.blocks:
-        zs, block_db = _block(plan, st, blk, image, scale, bias, texts, want_grad, values)
+        zs, block_db = _block(plan, st, blk, image, scale, bias, texts, want_grad, values, buffers)
         dz_blocks.append(zs)
         db = db + block_db
     return values, (dz_blocks, db)
 
 
-def _block(plan, st: bm.Stats, blk: bm.Block, image, scale, bias, texts, want_grad, values):
+def stack_shapes(plan: bm.Plan) -> list[tuple[int, int, int]]:
+    """(G', rows, columns) of every stack of logits, blocks in order."""
+    p = plan.problem
+    shapes = []
+    for blk in plan.blocks:
+        rows = len(range(p.num_images)[blk.rows])
+        for gs in blk.groups:
+            shapes.append((len(gs), rows, len(range(p.texts[gs[0]].shape[0])[blk.cols[gs[0]]])))
+    return shapes
+
+
+def _views(flat: Tensor, shapes) -> list[Tensor]:
+    out, start = [], 0
+    for shape in shapes:
+        size = shape[0] * shape[1] * shape[2]
+        out.append(flat[start : start + size].view(shape))
+        start += size
+    return out
+
+
+def _block(plan, st, blk: bm.Block, image, scale, bias, texts, want_grad, values, buffers=None):
     p = plan.problem
     n_all, dtype = p.num_images, image.dtype
     x = image[blk.rows]
@@ -113,7 +138,9 @@ def _block(plan, st: bm.Stats, blk: bm.Block, image, scale, bias, texts, want_gr
     zs = []
     for gs in blk.groups:
         t = torch.stack([texts[g][blk.cols[g]] for g in gs])
-        zs.append(torch.bmm(x.expand(len(gs), *x.shape), t.transpose(1, 2)).mul_(scale))
+        a, b = x.expand(len(gs), *x.shape), t.transpose(1, 2)
+        z = torch.bmm(a, b) if buffers is None else torch.bmm(a, b, out=next(buffers))
+        zs.append(z.mul_(scale))
     clses = [_column_lse(v, z, values) for v, z in zip(views, zs, strict=True)]
     step = max(1, CHUNK // max(1, sum(z.shape[0] * z.shape[2] for z in zs)))
     db = scale.new_zeros(())
