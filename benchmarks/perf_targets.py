@@ -192,7 +192,10 @@ def target1(s: dict, rounds: int, clock) -> list[dict]:
 def target2(s: dict) -> list[dict]:
     n, d = s["t2_n"], s["t2_d"]
     out = []
-    for case, label in (("tiled-distinct", "coarse (default)"), ("tiled-distinct-samples", "samples")):
+    for case, label in (
+        ("tiled-distinct", "coarse (default)"),
+        ("tiled-distinct-samples", "samples"),
+    ):
         run = peak_extra(case, n, d)
         out.append(
             row(
@@ -288,7 +291,9 @@ def target5(s: dict, rounds: int, clock) -> list[dict]:
         clock,
     )
     return [
-        row("5", f"G=1 mgll / open_clip ClipLoss (N={n}, D={d})", t["mgll g1"] / t["ClipLoss"], 1.0),
+        row(
+            "5", f"G=1 mgll / open_clip ClipLoss (N={n}, D={d})", t["mgll g1"] / t["ClipLoss"], 1.0
+        ),
         row(
             "5",
             "pointwise-only mgll / open_clip SigLipLoss (G=2)",
@@ -311,7 +316,9 @@ def _verdict(r: dict) -> str:
     if r["value"] <= r["limit"]:
         return "met"
     over = r["value"] - r["limit"] if r["unit"] in ("n", "GB") else r["value"] / r["limit"] - 1
-    return f"missed by {over:.2f} {r['unit']}" if r["unit"] in ("n", "GB") else f"missed by {over:.0%}"
+    return (
+        f"missed by {over:.2f} {r['unit']}" if r["unit"] in ("n", "GB") else f"missed by {over:.0%}"
+    )
 
 
 def main() -> None:
@@ -353,7 +360,9 @@ def main() -> None:
     print(f"{'#':<2} {'measure':<{width}} {'value':>9} {'target':>8}  verdict")
     for r in rows:
         limit = "-" if r["limit"] == float("inf") else f"<= {r['limit']:g}"
-        print(f"{r['target']:<2} {r['what']:<{width}} {r['value']:>9.3f} {limit:>8}  {r['verdict']}")
+        print(
+            f"{r['target']:<2} {r['what']:<{width}} {r['value']:>9.3f} {limit:>8}  {r['verdict']}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "command": " ".join(["python", *sys.argv]),
