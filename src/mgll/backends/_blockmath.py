@@ -201,15 +201,33 @@ def group_view(plan: Plan, st: Stats, blk: Block, gs: list[int], dtype) -> Group
         elif all(p.cooc[g].paired for g in gs):  # C is 0/1: binary targets are C itself
             v.y_coef = v.w_pw
     if all(p.cooc[g].kind == "ids" for g in gs):
-        v.ids = torch.stack([p.cooc[g].data for g in gs])
+        v.ids = torch.stack([_ranks(p.cooc[g].data, dtype) for g in gs])
     return v
+
+
+_EXACT_INTEGERS = {torch.float32: 2**24, torch.float64: 2**53}
+
+
+def _ranks(ids: Tensor, dtype) -> Tensor:
+    """Class ids as their ranks 0..U-1 in ``dtype`` when exact there (fewer than 2**24 ids in float32).
+
+    Comparing floats into a float buffer is one vectorised pass; comparing int64 ids and
+    converting the bool result is several times slower on CPU.
+    """
+    if ids.shape[0] >= _EXACT_INTEGERS.get(dtype, 0):
+        return ids
+    return torch.unique(ids, return_inverse=True)[1].to(dtype)
 
 
 def targets(problem: Problem, v: GroupView, rows: slice, cols: list[slice], dtype) -> Tensor:
     """C^g[rows, cols[g]] for the stacked granularities: (G', r, k)."""
     if v.ids is not None:
         c = cols[v.gs[0]]
-        return (v.ids[:, rows, None] == v.ids[:, None, c]).to(dtype)
+        a, b = v.ids[:, rows, None], v.ids[:, None, c]
+        if not v.ids.is_floating_point():
+            return (a == b).to(dtype)
+        out = torch.empty(len(v.gs), a.shape[1], b.shape[2], dtype=dtype, device=a.device)
+        return torch.eq(a, b, out=out)
     return torch.stack([problem.cooc[g].block(rows, cols[g], dtype) for g in v.gs])
 
 
@@ -251,14 +269,19 @@ def tile_terms(z, c, v: GroupView, rs: slice, cs: slice, bias, prob, clse, want_
             ce = ce - (col_inv * cz.sum(1, keepdim=True)).sum()
     dz = None
     if want_grad:
-        dz = torch.zeros_like(z)
-        if coef:
-            total = coef[0] if len(coef) == 1 else sum(coef[1:], coef[0])
-            dz.addcmul_(c, total, value=-1)
-        if row_mass is not None:
+        if col_mass is not None:  # the column softmax times its weight, in one buffer
+            dz = torch.sub(z, clse).exp_().mul_(col_mass)
+        elif row_mass is not None:
+            dz = prob * row_mass
+        else:
+            dz = torch.zeros_like(z)
+        if row_mass is not None and col_mass is not None:
             dz.addcmul_(prob, row_mass)
-        if col_mass is not None:
-            dz.addcmul_(torch.sub(z, clse).exp_(), col_mass)
+        rowwise = [x for x in (row_inv, y_coef) if x is not None]
+        if rowwise:  # (G', n, 1) or (G', 1, 1): no full-size sum of the coefficients
+            dz.addcmul_(c, rowwise[0] if len(rowwise) == 1 else rowwise[0] + rowwise[1], value=-1)
+        if col_inv is not None:
+            dz.addcmul_(c, col_inv, value=-1)
     if v.w_pw is not None:
         # each term softplus(x) - y x = relu(x) - y x + log(1 + e^-|x|) is computed elementwise,
         # so a decided pair gives a small non-negative number, not the rounding of two sums
@@ -275,7 +298,8 @@ def tile_terms(z, c, v: GroupView, rs: slice, cs: slice, bias, prob, clse, want_
         pw = pw + (v.w_pw.flatten() * (hinge + log_sums)).sum()
         if want_grad:
             dz.addcmul_(sig, v.w_pw)
-            db = (v.w_pw * (sig.sum((1, 2), keepdim=True) - y.sum((1, 2), keepdim=True))).sum()
+            if bias is not None:  # dL/db: only when there is a bias
+                db = (v.w_pw * (sig.sum((1, 2), keepdim=True) - y.sum((1, 2), keepdim=True))).sum()
     return ce, pw, dz, db
 
 
@@ -353,7 +377,18 @@ def kl_from_u(us: list[Tensor]):
     return value, u, gu, (gu * u).sum(-1, keepdim=True)
 
 
-def kl_general_grad(p: Tensor, t, gu: Tensor, dot: Tensor) -> Tensor:
-    """dL/dZ for one granularity (r, k) from dL/du: softmax backward through u = P T."""
+def kl_general_grad(p: Tensor, t, gu: Tensor, dot: Tensor, weight=None, out=None) -> Tensor:
+    """dL/dZ for one granularity (r, k) from dL/du: softmax backward through u = P T.
+
+    With ``weight`` the gradient is scaled by it; with ``out`` it is added to ``out`` in place
+    (the weight folded into the small (r, J) factors: two full-size passes, not five).
+    """
+    if weight is not None:
+        gu, dot = gu * weight, dot * weight
     gp = apply_map_transposed(gu, t)
-    return p * (gp - dot)
+    if gp is gu:
+        gp = gp.clone()
+    gp.sub_(dot)
+    if out is None:
+        return gp.mul_(p)
+    return out.addcmul_(p, gp)

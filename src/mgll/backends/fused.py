@@ -134,13 +134,13 @@ def _block(plan, st, blk: bm.Block, image, scale, bias, texts, want_grad, values
     p = plan.problem
     n_all, dtype = p.num_images, image.dtype
     x = image[blk.rows]
+    xs = x * scale  # the scale folded into the features: no pass over the logits
     views = [bm.group_view(plan, st, blk, gs, dtype) for gs in blk.groups]
     zs = []
     for gs in blk.groups:
         t = torch.stack([texts[g][blk.cols[g]] for g in gs])
-        a, b = x.expand(len(gs), *x.shape), t.transpose(1, 2)
-        z = torch.bmm(a, b) if buffers is None else torch.bmm(a, b, out=next(buffers))
-        zs.append(z.mul_(scale))
+        a, b = xs.expand(len(gs), *xs.shape), t.transpose(1, 2)
+        zs.append(torch.bmm(a, b) if buffers is None else torch.bmm(a, b, out=next(buffers)))
     clses = [_column_lse(v, z, values) for v, z in zip(views, zs, strict=True)]
     step = max(1, CHUNK // max(1, sum(z.shape[0] * z.shape[2] for z in zs)))
     db = scale.new_zeros(())
@@ -193,7 +193,7 @@ def _smooth_kl(plan, st: bm.Stats, blk, zs, rs, parts, want_grad, values):
         value, grad = bm.kl_identity(zs[0][:, rs], rlse, prob, want_grad)
         values[2] += value * st.w_kl
         if want_grad:
-            dz.add_(grad.mul_(st.w_kl))
+            dz.addcmul_(grad, st.w_kl)
         return
     probs, where = [None] * p.num_granularities, {}
     for gs, (_, prob, _) in zip(blk.groups, parts, strict=True):
@@ -207,5 +207,4 @@ def _smooth_kl(plan, st: bm.Stats, blk, zs, rs, parts, want_grad, values):
     taking = [g for g in range(p.num_granularities) if st.kl_part[g]]
     dz_of = {g: parts[i][0] for i, gs in enumerate(blk.groups) for g in gs}
     for j, g in enumerate(taking):
-        grad = bm.kl_general_grad(probs[g], p.kl_maps[g], gu[j], dot[j])
-        dz_of[g][where[g]].add_(grad.mul_(st.w_kl))
+        bm.kl_general_grad(probs[g], p.kl_maps[g], gu[j], dot[j], st.w_kl, dz_of[g][where[g]])

@@ -70,6 +70,7 @@ class _Tiles:
         p = plan.problem
         self.plan, self.blk, self.scale = plan, blk, scale
         self.x = image[blk.rows]
+        self.xs = self.x * scale  # the scale folded into the features
         self.n_all = p.num_images
         self.stacks = [torch.stack([texts[g][blk.cols[g]] for g in gs]) for gs in blk.groups]
 
@@ -94,7 +95,7 @@ class _Tiles:
             yield local, cols
 
     def logits(self, rows: slice, j: int, local: slice) -> Tensor:
-        return torch.matmul(self.x[rows], self.stacks[j][:, local].transpose(1, 2)).mul_(self.scale)
+        return torch.matmul(self.xs[rows], self.stacks[j][:, local].transpose(1, 2))
 
 
 def _forward(plan: bm.Plan, image, scale, bias, texts):
@@ -238,11 +239,10 @@ def _tile_grad(plan, st: bm.Stats, blk, v, z, rsl, local, rows, cols, bias, lse,
     if plan.kl and blk.do_rows:
         if st.kl_identity:
             a, q = bm.kl_identity_terms(z, lse[0])
-            dz.add_(a.addcmul_(q, kl_rows, value=-1).mul_(st.w_kl))
+            dz.addcmul_(a.addcmul_(q, kl_rows, value=-1), st.w_kl)
         else:
             for i, g in enumerate(v.gs):
                 if g in pooled:
                     t = map_rows(p.kl_maps[g], cols[g])
-                    grad = bm.kl_general_grad(prob[i], t, *pooled[g])
-                    dz[i].add_(grad.mul_(st.w_kl))
+                    bm.kl_general_grad(prob[i], t, *pooled[g], st.w_kl, dz[i])
     return dz, dbias
