@@ -231,8 +231,34 @@ def targets(problem: Problem, v: GroupView, rows: slice, cols: list[slice], dtyp
     return torch.stack([problem.cooc[g].block(rows, cols[g], dtype) for g in v.gs])
 
 
-def row_softmax(z: Tensor) -> tuple[Tensor, Tensor]:
-    """Row softmax P and row log-sum-exp of a (G', r, k) block with complete rows."""
+#: Largest logit bound used as a fixed log-sum-exp shift: exp(z - b) >= exp(-2 b) stays a
+#: normal number (float32: exp(-80) > 1.2e-38; float64: exp(-700) > 2.2e-308).
+_SHIFT_LIMIT = {torch.float32: 40.0, torch.float64: 350.0}
+
+
+def logit_bound(xs: Tensor, t: Tensor) -> float | None:
+    r"""An upper bound b on every logit :math:`x_i \cdot t_k` (Cauchy-Schwarz), or None.
+
+    When :math:`b` is small enough that :math:`e^{z-b}` can neither overflow nor underflow to
+    a subnormal for :math:`|z| \le b`, it replaces the per-row and per-column maximum as the
+    log-sum-exp shift (normalised features give :math:`b = s`): one pass fewer each.
+    """
+    limit = _SHIFT_LIMIT.get(xs.dtype)
+    if limit is None or xs.numel() == 0 or t.numel() == 0:
+        return None
+    bound = float(xs.norm(dim=-1).amax() * t.norm(dim=-1).amax()) * (1 + 1e-5)
+    return bound if bound <= limit else None
+
+
+def row_softmax(z: Tensor, shift: float | None = None) -> tuple[Tensor, Tensor]:
+    """Row softmax P and row log-sum-exp of a (G', r, k) block with complete rows.
+
+    ``shift``: a bound on every logit from :func:`logit_bound`, used instead of the row maximum.
+    """
+    if shift is not None:
+        p = torch.sub(z, shift).exp_()
+        total = p.sum(-1, keepdim=True)
+        return p.div_(total), total.log_().add_(shift)
     top = z.amax(-1, keepdim=True)
     p = torch.sub(z, top).exp_()
     total = p.sum(-1, keepdim=True)

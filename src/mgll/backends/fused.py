@@ -141,7 +141,10 @@ def _block(plan, st, blk: bm.Block, image, scale, bias, texts, want_grad, values
         t = torch.stack([texts[g][blk.cols[g]] for g in gs])
         a, b = xs.expand(len(gs), *xs.shape), t.transpose(1, 2)
         zs.append(torch.bmm(a, b) if buffers is None else torch.bmm(a, b, out=next(buffers)))
-    clses = [_column_lse(v, z, values) for v, z in zip(views, zs, strict=True)]
+    shifts = [
+        bm.logit_bound(xs, torch.cat([texts[g][blk.cols[g]] for g in gs])) for gs in blk.groups
+    ]
+    clses = [_column_lse(v, z, values, sh) for v, z, sh in zip(views, zs, shifts, strict=True)]
     step = max(1, CHUNK // max(1, sum(z.shape[0] * z.shape[2] for z in zs)))
     db = scale.new_zeros(())
     need_prob = blk.do_rows and (plan.ce or plan.kl)
@@ -150,10 +153,10 @@ def _block(plan, st, blk: bm.Block, image, scale, bias, texts, want_grad, values
         rs = slice(a, a + step)
         rows = bm.sub(blk.rows, n_all, rs)
         parts = []
-        for v, z, clse in zip(views, zs, clses, strict=True):
+        for v, z, clse, shift in zip(views, zs, clses, shifts, strict=True):
             chunk = z[:, rs]
             c = bm.targets(p, v, rows, blk.cols, dtype) if need_c else None
-            prob, rlse = bm.row_softmax(chunk) if need_prob else (None, None)
+            prob, rlse = bm.row_softmax(chunk, shift) if need_prob else (None, None)
             ce, pw, dz, dbias = bm.tile_terms(
                 chunk, c, v, rs, slice(None), bias, prob, clse, want_grad
             )
@@ -171,11 +174,18 @@ def _block(plan, st, blk: bm.Block, image, scale, bias, texts, want_grad, values
     return zs, db
 
 
-def _column_lse(v: bm.GroupView, z: Tensor, values) -> Tensor | None:
-    """Column log-sum-exp of a stack (one pass over the logits) and its share of the t2i term."""
+def _column_lse(v: bm.GroupView, z: Tensor, values, shift=None) -> Tensor | None:
+    """Column log-sum-exp of a stack (one pass over the logits) and its share of the t2i term.
+
+    ``shift``: a bound on every logit (see :func:`~mgll.backends._blockmath.logit_bound`) used
+    instead of the column maximum, which then needs no pass of its own.
+    """
     if v.col_mass is None:
         return None
-    top = z.amax(1, keepdim=True)
+    if shift is not None:
+        top = z.new_full((z.shape[0], 1, z.shape[2]), shift)
+    else:
+        top = z.amax(1, keepdim=True)
     total = torch.zeros_like(top)
     step = max(1, CHUNK // max(1, z.shape[0] * z.shape[2]))
     for a in range(0, z.shape[1], step):
