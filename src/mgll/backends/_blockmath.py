@@ -271,13 +271,16 @@ def _part(x: Tensor | None, s: slice, dim: int) -> Tensor | None:
     return x[:, s] if dim == 1 else x[..., s]
 
 
-def tile_terms(z, c, v: GroupView, rs: slice, cs: slice, bias, prob, clse, want_grad: bool):
+def tile_terms(
+    z, c, v: GroupView, rs: slice, cs: slice, bias, prob, clse, want_grad: bool, col_part=None
+):
     r"""A tile's share of the terms that need no log-sum-exp, and its whole dL/dZ.
 
     ``rs``/``cs`` index the tile's rows/columns inside the block (``v``'s vectors); ``prob``
     is the row softmax of the tile and ``clse`` the column log-sum-exp (when those sides are
     owned and wanted).  Returns the soft-CLIP share :math:`-\sum W Z`, the pointwise sum, dZ
-    (or None) and the pointwise share of dL/db.
+    (or None) and the pointwise share of dL/db.  ``col_part``, when the caller has it, is the
+    column-softmax part of dZ (column weight times column softmax), reused as dZ's buffer.
     """
     row_inv, row_mass = _part(v.row_inv, rs, 1), _part(v.row_mass, rs, 1)
     col_inv, col_mass = _part(v.col_inv, cs, 2), _part(v.col_mass, cs, 2)
@@ -295,7 +298,9 @@ def tile_terms(z, c, v: GroupView, rs: slice, cs: slice, bias, prob, clse, want_
             ce = ce - (col_inv * cz.sum(1, keepdim=True)).sum()
     dz = None
     if want_grad:
-        if col_mass is not None:  # the column softmax times its weight, in one buffer
+        if col_part is not None:
+            dz = col_part
+        elif col_mass is not None:  # the column softmax times its weight, in one buffer
             dz = torch.sub(z, clse).exp_().mul_(col_mass)
         elif row_mass is not None:
             dz = prob * row_mass
@@ -320,7 +325,10 @@ def tile_terms(z, c, v: GroupView, rs: slice, cs: slice, bias, prob, clse, want_
             if want_grad:
                 dz.addcmul_(y, v.w_pw, value=-1)
         x, log_sums, sig = softplus(z, bias, want_grad)
-        hinge = x.clamp_min(0).sub_(y * x).sum((1, 2))
+        if v.y_rows is None:  # binary y: relu(x) - y x = relu(x (1 - 2y)), exactly, one pass
+            hinge = torch.addcmul(x, x, y, value=-2).clamp_min_(0).sum((1, 2))
+        else:
+            hinge = x.clamp_min(0).sub_(y * x).sum((1, 2))
         pw = pw + (v.w_pw.flatten() * (hinge + log_sums)).sum()
         if want_grad:
             dz.addcmul_(sig, v.w_pw)

@@ -145,6 +145,12 @@ def _block(plan, st, blk: bm.Block, image, scale, bias, texts, want_grad, values
         bm.logit_bound(xs, torch.cat([texts[g][blk.cols[g]] for g in gs])) for gs in blk.groups
     ]
     clses = [_column_lse(v, z, values, sh) for v, z, sh in zip(views, zs, shifts, strict=True)]
+    # with a fixed shift b, one exp E = e^(Z - b) gives the row softmax (E / row sum) and the
+    # column softmax (E / column sum): col_factors = column weight * e^(b - column lse)
+    col_factors = [
+        None if sh is None or v.col_mass is None else v.col_mass * torch.exp(sh - clse)
+        for v, sh, clse in zip(views, shifts, clses, strict=True)
+    ]
     step = max(1, CHUNK // max(1, sum(z.shape[0] * z.shape[2] for z in zs)))
     db = scale.new_zeros(())
     need_prob = blk.do_rows and (plan.ce or plan.kl)
@@ -153,12 +159,18 @@ def _block(plan, st, blk: bm.Block, image, scale, bias, texts, want_grad, values
         rs = slice(a, a + step)
         rows = bm.sub(blk.rows, n_all, rs)
         parts = []
-        for v, z, clse, shift in zip(views, zs, clses, shifts, strict=True):
+        for v, z, clse, shift, factor in zip(views, zs, clses, shifts, col_factors, strict=True):
             chunk = z[:, rs]
             c = bm.targets(p, v, rows, blk.cols, dtype) if need_c else None
-            prob, rlse = bm.row_softmax(chunk, shift) if need_prob else (None, None)
+            col_part = None
+            if factor is not None and (need_prob or want_grad):
+                e = torch.sub(chunk, shift).exp_()
+                prob, rlse = _shared_softmax(e, shift) if need_prob else (None, None)
+                col_part = e.mul_(factor) if want_grad else None
+            else:
+                prob, rlse = bm.row_softmax(chunk, shift) if need_prob else (None, None)
             ce, pw, dz, dbias = bm.tile_terms(
-                chunk, c, v, rs, slice(None), bias, prob, clse, want_grad
+                chunk, c, v, rs, slice(None), bias, prob, clse, want_grad, col_part
             )
             if v.row_mass is not None:
                 ce = ce + (v.row_mass[:, rs] * rlse).sum()
@@ -172,6 +184,12 @@ def _block(plan, st, blk: bm.Block, image, scale, bias, texts, want_grad, values
             for z, (dz, _, _) in zip(zs, parts, strict=True):
                 z[:, rs].copy_(dz)
     return zs, db
+
+
+def _shared_softmax(e: Tensor, shift: float) -> tuple[Tensor, Tensor]:
+    """Row softmax and row log-sum-exp from E = exp(Z - shift) (E is left unchanged)."""
+    total = e.sum(-1, keepdim=True)
+    return e * total.reciprocal(), total.log().add_(shift)
 
 
 def _column_lse(v: bm.GroupView, z: Tensor, values, shift=None) -> Tensor | None:
