@@ -272,7 +272,17 @@ def _part(x: Tensor | None, s: slice, dim: int) -> Tensor | None:
 
 
 def tile_terms(
-    z, c, v: GroupView, rs: slice, cs: slice, bias, prob, clse, want_grad: bool, col_part=None
+    z,
+    c,
+    v: GroupView,
+    rs: slice,
+    cs: slice,
+    bias,
+    prob,
+    clse,
+    want_grad: bool,
+    col_part=None,
+    dz_out=None,
 ):
     r"""A tile's share of the terms that need no log-sum-exp, and its whole dL/dZ.
 
@@ -281,6 +291,8 @@ def tile_terms(
     owned and wanted).  Returns the soft-CLIP share :math:`-\sum W Z`, the pointwise sum, dZ
     (or None) and the pointwise share of dL/db.  ``col_part``, when the caller has it, is the
     column-softmax part of dZ (column weight times column softmax), reused as dZ's buffer.
+    ``dz_out``: where the pointwise term's last update writes dZ (may be ``z`` itself, which is
+    not read after it), saving the caller a copy.
     """
     row_inv, row_mass = _part(v.row_inv, rs, 1), _part(v.row_mass, rs, 1)
     col_inv, col_mass = _part(v.col_inv, cs, 2), _part(v.col_mass, cs, 2)
@@ -331,7 +343,11 @@ def tile_terms(
             hinge = x.clamp_min(0).sub_(y * x).sum((1, 2))
         pw = pw + (v.w_pw.flatten() * (hinge + log_sums)).sum()
         if want_grad:
-            dz.addcmul_(sig, v.w_pw)
+            dz = (
+                dz.addcmul_(sig, v.w_pw)
+                if dz_out is None
+                else torch.addcmul(dz, sig, v.w_pw, out=dz_out)
+            )
             if bias is not None:  # dL/db: only when there is a bias
                 db = (v.w_pw * (sig.sum((1, 2), keepdim=True) - y.sum((1, 2), keepdim=True))).sum()
     return ce, pw, dz, db

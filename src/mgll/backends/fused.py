@@ -169,8 +169,10 @@ def _block(plan, st, blk: bm.Block, image, scale, bias, texts, want_grad, values
                 col_part = e.mul_(factor) if want_grad else None
             else:
                 prob, rlse = bm.row_softmax(chunk, shift) if need_prob else (None, None)
+            # dZ may overwrite the chunk's logits at once unless the paired KL still reads them
+            out = chunk if want_grad and not (plan.kl and st.kl_identity) else None
             ce, pw, dz, dbias = bm.tile_terms(
-                chunk, c, v, rs, slice(None), bias, prob, clse, want_grad, col_part
+                chunk, c, v, rs, slice(None), bias, prob, clse, want_grad, col_part, out
             )
             if v.row_mass is not None:
                 ce = ce + (v.row_mass[:, rs] * rlse).sum()
@@ -182,7 +184,9 @@ def _block(plan, st, blk: bm.Block, image, scale, bias, texts, want_grad, values
             _smooth_kl(plan, st, blk, zs, rs, parts, want_grad, values)
         if want_grad:
             for z, (dz, _, _) in zip(zs, parts, strict=True):
-                z[:, rs].copy_(dz)
+                target = z[:, rs]
+                if dz.data_ptr() != target.data_ptr():
+                    target.copy_(dz)
     return zs, db
 
 
