@@ -1,7 +1,7 @@
 r"""The ``fused`` loss as one registered operator, for :func:`torch.compile`.
 
 Under :func:`torch.compile`, :func:`mgll.functional.mgll_loss` sends the ``fused`` backend
-(and ``"auto"`` where it would pick ``fused``) through ``torch.ops.mgll.fused_loss``: a
+(and ``"auto"`` where it would pick ``fused``) through ``torch.ops.mgll.fused_loss_v2``: a
 :func:`torch.library.custom_op` whose forward holds everything that reads tensor values (the
 value checks and their one host synchronisation, the co-occurrence statistics, the smooth-KL
 grouping) and whose backward is a second operator.  Dynamo therefore sees a single op with
@@ -13,6 +13,8 @@ happen inside it; its backward maps :math:`\partial L/\partial \hat x` back thro
 :math:`\hat x = x/\max(\|x\|, \epsilon)`.  The logits' gradient :math:`\partial L/\partial Z`
 comes out of the forward as one flat buffer (saved for backward, as eager saves it).
 """
+
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -57,7 +59,7 @@ def _grad_numel(image: Tensor, texts: list[Tensor], weights: list[float], need_g
     return image.shape[0] * sum(t.shape[0] for t in texts)
 
 
-@torch.library.custom_op("mgll::fused_loss", mutates_args=())
+@torch.library.custom_op("mgll::fused_loss_v2", mutates_args=())
 def fused_loss(
     image: Tensor,
     texts: list[Tensor],
@@ -72,8 +74,8 @@ def fused_loss(
     normalize: bool,
     validate: bool,
     need_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(soft CLIP, pointwise, smooth KL, flat dZ, dL/db) of the fused backend."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(soft CLIP, pointwise, smooth KL, flat dZ, dL/db, which terms ran (3,)) of fused."""
     if validate:
         v.check_values(v.batch_conditions(image, texts, scale, bias, mode, values, normalize))
     config = _config(weights, lam, options, reference)
@@ -84,12 +86,13 @@ def fused_loss(
         flat = p.image.new_zeros(numel) if numel else p.image.new_empty(0)
         zero = p.scale.new_zeros(())
         if not plan.blocks:
-            return zero, zero.clone(), zero.clone(), flat, zero.clone()
+            return zero, zero.clone(), zero.clone(), flat, zero.clone(), p.scale.new_zeros(3)
         want = need_grad and numel > 0
         out = flat if want else None
         vals, (_, db) = fused._run(plan, plan.stats, p.image, p.scale, p.bias, p.texts, want, out)
     dtype = image.dtype
-    return vals[0].to(dtype), vals[1].to(dtype), vals[2].to(dtype), flat, db.reshape(())
+    on = p.scale.new_tensor([plan.ce, plan.pw, plan.kl])
+    return vals[0].to(dtype), vals[1].to(dtype), vals[2].to(dtype), flat, db.reshape(()), on
 
 
 @fused_loss.register_fake
@@ -104,10 +107,11 @@ def _(image, texts, scale, bias, values, mode, weights, lam, options, reference,
         scalar.clone(),
         image.new_empty(numel, dtype=dtype),
         image.new_empty((), dtype=dtype),
+        image.new_empty(3, dtype=dtype),
     )
 
 
-@torch.library.custom_op("mgll::fused_loss_backward", mutates_args=())
+@torch.library.custom_op("mgll::fused_loss_backward_v2", mutates_args=())
 def fused_loss_backward(
     image: Tensor,
     texts: list[Tensor],
@@ -116,6 +120,7 @@ def fused_loss_backward(
     values: list[Tensor],
     flat: Tensor,
     db: Tensor,
+    terms_on: Tensor,
     grads: list[Tensor],
     mode: str,
     weights: list[float],
@@ -126,21 +131,24 @@ def fused_loss_backward(
 ) -> list[Tensor]:
     """Gradients w.r.t. [image, scale, bias (zeros when None), *texts]."""
     config = _config(weights, lam, options, reference)
+    on = [bool(x) for x in terms_on.tolist()]
+    active = [g for g, o in zip(grads, on, strict=True) if o]
     with torch.autocast(image.device.type, enabled=False):
-        plan = _plan(image, texts, scale, bias, values, mode, normalize, config)
-        p = plan.problem
-        d_bias = p.scale.new_zeros(())
-        if not plan.blocks or flat.numel() == 0:
+        if flat.numel() == 0 or not active:
+            p = _light_plan(image, texts, scale, normalize, True).problem
             d_image, d_scale = torch.zeros_like(p.image), p.scale.new_zeros(())
             d_texts = [torch.zeros_like(t) for t in p.texts]
+            d_bias = p.scale.new_zeros(())
         else:
-            active = [g for g, on in zip(grads, (plan.ce, plan.pw, plan.kl), strict=True) if on]
-            if all(torch.equal(active[0], g) for g in active[1:]):
-                shapes = fused.stack_shapes(plan)
-                views = iter(fused._views(flat, shapes))
+            if all(torch.equal(active[0], g) for g in active[1:]):  # the usual case: no rebuild
+                plan = _light_plan(image, texts, scale, normalize, on[0])
+                p = plan.problem
+                views = iter(fused._views(flat, fused.stack_shapes(plan)))
                 dz_blocks = [[next(views) for _ in blk.groups] for blk in plan.blocks]
                 factor = active[0].to(p.image.dtype)
-            else:
+            else:  # different gradients per term: recompute dZ with the weights scaled
+                plan = _plan(image, texts, scale, bias, values, mode, normalize, config)
+                p = plan.problem
                 stats = bm.scaled(plan.stats, tuple(g.to(p.image.dtype) for g in grads))
                 _, (dz_blocks, db) = fused._run(
                     plan, stats, p.image, p.scale, p.bias, p.texts, True
@@ -163,11 +171,32 @@ def fused_loss_backward(
 
 
 @fused_loss_backward.register_fake
-def _(image, texts, scale, bias, values, flat, db, grads, mode, weights, lam, options,
+def _(image, texts, scale, bias, values, flat, db, terms_on, grads, mode, weights, lam, options,
       reference, normalize):  # fmt: skip
     out = [torch.empty_like(image), torch.empty_like(scale)]
     out.append(torch.empty_like(bias) if bias is not None else db.new_empty(()))
     return out + [torch.empty_like(t) for t in texts]
+
+
+def _light_plan(image, texts, scale, normalize: bool, do_cols: bool):
+    """The block layout of a full problem and its prepared features, without any statistic."""
+    dtype = compute_dtype(image.dtype)
+
+    def prepare(x):
+        x = x.to(dtype)
+        return torch.nn.functional.normalize(x, dim=-1) if normalize else x
+
+    texts = [prepare(t) for t in texts]
+    problem = SimpleNamespace(
+        image=prepare(image),
+        texts=texts,
+        scale=scale.to(dtype).reshape(()),
+        num_images=image.shape[0],
+    )
+    full = [slice(None)] * len(texts)
+    block = bm.Block(slice(None), full, True, do_cols)
+    block.groups = bm._group(problem, full)
+    return SimpleNamespace(problem=problem, blocks=[block])
 
 
 def _through_normalize(x: Tensor, x_hat: Tensor, d_hat: Tensor, normalize: bool) -> Tensor:
@@ -184,21 +213,21 @@ def _through_normalize(x: Tensor, x_hat: Tensor, d_hat: Tensor, normalize: bool)
 
 def _setup_context(ctx, inputs, output):
     image, texts, scale, bias, values, mode, weights, lam, options, ref, normalize, _, _ = inputs
-    _, _, _, flat, db = output
+    _, _, _, flat, db, terms_on = output
     ctx.n_texts, ctx.n_values, ctx.has_bias = len(texts), len(values), bias is not None
     ctx.args = (mode, weights, lam, options, ref, normalize)
     extra = [bias] if bias is not None else []
-    ctx.save_for_backward(image, scale, flat, db, *texts, *values, *extra)
+    ctx.save_for_backward(image, scale, flat, db, terms_on, *texts, *values, *extra)
 
 
-def _backward(ctx, g_clip, g_pw, g_kl, g_flat, g_db):
-    image, scale, flat, db, *rest = ctx.saved_tensors
+def _backward(ctx, g_clip, g_pw, g_kl, g_flat, g_db, g_on):
+    image, scale, flat, db, terms_on, *rest = ctx.saved_tensors
     texts, rest = rest[: ctx.n_texts], rest[ctx.n_texts :]
     values, rest = rest[: ctx.n_values], rest[ctx.n_values :]
     bias = rest[0] if ctx.has_bias else None
     grads = [g_clip, g_pw, g_kl]
-    out = fused_loss_backward(image, list(texts), scale, bias, list(values), flat, db, grads,
-                              *ctx.args)  # fmt: skip
+    tensors = (image, list(texts), scale, bias, list(values), flat, db, terms_on)
+    out = fused_loss_backward(*tensors, grads, *ctx.args)
     d_image, d_scale, d_bias, *d_texts = out
     d_bias = d_bias if ctx.has_bias else None
     values_grad = [None] * ctx.n_values
@@ -216,6 +245,6 @@ def loss_terms(image, texts, scale, bias, values, mode, config: LossConfig, norm
     ref = -1 if config.smooth_kl_reference is None else config.smooth_kl_reference
     options = f"{config.pointwise_target},{config.pointwise_norm},{config.smooth_kl_support}"
     weights = [config.soft_clip_weight, config.pointwise_weight, config.smooth_kl_weight]
-    out = torch.ops.mgll.fused_loss(image, list(texts), scale, bias, values, mode, weights, lam,
+    out = torch.ops.mgll.fused_loss_v2(image, list(texts), scale, bias, values, mode, weights, lam,
                                     options, ref, normalize, validate, need_grad)  # fmt: skip
     return out[0], out[1], out[2]
