@@ -17,9 +17,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mgll
-from mgll._cooc import CoOccurrence
+from mgll._cooc import CoOccurrence, GroupMap, sample_groups
 from mgll._problem import LossConfig, Problem, build_problem
-from mgll.backends import choose_backend, fused, logits_bytes, reference, tiled
+from mgll.backends import _blockmath, choose_backend, fused, logits_bytes, reference, tiled
 
 BACKENDS = {"fused": fused, "tiled": tiled}
 F32 = dict(rtol=1e-5, atol=2e-6)
@@ -237,6 +237,92 @@ def test_disjoint_parts_add_up_to_the_whole(backend):
     torch.testing.assert_close(parts, whole, **F32)
 
 
+# ------------------------------------------------------- coarse support from group ids
+
+
+def _fine_and_coarse_ids(n: int, gen: torch.Generator) -> list[CoOccurrence]:
+    """A granularity with a distinct id per sample (captions) and one with three classes."""
+    return [
+        CoOccurrence("ids", torch.randperm(n, generator=gen) * 7 - 3),
+        CoOccurrence("ids", torch.randint(0, 3, (n,), generator=gen)),
+    ]
+
+
+@pytest.mark.parametrize("dense_groups", [0, 64])
+@pytest.mark.parametrize("reference_g", [None, 0, 1])
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_coarse_group_ids_equal_reference(monkeypatch, backend, reference_g, dense_groups):
+    """Segment sums (``DENSE_GROUPS = 0``) and the small one-hot give the reference's loss."""
+    monkeypatch.setattr(GroupMap, "DENSE_GROUPS", dense_groups)
+    n = 11
+    image, texts, s, b, gen = _inputs(n, [n, n], seed=7)
+    cooc = _fine_and_coarse_ids(n, gen)
+    config = LossConfig(smooth_kl_reference=reference_g)
+
+    def problem():
+        return build_problem(image, texts, s, b, cooc, config, normalize=True)
+
+    assert isinstance(problem().kl_maps[0], GroupMap)
+    _compare(backend, problem, config, _leaves(image, texts, s, b))
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_coarse_group_ids_on_partial_rows(monkeypatch, backend):
+    monkeypatch.setattr(GroupMap, "DENSE_GROUPS", 0)
+    n = 10
+    image, texts, s, b, gen = _inputs(n, [n, n], seed=8)
+    cooc = _fine_and_coarse_ids(n, gen)
+    config = LossConfig(smooth_kl_reference=0)
+
+    def problem():
+        p = build_problem(image, texts, s, b, cooc, config, normalize=True)
+        return Problem(
+            p.image, p.texts, p.scale, p.bias, p.cooc, p.kl_maps, slice(2, 8), [slice(1, 9)] * 2
+        )
+
+    _compare(backend, problem, config, _leaves(image, texts, s, b))
+
+
+def test_group_ids_are_never_expanded():
+    """Distinct ids per sample: S is the ids' ranks, O(N), with the dense one-hot's products."""
+    ids = torch.tensor([5, -2, 5, 9, 0, -2])
+    groups = sample_groups(CoOccurrence("ids", ids))
+    assert isinstance(groups, GroupMap) and groups.shape == (6, 4)
+    assert groups._dense is None
+    dense = torch.nn.functional.one_hot(torch.unique(ids, return_inverse=True)[1]).float()
+    p = torch.rand(3, 6)
+    g = torch.rand(3, 4)
+    big = GroupMap(groups.index, groups.num_groups)
+    big.DENSE_GROUPS = 0  # the segment path
+    for m in (groups, big):
+        torch.testing.assert_close(m.pool(p), p @ dense)
+        torch.testing.assert_close(m.spread(g), g @ dense.T)
+    assert big._dense is None
+    torch.testing.assert_close(big.rows(slice(1, 4)).pool(p[:, 1:4]), p[:, 1:4] @ dense[1:4])
+
+
+def test_a_term_that_cannot_contribute_is_not_prepared(monkeypatch):
+    """G = 1, weight 0, or a single group: no grouping is built and no backend runs the KL."""
+    import mgll._problem as problem_module
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the smooth-KL support was prepared for a term that is 0")
+
+    image, texts, s, b, gen = _inputs(8, [8, 8])
+    ids = CoOccurrence("ids", torch.randint(0, 3, (8,), generator=gen))
+    with monkeypatch.context() as m:
+        m.setattr(problem_module, "sample_groups", fail)
+        build_problem(image, texts[:1], s, b, [ids], LossConfig(), normalize=True)
+        build_problem(
+            image, texts, s, b, [ids, ids], LossConfig(smooth_kl_weight=0), normalize=True
+        )
+    one = CoOccurrence("ids", torch.zeros(8, dtype=torch.long))
+    p = build_problem(image, texts, s, b, [ids, one], LossConfig(), normalize=True)
+    assert p.kl_maps[0].shape == (8, 1)  # the coarsest has one group: Q^g = 1 for every g
+    assert not _blockmath.make_plan(p, LossConfig()).kl
+    assert reference.compute(p, LossConfig()).smooth_kl_loss == 0
+
+
 # ---------------------------------------------------------------- public API, dtypes, autocast
 
 
@@ -296,6 +382,59 @@ def test_torch_compile_equals_eager_fused():
         torch.autograd.grad(eager, [image, *texts, s]),
         **F32,
     )
+
+
+def _compiled_case(case: str, n: int, seed: int = 0):
+    ks = [n, n] if case != "bank" else [5, 3]
+    image, texts, s, b, gen = _inputs(n, ks, d=8, seed=seed)
+    if case == "multi_hot":
+        values = {"labels": [c.data.bool() for c in _cooc("multi_hot", n, ks, gen)]}
+    elif case == "bank":
+        values = {"targets": [c.data for c in _cooc("bank", n, ks, gen)]}
+    else:
+        values = {"labels": [c.data for c in _cooc("ids", n, ks, gen)]}
+    kw = dict(normalize=case != "no-normalize", smooth_kl_support="coarse")
+    if case == "samples":
+        kw["smooth_kl_support"] = "samples"
+    return (image, texts, s, b), values, kw
+
+
+@pytest.mark.parametrize("case", ["ids", "multi_hot", "bank", "samples", "no-normalize"])
+def test_fused_compiles_to_one_graph_without_recompiling(case):
+    """Under torch.compile the fused loss is one registered op: fullgraph works, a new N reuses
+    the graph (dynamic=True), and values and gradients equal the eager reference, also with
+    different gradients per term (the recompute path of backward)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+
+    def terms(image, texts, s, b, **kw):
+        return mgll.mgll_loss(image, texts, s, b, output_dict=True, **kw)
+
+    compiled = torch.compile(terms, backend=counter, fullgraph=True, dynamic=True)
+    for n, weights in ((9, (1.0, 1.0, 1.0)), (13, (0.3, 2.0, -1.0))):
+        (image, texts, s, b), values, kw = _compiled_case(case, n, seed=n)
+        leaves = [image, *texts, s, b]
+        got = compiled(image, texts, s, b, backend="fused", **values, **kw)
+        want = terms(image, texts, s, b, backend="reference", **values, **kw)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], **F32)
+        total = [sum(w * d[k] for w, k in zip(weights, want, strict=True)) for d in (got, want)]
+        grads = [torch.autograd.grad(t, leaves) for t in total]
+        for a, c in zip(*grads, strict=True):
+            torch.testing.assert_close(a, c, **F32)
+    assert counter.frame_count == 1
+
+
+def test_compiled_fused_checks_values_like_eager():
+    torch._dynamo.reset()
+    (image, texts, s, b), values, _ = _compiled_case("ids", 6)
+    compiled = torch.compile(mgll.mgll_loss, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        image[2, 0] = float("nan")
+    with pytest.raises(ValueError, match="image_features"):
+        compiled(image, texts, s, b, **values)
 
 
 # -------------------------------------------------------------------------- random shapes

@@ -147,3 +147,17 @@ def test_precheck_skips_after_oom_and_slow_points():
     assert "predicted 32 s" in bench.precheck(spec("floor", 512), done, args, now)
     assert "time budget" in bench.precheck(spec("floor", 64), [], args, now - 1e6)
     assert "needs CUDA" in bench.precheck(spec("mgll-triton", 64), [], args, now)
+
+
+def test_perf_targets_quick(tmp_path):
+    """The performance-target script runs end to end on tiny shapes and writes its table."""
+    out = tmp_path / "perf.json"
+    proc = _run(str(BENCH / "perf_targets.py"), "--quick", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert {r["target"] for r in data["rows"]} == {"1", "2", "3", "5"}
+    assert len(data["load_average_before"]) == 3
+    for r in data["rows"]:
+        assert math.isfinite(r["value"]) and r["value"] >= 0, r
+        assert r["verdict"] == "met" or r["verdict"].startswith(("missed", "reported")), r
+    assert "verdict" in proc.stdout and "load average" in proc.stdout

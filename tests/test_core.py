@@ -171,6 +171,28 @@ def test_coarse_reference_override_matches_naive():
         torch.testing.assert_close(ours, ref, **TOL)
 
 
+@pytest.mark.parametrize("dense_groups", [0, 64])
+def test_coarse_group_ids_match_naive(monkeypatch, dense_groups):
+    """Ids pooled by segment sums (0) or by a small one-hot (64) equal the naive one-hot S."""
+    from mgll._cooc import GroupMap
+
+    monkeypatch.setattr(GroupMap, "DENSE_GROUPS", dense_groups)
+    n = 7
+    image, texts = _features(n, [n, n, n])
+    scale = torch.tensor(5.0, dtype=F64, requires_grad=True)
+    labels = [
+        torch.randperm(n),
+        torch.tensor([0, 0, 1, 1, 2, 2, 2]),
+        torch.tensor([3, 1, 3, 1, 5, 5, 1]),
+    ]
+    for r in (None, 0, 2):
+        ours = mgll_loss(image, texts, scale, labels=labels, smooth_kl_reference=r)
+        ref = naive.mgll(image, texts, scale, labels=labels, support="coarse", reference=r)
+        torch.testing.assert_close(ours, ref, **TOL)
+        inputs = [image, *texts, scale]
+        torch.testing.assert_close(_grads(ours, inputs), _grads(ref, inputs), **TOL)
+
+
 def test_gradcheck():
     n = 4
     image, texts = _features(n, [n, n], d=3)

@@ -102,16 +102,100 @@ class CoOccurrence:
         return (self.line_sums(1) > 0).sum(), (self.line_sums(0) > 0).sum()
 
 
-def sample_groups(cooc: CoOccurrence, dtype=torch.float32) -> Tensor:
-    """The N x J grouping S of the samples by this granularity (docs/smooth_kl.rst), rows normalised.
+class GroupMap:
+    """A grouping T (K x J) with exactly one 1 per row, stored as group ids (never dense).
 
-    Groups that hold no sample are dropped; samples without a label have a zero row.
+    ``index[k]`` is the group of row k.  Applying it is a segment sum over the columns of a
+    (..., K) tensor, and its transpose a gather, so a sample-level grouping costs O(K) memory
+    however many groups it has; with at most ``DENSE_GROUPS`` groups a (K, J) one-hot is
+    cheaper to multiply with and is used instead (K * J small).
+    """
+
+    DENSE_GROUPS = 32
+
+    def __init__(self, index: Tensor, num_groups: int) -> None:
+        self.index = index
+        self.num_groups = int(num_groups)
+        self._dense: Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.index.shape[0], self.num_groups)
+
+    def rows(self, sl: slice) -> GroupMap:
+        """The rows ``sl`` of T (the same J columns)."""
+        return GroupMap(self.index[sl], self.num_groups)
+
+    def dense(self, dtype=torch.float32) -> Tensor:
+        """T itself, (K, J), for small J or for tests."""
+        if self._dense is None or self._dense.dtype != dtype:
+            out = torch.zeros(*self.shape, dtype=dtype, device=self.index.device)
+            out[torch.arange(self.shape[0], device=self.index.device), self.index] = 1
+            self._dense = out
+        return self._dense
+
+    def pool(self, p: Tensor) -> Tensor:
+        """``p @ T``: (..., K) -> (..., J), sums over the members of each group."""
+        if self.num_groups <= self.DENSE_GROUPS:
+            return p @ self.dense(p.dtype)
+        out = p.new_zeros(*p.shape[:-1], self.num_groups)
+        return out.index_add(-1, self.index, p)
+
+    def spread(self, g: Tensor) -> Tensor:
+        """``g @ T.T``: (..., J) -> (..., K), each row k takes its group's value."""
+        if self.num_groups <= self.DENSE_GROUPS:
+            return g @ self.dense(g.dtype).T
+        return g.index_select(-1, self.index)
+
+    def any_positive(self) -> bool:
+        return self.index.numel() > 0 and self.num_groups > 0
+
+
+def apply_map(p: Tensor, t: Tensor | GroupMap | None) -> Tensor:
+    """``p @ t`` for a smooth-KL map: dense, grouped by ids, or None (the identity)."""
+    if t is None:
+        return p
+    return t.pool(p) if isinstance(t, GroupMap) else p @ t
+
+
+def apply_map_transposed(g: Tensor, t: Tensor | GroupMap | None) -> Tensor:
+    """``g @ t.T``: the gradient of :func:`apply_map` w.r.t. its input."""
+    if t is None:
+        return g
+    return t.spread(g) if isinstance(t, GroupMap) else g @ t.T
+
+
+def map_rows(t: Tensor | GroupMap | None, sl: slice) -> Tensor | GroupMap | None:
+    """Rows ``sl`` of a smooth-KL map."""
+    if t is None:
+        return None
+    return t.rows(sl) if isinstance(t, GroupMap) else t[sl]
+
+
+def map_takes_part(t: Tensor | GroupMap | None) -> bool:
+    """Whether the map has a positive entry (otherwise its granularity has no distribution)."""
+    if t is None:
+        return True
+    return t.any_positive() if isinstance(t, GroupMap) else bool((t > 0).any())
+
+
+def map_width(t: Tensor | GroupMap | None) -> int | None:
+    """J, the number of columns of the map; None for the identity."""
+    return None if t is None else int(t.shape[1])
+
+
+def sample_groups(cooc: CoOccurrence, dtype=torch.float32) -> Tensor | GroupMap:
+    """The N x J grouping S of the samples by this granularity, rows normalised.
+
+    Integer ids give a :class:`GroupMap` (one group per distinct id, found by sorting: O(N log
+    N), never an N x J matrix).  Multi-hot label sets and bank targets spread each sample's
+    mass evenly over its positives (N x C_g, the labels' own size).  Groups that hold no sample
+    are dropped; samples without a label have a zero row.
     """
     if cooc.kind == "ids":
-        _, inverse = torch.unique(cooc.data, return_inverse=True)
-        groups = torch.nn.functional.one_hot(inverse).to(dtype)
-    else:  # multi-hot label sets or bank targets: spread evenly over the sample's positives
-        groups = cooc.data.to(dtype)
+        values, inverse = torch.unique(cooc.data, return_inverse=True)
+        return GroupMap(inverse, values.shape[0])
+    groups = cooc.data.to(dtype)
     groups = groups[:, groups.sum(0) > 0]
     return normalize_rows(groups)
 

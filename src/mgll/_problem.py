@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mgll._cooc import CoOccurrence, ownership, sample_groups
+from mgll._cooc import CoOccurrence, GroupMap, map_takes_part, map_width, ownership, sample_groups
 from mgll._terms import normalise_lines, scale_free
 
 
@@ -45,8 +45,9 @@ class Problem:
     """A batch ready for a backend.
 
     ``image`` (N, D) and ``texts[g]`` (K_g, D) are normalised (unless the user opted out) and in
-    the compute dtype; ``cooc[g]`` is C^g (N x K_g); ``kl_maps[g]`` is T^g = R^g S (K_g x J) or
-    None for the identity.  Bank (dense) targets arrive row-normalised, as W^r, with their
+    the compute dtype; ``cooc[g]`` is C^g (N x K_g); ``kl_maps[g]`` is T^g = R^g S (K_g x J), a
+    dense tensor or a :class:`~mgll._cooc.GroupMap` of group ids, or None for the identity.
+    Bank (dense) targets arrive row-normalised, as W^r, with their
     column-normalised W^c in ``col_weights[g]`` (None for paired labels): both are divisions of
     the targets, so no backend takes the reciprocal of a possibly subnormal sum (docs/errors.rst,
     target-scale invariance).  A backend computes the row terms of image rows ``rows`` and the
@@ -59,7 +60,7 @@ class Problem:
     scale: Tensor
     bias: Tensor | None
     cooc: list[CoOccurrence]
-    kl_maps: list[Tensor | None]
+    kl_maps: list[Tensor | GroupMap | None]
     rows: slice = field(default_factory=lambda: slice(None))
     cols: list[slice] = field(default_factory=list)
     col_weights: list[Tensor | None] = field(default_factory=list)
@@ -118,36 +119,60 @@ def cooccurrence_from_labels(
 
 def smooth_kl_maps(
     cooc: Sequence[CoOccurrence], config: LossConfig, dtype: torch.dtype = torch.float32
-) -> list[Tensor | None]:
-    """T^g = R^g S for every granularity (paper eq. 5-6 and docs/smooth_kl.rst)."""
+) -> list[Tensor | GroupMap | None]:
+    """T^g = R^g S for every granularity (see docs/smooth_kl.rst)."""
     owners = [ownership(c, dtype) for c in cooc]
     if config.smooth_kl_support == "samples":
         return owners
     groups = reference_groups(cooc, config.smooth_kl_reference, dtype)
-    return [groups if r is None else r @ groups for r in owners]
+    return [groups if r is None else _compose(r, groups) for r in owners]
+
+
+def _compose(owners: Tensor, groups: Tensor | GroupMap) -> Tensor:
+    """R S (K x J) for a bank granularity's ownership R (K x N)."""
+    return groups.pool(owners) if isinstance(groups, GroupMap) else owners @ groups
 
 
 def reference_groups(
     cooc: Sequence[CoOccurrence], reference: int | None, dtype: torch.dtype = torch.float32
-) -> Tensor:
+) -> Tensor | GroupMap:
     """S for the coarse support: the given granularity's, or the coarsest one in the batch.
 
     Coarsest: the fewest distinct groups of samples, where samples with equal rows of S (the
     same id, the same label set) form one group.  Counting label *sets* rather than labels keeps
     a multi-hot granularity with few labels but many combinations (digits present) from
     outranking a true coarse partition (their count and parity).  Ties: fewer columns J, then
-    the first such granularity.
+    the first such granularity.  Each count sorts once (O(N log N)); ids never become a matrix.
     """
     if reference is not None:
         return sample_groups(cooc[reference], dtype)
-    candidates = [sample_groups(c, dtype) for c in cooc]
-    return min(candidates, key=lambda s: (_distinct_groups(s), s.shape[1]))
+    best, best_key = None, None
+    for c in cooc:
+        groups = sample_groups(c, dtype)
+        key = (_distinct_groups(groups), groups.shape[1])
+        if best_key is None or key < best_key:
+            best, best_key = groups, key
+    return best
 
 
-def _distinct_groups(groups: Tensor) -> int:
+def _distinct_groups(groups: Tensor | GroupMap) -> int:
     """Distinct non-zero rows of S (samples without a label form no group)."""
+    if isinstance(groups, GroupMap):  # one row per id: the distinct rows are the distinct ids
+        return groups.num_groups if groups.index.numel() else 0
     labelled = groups[groups.sum(1) > 0]
     return int(torch.unique(labelled, dim=0).shape[0]) if labelled.numel() else 0
+
+
+def kl_contributes(maps) -> bool:
+    """Whether the smooth KL over these maps can be non-zero (its value and gradient).
+
+    It needs two granularities with a distribution, and a support of more than one group: over
+    J = 1 every Q^g is the single point 1, so the term and its gradient vanish identically.
+    """
+    taking = [t for t in maps if map_takes_part(t)]
+    if len(taking) < 2:
+        return False
+    return any(t is None or map_width(t) > 1 for t in taking)
 
 
 def build_problem(
@@ -172,7 +197,7 @@ def build_problem(
         cooc = scale_free_targets(cooc, dtype) if free else list(cooc)
         kl_maps = (
             smooth_kl_maps(cooc, config, dtype)
-            if config.smooth_kl_weight != 0
+            if config.smooth_kl_weight != 0 and len(cooc) > 1  # else the term is 0
             else [None] * len(cooc)
         )
         return Problem(

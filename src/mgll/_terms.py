@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from mgll._cooc import apply_map, map_takes_part
+
 
 def safe_divide(num: Tensor, den: Tensor) -> Tensor:
     """``num / den`` where ``den > 0`` and 0 elsewhere, with finite gradients everywhere."""
@@ -51,10 +53,11 @@ def pointwise_rows(logits: Tensor, targets: Tensor) -> Tensor:
     return (torch.logaddexp(logits, torch.zeros_like(logits)) - targets * logits).sum()
 
 
-def smooth_kl_rows(logits: Sequence[Tensor], maps: Sequence[Tensor | None]) -> Tensor:
+def smooth_kl_rows(logits: Sequence[Tensor], maps: Sequence) -> Tensor:
     """sum_i sum_g KL(Q^g_i || M_i), Q^g_i = normalise(softmax(Z^g_i) T^g), M_i = mean_g Q^g_i.
 
-    ``maps[g]`` is T^g (K_g x J), or None for the identity (then K_g = J).  Granularities whose
+    ``maps[g]`` is T^g (K_g x J; a tensor or a :class:`~mgll._cooc.GroupMap`), or None for the
+    identity (then K_g = J).  Granularities whose
     T^g has no positive entry have no distribution and take no part; with fewer than two taking
     part the term is 0.  Never NaN: identity maps stay in log space, the others mask 0 log 0.
     """
@@ -64,9 +67,9 @@ def smooth_kl_rows(logits: Sequence[Tensor], maps: Sequence[Tensor | None]) -> T
         log_m = torch.logsumexp(log_q, dim=0) - math.log(len(logits))
         return _clamp_rows((log_q.exp() * (log_q - log_m)).sum((0, 2)))
     probs = [
-        torch.softmax(z, dim=1) if t is None else torch.softmax(z, dim=1) @ t
+        apply_map(torch.softmax(z, dim=1), t)
         for z, t in zip(logits, maps, strict=True)
-        if t is None or bool((t > 0).any())
+        if map_takes_part(t)
     ]
     if len(probs) < 2:
         return logits[0].new_zeros(())

@@ -246,7 +246,27 @@ def mgll_loss(
     v.check_granularity_count(config.granularity_weights, len(texts))
     v.check_reference(config.smooth_kl_reference, len(texts))
     rules = rules_for(config.overlap, len(texts))
-    if v.check_flag("validate", validate):  # the value checks: one host sync (docs/errors.rst)
+    validate = v.check_flag("validate", validate)
+    if torch.compiler.is_compiling() and _compiles_as_one_op(
+        backend, dist_options, texts, like=image_features
+    ):
+        from mgll.backends import _fused_op  # one registered op: no graph break (docs/backends.rst)
+
+        terms = LossTerms(
+            *_fused_op.loss_terms(
+                image_features,
+                texts,
+                logit_scale,
+                logit_bias,
+                values,
+                mode,
+                config,
+                normalize,
+                validate,
+            )
+        )
+        return terms._asdict() if output_dict else terms[0] + terms[1] + terms[2]
+    if validate:  # the value checks: one host sync (docs/errors.rst)
         v.check_values(
             v.batch_conditions(
                 image_features, texts, logit_scale, logit_bias, mode, values, normalize
@@ -270,6 +290,15 @@ def mgll_loss(
     if output_dict:
         return terms._asdict()
     return terms.soft_clip_loss + terms.pointwise_loss + terms.smooth_kl_loss
+
+
+def _compiles_as_one_op(backend: str, options, texts, like: Tensor) -> bool:
+    """Under torch.compile: whether this call is the fused backend on one process."""
+    from mgll.backends import fused_would_run
+
+    if backend not in ("auto", "fused") or distributed.resolve_group(options) is not None:
+        return False
+    return backend == "fused" or fused_would_run(like, texts)
 
 
 def _run(problem, config: LossConfig, backend: str, like: Tensor) -> LossTerms:

@@ -144,6 +144,14 @@ def logits_bytes(problem: Problem) -> int:
     return 2 * item * total
 
 
+def fused_would_run(image, texts) -> bool:
+    """Whether ``"auto"`` picks ``"fused"`` for one process's paired or bank batch (from shapes)."""
+    if image.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return False
+    item = torch.promote_types(image.dtype, torch.float32).itemsize
+    return 2 * item * image.shape[0] * sum(t.shape[0] for t in texts) <= get_memory_budget()
+
+
 def choose_backend(problem: Problem) -> str:
     """The fastest backend available for ``problem``.
 

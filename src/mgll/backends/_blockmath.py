@@ -25,7 +25,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from mgll._problem import LossConfig, Problem
+from mgll._cooc import apply_map, apply_map_transposed, map_takes_part
+from mgll._problem import LossConfig, Problem, kl_contributes
 
 # ------------------------------------------------------------------------------ planning
 
@@ -78,7 +79,7 @@ def make_plan(problem: Problem, config: LossConfig) -> Plan:
     pw = config.pointwise_weight != 0
     kl = config.smooth_kl_weight != 0 and problem.num_granularities > 1
     if kl:
-        kl = sum(_takes_part(t) for t in problem.kl_maps) >= 2
+        kl = kl_contributes(problem.kl_maps)
     g_all = problem.num_granularities
     full = [slice(None)] * g_all
     if problem.is_full:
@@ -96,8 +97,8 @@ def make_plan(problem: Problem, config: LossConfig) -> Plan:
     return plan
 
 
-def _takes_part(t: Tensor | None) -> bool:
-    return t is None or bool((t > 0).any())
+def _takes_part(t) -> bool:
+    return map_takes_part(t)
 
 
 def _group(problem: Problem, cols: list[slice]) -> list[list[int]]:
@@ -206,15 +207,33 @@ def group_view(plan: Plan, st: Stats, blk: Block, gs: list[int], dtype) -> Group
             v.y_coef = v.w_pw
         v.graded = st.graded_target
     if all(p.cooc[g].kind == "ids" for g in gs):
-        v.ids = torch.stack([p.cooc[g].data for g in gs])
+        v.ids = torch.stack([_ranks(p.cooc[g].data, dtype) for g in gs])
     return v
+
+
+_EXACT_INTEGERS = {torch.float32: 2**24, torch.float64: 2**53}
+
+
+def _ranks(ids: Tensor, dtype) -> Tensor:
+    """Class ids as their ranks 0..U-1 in ``dtype`` when exact there (fewer than 2**24 ids in float32).
+
+    Comparing floats into a float buffer is one vectorised pass; comparing int64 ids and
+    converting the bool result is several times slower on CPU.
+    """
+    if ids.shape[0] >= _EXACT_INTEGERS.get(dtype, 0):
+        return ids
+    return torch.unique(ids, return_inverse=True)[1].to(dtype)
 
 
 def targets(problem: Problem, v: GroupView, rows: slice, cols: list[slice], dtype) -> Tensor:
     """C^g[rows, cols[g]] for the stacked granularities: (G', r, k)."""
     if v.ids is not None:
         c = cols[v.gs[0]]
-        return (v.ids[:, rows, None] == v.ids[:, None, c]).to(dtype)
+        a, b = v.ids[:, rows, None], v.ids[:, None, c]
+        if not v.ids.is_floating_point():
+            return (a == b).to(dtype)
+        out = torch.empty(len(v.gs), a.shape[1], b.shape[2], dtype=dtype, device=a.device)
+        return torch.eq(a, b, out=out)
     return torch.stack([problem.cooc[g].block(rows, cols[g], dtype) for g in v.gs])
 
 
@@ -228,8 +247,34 @@ def col_targets(problem: Problem, v: GroupView, rows: slice, cols: list[slice], 
     return torch.stack([problem.col_weights[g][rows, cols[g]].to(dtype) for g in v.gs])
 
 
-def row_softmax(z: Tensor) -> tuple[Tensor, Tensor]:
-    """Row softmax P and row log-sum-exp of a (G', r, k) block with complete rows."""
+#: Largest logit bound used as a fixed log-sum-exp shift: exp(z - b) >= exp(-2 b) stays a
+#: normal number (float32: exp(-80) > 1.2e-38; float64: exp(-700) > 2.2e-308).
+_SHIFT_LIMIT = {torch.float32: 40.0, torch.float64: 350.0}
+
+
+def logit_bound(xs: Tensor, t: Tensor) -> float | None:
+    r"""An upper bound b on every logit :math:`x_i \cdot t_k` (Cauchy-Schwarz), or None.
+
+    When :math:`b` is small enough that :math:`e^{z-b}` can neither overflow nor underflow to
+    a subnormal for :math:`|z| \le b`, it replaces the per-row and per-column maximum as the
+    log-sum-exp shift (normalised features give :math:`b = s`): one pass fewer each.
+    """
+    limit = _SHIFT_LIMIT.get(xs.dtype)
+    if limit is None or xs.numel() == 0 or t.numel() == 0:
+        return None
+    bound = float(xs.norm(dim=-1).amax() * t.norm(dim=-1).amax()) * (1 + 1e-5)
+    return bound if bound <= limit else None
+
+
+def row_softmax(z: Tensor, shift: float | None = None) -> tuple[Tensor, Tensor]:
+    """Row softmax P and row log-sum-exp of a (G', r, k) block with complete rows.
+
+    ``shift``: a bound on every logit from :func:`logit_bound`, used instead of the row maximum.
+    """
+    if shift is not None:
+        p = torch.sub(z, shift).exp_()
+        total = p.sum(-1, keepdim=True)
+        return p.div_(total), total.log_().add_(shift)
     top = z.amax(-1, keepdim=True)
     p = torch.sub(z, top).exp_()
     total = p.sum(-1, keepdim=True)
@@ -243,7 +288,18 @@ def _part(x: Tensor | None, s: slice, dim: int) -> Tensor | None:
 
 
 def tile_terms(
-    z, c, v: GroupView, rs: slice, cs: slice, bias, prob, clse, want_grad: bool, c_col=None
+    z,
+    c,
+    v: GroupView,
+    rs: slice,
+    cs: slice,
+    bias,
+    prob,
+    clse,
+    want_grad: bool,
+    c_col=None,
+    col_part=None,
+    dz_out=None,
 ):
     r"""A tile's share of the terms that need no log-sum-exp, and its whole dL/dZ.
 
@@ -251,7 +307,10 @@ def tile_terms(
     is the row softmax of the tile and ``clse`` the column log-sum-exp (when those sides are
     owned and wanted).  ``c_col`` (bank targets: W^c of :func:`col_targets`) replaces ``c`` on
     the t2i side.  Returns the soft-CLIP share :math:`-\sum W Z`, the pointwise sum, dZ
-    (or None) and the pointwise share of dL/db.
+    (or None) and the pointwise share of dL/db.  ``col_part``, when the caller has it, is the
+    column-softmax part of dZ (column weight times column softmax), reused as dZ's buffer.
+    ``dz_out``: where the pointwise term's last update writes dZ (may be ``z`` itself, which is
+    not read after it), saving the caller a copy.
     """
     row_inv, row_mass = _part(v.row_inv, rs, 1), _part(v.row_mass, rs, 1)
     col_inv, col_mass = _part(v.col_inv, cs, 2), _part(v.col_mass, cs, 2)
@@ -272,16 +331,21 @@ def tile_terms(
         ce = ce - (col_inv * (c_col * z).sum(1, keepdim=True)).sum()
     dz = None
     if want_grad:
-        dz = torch.zeros_like(z)
-        if coef:
-            total = coef[0] if len(coef) == 1 else sum(coef[1:], coef[0])
-            dz.addcmul_(c, total, value=-1)
-        if split:
-            dz.addcmul_(c_col, col_inv, value=-1)
-        if row_mass is not None:
+        if col_part is not None:
+            dz = col_part
+        elif col_mass is not None:  # the column softmax times its weight, in one buffer
+            dz = torch.sub(z, clse).exp_().mul_(col_mass)
+        elif row_mass is not None:
+            dz = prob * row_mass
+        else:
+            dz = torch.zeros_like(z)
+        if row_mass is not None and col_mass is not None:
             dz.addcmul_(prob, row_mass)
-        if col_mass is not None:
-            dz.addcmul_(torch.sub(z, clse).exp_(), col_mass)
+        rowwise = [x for x in (row_inv, y_coef) if x is not None]
+        if rowwise:  # (G', n, 1) or (G', 1, 1): no full-size sum of the coefficients
+            dz.addcmul_(c, rowwise[0] if len(rowwise) == 1 else rowwise[0] + rowwise[1], value=-1)
+        if col_inv is not None:
+            dz.addcmul_(c_col if split else c, col_inv, value=-1)
     if v.w_pw is not None:
         # each term softplus(x) - y x = relu(x) - y x + log(1 + e^-|x|) is computed elementwise,
         # so a decided pair gives a small non-negative number, not the rounding of two sums
@@ -294,11 +358,20 @@ def tile_terms(
             if want_grad:
                 dz.addcmul_(y, v.w_pw, value=-1)
         x, log_sums, sig = softplus(z, bias, want_grad)
-        hinge = x.clamp_min(0).sub_(y * x).sum((1, 2))
+        if v.y_rows is None and (y_coef is not None or not v.graded):
+            # binary y: relu(x) - y x = relu(x (1 - 2y)), exactly, one pass
+            hinge = torch.addcmul(x, x, y, value=-2).clamp_min_(0).sum((1, 2))
+        else:
+            hinge = x.clamp_min(0).sub_(y * x).sum((1, 2))
         pw = pw + (v.w_pw.flatten() * (hinge + log_sums)).sum()
         if want_grad:
-            dz.addcmul_(sig, v.w_pw)
-            db = (v.w_pw * (sig.sum((1, 2), keepdim=True) - y.sum((1, 2), keepdim=True))).sum()
+            dz = (
+                dz.addcmul_(sig, v.w_pw)
+                if dz_out is None
+                else torch.addcmul(dz, sig, v.w_pw, out=dz_out)
+            )
+            if bias is not None:  # dL/db: only when there is a bias
+                db = (v.w_pw * (sig.sum((1, 2), keepdim=True) - y.sum((1, 2), keepdim=True))).sum()
     return ce, pw, dz, db
 
 
@@ -353,7 +426,7 @@ def kl_general_rows(probs: list[Tensor], maps: list[Tensor | None], part: list[b
     ``probs[g]`` is the row softmax (r, K_g); u^g = P^g T^g.  Returns the value summed over
     the rows and, per granularity that takes part, (u, dL/du, sum_j u dL/du).
     """
-    us = [p if t is None else p @ t for p, t, on in zip(probs, maps, part, strict=True) if on]
+    us = [apply_map(p, t) for p, t, on in zip(probs, maps, part, strict=True) if on]
     return kl_from_u(us)
 
 
@@ -376,7 +449,18 @@ def kl_from_u(us: list[Tensor]):
     return value, u, gu, (gu * u).sum(-1, keepdim=True)
 
 
-def kl_general_grad(p: Tensor, t: Tensor | None, gu: Tensor, dot: Tensor) -> Tensor:
-    """dL/dZ for one granularity (r, k) from dL/du: softmax backward through u = P T."""
-    gp = gu if t is None else gu @ t.T
-    return p * (gp - dot)
+def kl_general_grad(p: Tensor, t, gu: Tensor, dot: Tensor, weight=None, out=None) -> Tensor:
+    """dL/dZ for one granularity (r, k) from dL/du: softmax backward through u = P T.
+
+    With ``weight`` the gradient is scaled by it; with ``out`` it is added to ``out`` in place
+    (the weight folded into the small (r, J) factors: two full-size passes, not five).
+    """
+    if weight is not None:
+        gu, dot = gu * weight, dot * weight
+    gp = apply_map_transposed(gu, t)
+    if gp is gu:
+        gp = gp.clone()
+    gp.sub_(dot)
+    if out is None:
+        return gp.mul_(p)
+    return out.addcmul_(p, gp)

@@ -95,28 +95,64 @@ def _feature_grads(plan: bm.Plan, image: Tensor, texts, scale: Tensor, dz_blocks
     return d_image, d_scale, d_texts
 
 
-def _run(plan: bm.Plan, st: bm.Stats, image, scale, bias, texts, want_grad: bool):
-    """The three weighted terms; with ``want_grad`` also dZ per block (in the logits' memory)."""
+def _run(plan: bm.Plan, st: bm.Stats, image, scale, bias, texts, want_grad: bool, out=None):
+    """The three weighted terms; with ``want_grad`` also dZ per block (in the logits' memory).
+
+    ``out``, when given, is a flat buffer that the logits (then dZ) of every stack fill in
+    order (blocks, then stacks): see :func:`stack_shapes`.
+    """
     values = [scale.new_zeros(()) for _ in range(3)]
     db = scale.new_zeros(())
     dz_blocks = []
+    buffers = iter(_views(out, stack_shapes(plan))) if out is not None else None
     for blk in plan.blocks:
-        zs, block_db = _block(plan, st, blk, image, scale, bias, texts, want_grad, values)
+        zs, block_db = _block(plan, st, blk, image, scale, bias, texts, want_grad, values, buffers)
         dz_blocks.append(zs)
         db = db + block_db
     return values, (dz_blocks, db)
 
 
-def _block(plan, st: bm.Stats, blk: bm.Block, image, scale, bias, texts, want_grad, values):
+def stack_shapes(plan: bm.Plan) -> list[tuple[int, int, int]]:
+    """(G', rows, columns) of every stack of logits, blocks in order."""
+    p = plan.problem
+    shapes = []
+    for blk in plan.blocks:
+        rows = len(range(p.num_images)[blk.rows])
+        for gs in blk.groups:
+            shapes.append((len(gs), rows, len(range(p.texts[gs[0]].shape[0])[blk.cols[gs[0]]])))
+    return shapes
+
+
+def _views(flat: Tensor, shapes) -> list[Tensor]:
+    out, start = [], 0
+    for shape in shapes:
+        size = shape[0] * shape[1] * shape[2]
+        out.append(flat[start : start + size].view(shape))
+        start += size
+    return out
+
+
+def _block(plan, st, blk: bm.Block, image, scale, bias, texts, want_grad, values, buffers=None):
     p = plan.problem
     n_all, dtype = p.num_images, image.dtype
     x = image[blk.rows]
+    xs = x * scale  # the scale folded into the features: no pass over the logits
     views = [bm.group_view(plan, st, blk, gs, dtype) for gs in blk.groups]
     zs = []
     for gs in blk.groups:
         t = torch.stack([texts[g][blk.cols[g]] for g in gs])
-        zs.append(torch.bmm(x.expand(len(gs), *x.shape), t.transpose(1, 2)).mul_(scale))
-    clses = [_column_lse(v, z, values) for v, z in zip(views, zs, strict=True)]
+        a, b = xs.expand(len(gs), *xs.shape), t.transpose(1, 2)
+        zs.append(torch.bmm(a, b) if buffers is None else torch.bmm(a, b, out=next(buffers)))
+    shifts = [
+        bm.logit_bound(xs, torch.cat([texts[g][blk.cols[g]] for g in gs])) for gs in blk.groups
+    ]
+    clses = [_column_lse(v, z, values, sh) for v, z, sh in zip(views, zs, shifts, strict=True)]
+    # with a fixed shift b, one exp E = e^(Z - b) gives the row softmax (E / row sum) and the
+    # column softmax (E / column sum): col_factors = column weight * e^(b - column lse)
+    col_factors = [
+        None if sh is None or v.col_mass is None else v.col_mass * torch.exp(sh - clse)
+        for v, sh, clse in zip(views, shifts, clses, strict=True)
+    ]
     step = max(1, CHUNK // max(1, sum(z.shape[0] * z.shape[2] for z in zs)))
     db = scale.new_zeros(())
     need_prob = blk.do_rows and (plan.ce or plan.kl)
@@ -125,13 +161,21 @@ def _block(plan, st: bm.Stats, blk: bm.Block, image, scale, bias, texts, want_gr
         rs = slice(a, a + step)
         rows = bm.sub(blk.rows, n_all, rs)
         parts = []
-        for v, z, clse in zip(views, zs, clses, strict=True):
+        for v, z, clse, shift, factor in zip(views, zs, clses, shifts, col_factors, strict=True):
             chunk = z[:, rs]
             c = bm.targets(p, v, rows, blk.cols, dtype) if need_c else None
             c_col = bm.col_targets(p, v, rows, blk.cols, dtype) if need_c else None
-            prob, rlse = bm.row_softmax(chunk) if need_prob else (None, None)
+            col_part = None
+            if factor is not None and (need_prob or want_grad):
+                e = torch.sub(chunk, shift).exp_()
+                prob, rlse = _shared_softmax(e, shift) if need_prob else (None, None)
+                col_part = e.mul_(factor) if want_grad else None
+            else:
+                prob, rlse = bm.row_softmax(chunk, shift) if need_prob else (None, None)
+            # dZ may overwrite the chunk's logits at once unless the paired KL still reads them
+            out = chunk if want_grad and not (plan.kl and st.kl_identity) else None
             ce, pw, dz, dbias = bm.tile_terms(
-                chunk, c, v, rs, slice(None), bias, prob, clse, want_grad, c_col
+                chunk, c, v, rs, slice(None), bias, prob, clse, want_grad, c_col, col_part, out
             )
             if v.row_mass is not None:
                 ce = ce + (v.row_mass[:, rs] * rlse).sum()
@@ -143,15 +187,30 @@ def _block(plan, st: bm.Stats, blk: bm.Block, image, scale, bias, texts, want_gr
             _smooth_kl(plan, st, blk, zs, rs, parts, want_grad, values)
         if want_grad:
             for z, (dz, _, _) in zip(zs, parts, strict=True):
-                z[:, rs].copy_(dz)
+                target = z[:, rs]
+                if dz.data_ptr() != target.data_ptr():
+                    target.copy_(dz)
     return zs, db
 
 
-def _column_lse(v: bm.GroupView, z: Tensor, values) -> Tensor | None:
-    """Column log-sum-exp of a stack (one pass over the logits) and its share of the t2i term."""
+def _shared_softmax(e: Tensor, shift: float) -> tuple[Tensor, Tensor]:
+    """Row softmax and row log-sum-exp from E = exp(Z - shift) (E is left unchanged)."""
+    total = e.sum(-1, keepdim=True)
+    return e * total.reciprocal(), total.log().add_(shift)
+
+
+def _column_lse(v: bm.GroupView, z: Tensor, values, shift=None) -> Tensor | None:
+    """Column log-sum-exp of a stack (one pass over the logits) and its share of the t2i term.
+
+    ``shift``: a bound on every logit (see :func:`~mgll.backends._blockmath.logit_bound`) used
+    instead of the column maximum, which then needs no pass of its own.
+    """
     if v.col_mass is None:
         return None
-    top = z.amax(1, keepdim=True)
+    if shift is not None:
+        top = z.new_full((z.shape[0], 1, z.shape[2]), shift)
+    else:
+        top = z.amax(1, keepdim=True)
     total = torch.zeros_like(top)
     step = max(1, CHUNK // max(1, z.shape[0] * z.shape[2]))
     for a in range(0, z.shape[1], step):
@@ -169,7 +228,7 @@ def _smooth_kl(plan, st: bm.Stats, blk, zs, rs, parts, want_grad, values):
         value, grad = bm.kl_identity(zs[0][:, rs], rlse, prob, want_grad)
         values[2] += value * st.w_kl
         if want_grad:
-            dz.add_(grad.mul_(st.w_kl))
+            dz.addcmul_(grad, st.w_kl)
         return
     probs, where = [None] * p.num_granularities, {}
     for gs, (_, prob, _) in zip(blk.groups, parts, strict=True):
@@ -183,5 +242,4 @@ def _smooth_kl(plan, st: bm.Stats, blk, zs, rs, parts, want_grad, values):
     taking = [g for g in range(p.num_granularities) if st.kl_part[g]]
     dz_of = {g: parts[i][0] for i, gs in enumerate(blk.groups) for g in gs}
     for j, g in enumerate(taking):
-        grad = bm.kl_general_grad(probs[g], p.kl_maps[g], gu[j], dot[j])
-        dz_of[g][where[g]].add_(grad.mul_(st.w_kl))
+        bm.kl_general_grad(probs[g], p.kl_maps[g], gu[j], dot[j], st.w_kl, dz_of[g][where[g]])

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from mgll._cooc import apply_map, map_rows
 from mgll._problem import LossConfig, LossTerms, Problem
 from mgll.backends import _blockmath as bm
 from mgll.backends import first_order_only
@@ -71,6 +72,7 @@ class _Tiles:
         p = plan.problem
         self.plan, self.blk, self.scale = plan, blk, scale
         self.x = image[blk.rows]
+        self.xs = self.x * scale  # the scale folded into the features
         self.n_all = p.num_images
         self.stacks = [torch.stack([texts[g][blk.cols[g]] for g in gs]) for gs in blk.groups]
 
@@ -95,7 +97,7 @@ class _Tiles:
             yield local, cols
 
     def logits(self, rows: slice, j: int, local: slice) -> Tensor:
-        return torch.matmul(self.x[rows], self.stacks[j][:, local].transpose(1, 2)).mul_(self.scale)
+        return torch.matmul(self.xs[rows], self.stacks[j][:, local].transpose(1, 2))
 
 
 def _forward(plan: bm.Plan, image, scale, bias, texts):
@@ -186,8 +188,7 @@ def _pooled(plan, st: bm.Stats, tiles: _Tiles, rsl, rlse):
             for i, g in enumerate(gs):
                 if not st.kl_part[g]:
                     continue
-                t = p.kl_maps[g]
-                part = prob[i] if t is None else prob[i] @ t[cols[g]]
+                part = apply_map(prob[i], map_rows(p.kl_maps[g], cols[g]))
                 us[g] = part if g not in us else us[g] + part
     taking = sorted(us)
     value, _, gu, dot = bm.kl_from_u([us[g] for g in taking])
@@ -248,13 +249,10 @@ def _tile_grad(plan, st: bm.Stats, blk, v, z, rsl, local, rows, cols, bias, lse,
     if plan.kl and blk.do_rows:
         if st.kl_identity:
             a, q = bm.kl_identity_terms(z, lse[0])
-            dz.add_(a.addcmul_(q, kl_rows, value=-1).mul_(st.w_kl))
+            dz.addcmul_(a.addcmul_(q, kl_rows, value=-1), st.w_kl)
         else:
             for i, g in enumerate(v.gs):
                 if g in pooled:
-                    t = p.kl_maps[g]
-                    grad = bm.kl_general_grad(
-                        prob[i], None if t is None else t[cols[g]], *pooled[g]
-                    )
-                    dz[i].add_(grad.mul_(st.w_kl))
+                    t = map_rows(p.kl_maps[g], cols[g])
+                    bm.kl_general_grad(prob[i], t, *pooled[g], st.w_kl, dz[i])
     return dz, dbias

@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from mgll._cooc import CoOccurrence
-from mgll._problem import LossConfig, LossTerms, Problem
+from mgll._problem import LossConfig, LossTerms, Problem, kl_contributes
 from mgll._terms import smooth_kl_rows
 from mgll.backends._triton_autograd import TritonMGLL
 
@@ -155,7 +155,7 @@ class _Plan:
         feature_dtype = problem.image.dtype
         half = feature_dtype in (torch.float16, torch.bfloat16) and not interpreted
         ks = [t.shape[0] for t in problem.texts]
-        kl_on = config.smooth_kl_weight != 0 and g > 1
+        kl_on = config.smooth_kl_weight != 0 and g > 1 and kl_contributes(problem.kl_maps)
         identity = all(m is None for m in problem.kl_maps)
         return _Plan(
             n=n,
