@@ -130,6 +130,31 @@ class MGLLLoss(nn.Module):
         )
         return cls(**{**settings, **overrides})
 
+    @classmethod
+    def paper(cls, **overrides) -> MGLLLoss:
+        """The paper's equations as written (eq. 1-6), every term weighted 1.
+
+        Soft CLIP and the pointwise term with binary targets normalised per image (eq. 4
+        divides by N), and the smooth KL over the samples of the batch (eq. 5-6).  Keyword
+        arguments override single settings.
+
+        Example:
+            >>> loss_fn = MGLLLoss.paper()
+            >>> image = torch.randn(6, 16, requires_grad=True)
+            >>> ids = torch.tensor([0, 0, 1, 1, 2, 2])
+            >>> loss = loss_fn(image, [torch.randn(6, 16)] * 2, torch.tensor(10.0), labels=[ids, ids % 2])
+            >>> loss.backward()
+        """
+        settings = dict(
+            soft_clip_weight=1.0,
+            pointwise_weight=1.0,
+            smooth_kl_weight=1.0,
+            pointwise_target="binary",
+            pointwise_norm="images",
+            smooth_kl_support="samples",
+        )
+        return cls(**{**settings, **overrides})
+
     def forward(
         self,
         image_features: Tensor,
