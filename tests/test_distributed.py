@@ -32,7 +32,8 @@ from mgll.distributed import bank_columns, global_loss
 
 BACKENDS = [b for b in mgll.available_backends() if b not in ("auto", "triton")]
 SIZES = {2: (4, 4), 3: (4, 3, 2)}  # per-rank batch sizes; W = 3 has an uneven last batch
-MODES = ("paired", "bank")
+MODES = ("paired", "bank", "paired-soft")  # paired-soft: label probabilities, overlap rules
+OVERLAP = {"paired-soft": ("count", "jaccard")}  # per mode; the others keep the default
 SETTINGS = {
     "full": dict(local_loss=False, gather_with_grad=False),
     "full-gathergrad": dict(local_loss=False, gather_with_grad=True),
@@ -79,8 +80,13 @@ def make_model() -> Towers:
 
 def make_data(mode: str, n: int) -> dict:
     """The global batch: image inputs, text inputs and labels/targets for G = 2."""
-    gen = torch.Generator().manual_seed(7 if mode == "paired" else 11)
+    gen = torch.Generator().manual_seed({"paired": 7, "bank": 11, "paired-soft": 13}[mode])
     images = torch.randn(n, D_IN, generator=gen, dtype=torch.float64)
+    if mode == "paired-soft":  # uncertain labels (0.5), a soft granularity under each rule
+        texts = [torch.randn(n, D_IN, generator=gen, dtype=torch.float64) for _ in range(2)]
+        levels = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+        soft = [levels[torch.randint(0, 3, (n, 3), generator=gen)] for _ in range(2)]
+        return dict(images=images, texts=texts, labels=soft)
     if mode == "paired":
         texts = [torch.randn(n, D_IN, generator=gen, dtype=torch.float64) for _ in range(2)]
         ids = torch.randint(0, 3, (n,), generator=gen)
@@ -95,7 +101,7 @@ def make_data(mode: str, n: int) -> dict:
 
 def local_part(data: dict, mode: str, start: int, stop: int) -> dict:
     part = dict(images=data["images"][start:stop])
-    if mode == "paired":
+    if mode != "bank":
         part["texts"] = [t[start:stop] for t in data["texts"]]
         part["labels"] = [x[start:stop] for x in data["labels"]]
     else:
@@ -113,8 +119,8 @@ def run_step(model: nn.Module, loss_fn: nn.Module, data: dict) -> dict:
     return dict(loss=loss.detach(), terms={k: v.detach() for k, v in terms.items()})
 
 
-def loss_options(setting: str, backend: str) -> dict:
-    return dict(SETTINGS[setting], backend=backend)
+def loss_options(setting: str, backend: str, mode: str = "paired") -> dict:
+    return dict(SETTINGS[setting], backend=backend, overlap=OVERLAP.get(mode, "any"))
 
 
 CASES = [
@@ -152,7 +158,7 @@ def _worker(rank: int, world: int, folder: str) -> None:
     for _, backend, mode, setting in (c for c in CASES if c[0] == world):
         model = DistributedDataParallel(make_model())
         data = local_part(make_data(mode, sum(sizes)), mode, start, stop)
-        step = run_step(model, mgll.MGLLLoss(**loss_options(setting, backend)), data)
+        step = run_step(model, mgll.MGLLLoss(**loss_options(setting, backend, mode)), data)
         step["global"] = global_loss(step["terms"])
         step["grads"] = {n: p.grad.clone() for n, p in model.module.named_parameters()}
         out["cases"][(backend, mode, setting)] = step
@@ -269,7 +275,9 @@ def runs(tmp_path_factory):
 def single_process(mode: str, setting: str, world: int) -> tuple[dict, dict]:
     """One process, no gathering, the reference backend, on the concatenated batch."""
     model = make_model()
-    options = dict(loss_options(setting, "reference"), local_loss=False, gather_with_grad=False)
+    options = dict(
+        loss_options(setting, "reference", mode), local_loss=False, gather_with_grad=False
+    )
     step = run_step(model, mgll.MGLLLoss(**options), make_data(mode, sum(SIZES[world])))
     return step, {n: p.grad.clone() for n, p in model.named_parameters()}
 

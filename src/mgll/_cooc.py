@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mgll._overlap import is_binary_dtype, overlap
+
 _CHUNK = 1024  # rows per block when a statistic needs every entry of C
 
 
@@ -21,12 +23,15 @@ class CoOccurrence:
 
     kind:
         ``"ids"``: paired, ``C_ik = 1[ids_i == ids_k]`` (``data`` is (N,) integer).
-        ``"multi_hot"``: paired, ``C_ik = 1[<a_i, a_k> > 0]`` (``data`` is (N, C_g) float 0/1).
+        ``"multi_hot"``: paired, ``C_ik = rule(a_i, a_k)`` (``data`` is (N, C_g): bool or
+        integer 0/1, or float label probabilities in [0, 1]); ``rule`` is one of
+        :data:`mgll._overlap.RULES` (see :func:`mgll._overlap.overlap`).
         ``"dense"``: bank, ``data`` is C itself (N, K_g).
     """
 
     kind: str
     data: Tensor
+    rule: str = "any"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -37,14 +42,21 @@ class CoOccurrence:
     def paired(self) -> bool:
         return self.kind != "dense"
 
+    @property
+    def binary(self) -> bool:
+        """True when every entry of C is 0 or 1 by construction (so 1[C > 0] is C itself)."""
+        if self.kind == "ids":
+            return True
+        return self.kind == "multi_hot" and self.rule == "any" and is_binary_dtype(self.data)
+
     def block(self, rows: slice = slice(None), cols: slice = slice(None), dtype=None) -> Tensor:
         """The dense block ``C[rows, cols]`` in ``dtype`` (default: float32)."""
         dtype = dtype or torch.float32
         if self.kind == "ids":
             return (self.data[rows, None] == self.data[None, cols]).to(dtype)
         if self.kind == "multi_hot":
-            overlap = self.data[rows].to(dtype) @ self.data[cols].to(dtype).T
-            return (overlap > 0).to(dtype)
+            a, b = self.data[rows].to(dtype), self.data[cols].to(dtype)
+            return overlap(a, b, self.rule, is_binary_dtype(self.data))
         return self.data[rows, cols].to(dtype)
 
     def dense(self, dtype=None) -> Tensor:
@@ -60,15 +72,17 @@ class CoOccurrence:
             return counts[inverse].to(dtype)
         if self.data.shape[1] == 0:  # multi-hot over C_g = 0 classes: no positive anywhere
             return torch.zeros(self.data.shape[0], dtype=dtype, device=self.data.device)
-        # multi_hot: symmetric.  Samples with the same label set have the same sum, so count
-        # the distinct sets once: U x U overlaps (U <= N, usually far fewer) instead of N x N.
+        # multi_hot: symmetric (every rule is).  Samples with the same label vector have the
+        # same sum, so count the distinct vectors once: U x U overlaps (U <= N, usually far
+        # fewer) in blocks of rows instead of N x N.
         sets, inverse, counts = torch.unique(
             self.data, dim=0, return_inverse=True, return_counts=True
         )
         sets, counts = sets.to(dtype), counts.to(dtype)
+        binary = is_binary_dtype(self.data)
         sums = torch.cat(
             [
-                (sets[s : s + _CHUNK] @ sets.T > 0).to(dtype) @ counts
+                overlap(sets[s : s + _CHUNK], sets, self.rule, binary) @ counts
                 for s in range(0, len(sets), _CHUNK)
             ]
         )

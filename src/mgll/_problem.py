@@ -25,6 +25,7 @@ class LossConfig:
     pointwise_norm: str = "pairs"
     smooth_kl_support: str = "coarse"
     smooth_kl_reference: int | None = None
+    overlap: str | tuple[str, ...] = "any"
 
     def lam(self, g: int) -> float:
         return 1.0 if self.granularity_weights is None else float(self.granularity_weights[g])
@@ -81,11 +82,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def cooccurrence_from_labels(labels: Tensor) -> CoOccurrence:
-    """Paired mode: (N,) integer ids, or (N, C_g) multi-hot label sets."""
+def cooccurrence_from_labels(labels: Tensor, rule: str = "any") -> CoOccurrence:
+    """Paired mode: (N,) integer ids (equal ids, whatever ``rule``), or (N, C_g) multi-hot
+    label vectors combined by the overlap ``rule`` (see :mod:`mgll._overlap`)."""
     if labels.dim() == 1:
         return CoOccurrence("ids", labels)
-    return CoOccurrence("multi_hot", labels)
+    return CoOccurrence("multi_hot", labels, rule)
 
 
 def smooth_kl_maps(

@@ -173,10 +173,11 @@ def check_labels_or_targets(
 
 
 def _check_labels(g: int, labels: Tensor, n: int, text: Tensor) -> None:
-    if labels.is_floating_point() or labels.is_complex():
+    if labels.is_complex() or (labels.is_floating_point() and labels.dim() != 2):
         raise TypeError(
-            f"`labels[{g}]` must be integer ids (N,) or bool/integer multi-hot (N, C_g), got dtype "
-            f"{labels.dtype}; pass float co-occurrence matrices as `targets` instead"
+            f"`labels[{g}]` must be integer ids (N,) or multi-hot (N, C_g) (bool/integer 0/1, or "
+            f"float label probabilities in [0, 1]), got dtype {labels.dtype} with shape "
+            f"{tuple(labels.shape)}; pass float co-occurrence matrices as `targets` instead"
         )
     if labels.dim() not in (1, 2) or labels.shape[0] != n:
         raise ValueError(
@@ -384,10 +385,25 @@ def _label_range(name: str, labels: Tensor) -> list[Condition]:
     def not_binary() -> None:
         raise ValueError(f"`{name}` multi-hot entries must be 0 or 1, got max {int(labels.max())}")
 
+    if labels.is_floating_point():  # (N, C_g) label probabilities
+        in_range = ((labels >= 0) & (labels <= 1)).all()
+        return [_finite(name, labels), (in_range, _outside(name, labels))]
     conditions = [((labels >= 0).all(), negative)]
     if labels.dim() == 2:
         conditions.append(((labels <= 1).all(), not_binary))
     return conditions
+
+
+def _outside(name: str, labels: Tensor) -> Callable[[], None]:
+    def fail() -> None:
+        bad = ((labels < 0) | (labels > 1)).nonzero()[0]
+        raise ValueError(
+            f"`{name}` multi-hot entries must be label probabilities in [0, 1], got "
+            f"{labels[tuple(bad.tolist())].item()} at index {tuple(bad.tolist())}; map uncertain "
+            "labels to a probability (e.g. 0.5) and unknown ones to 0 before the loss"
+        )
+
+    return fail
 
 
 def _unit_norm(name: str, x: Tensor) -> list[Condition]:

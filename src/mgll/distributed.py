@@ -297,14 +297,20 @@ def _gather_features(x: Tensor, sizes, group, rank, options) -> Tensor:
 
 
 def _gather_labels(labels: Sequence[Tensor], sizes, group, rank) -> list[Tensor]:
-    """Paired labels of every granularity in one int64 gather, restored to their dtypes."""
-    columns = [x.reshape(x.shape[0], -1).to(torch.int64) for x in labels]
-    gathered = _gather_rows(torch.cat(columns, dim=1), sizes, group, rank)
-    out, start = [], 0
-    for x, c in zip(labels, columns, strict=True):
-        block = gathered[:, start : start + c.shape[1]]
-        start += c.shape[1]
-        out.append((block[:, 0] if x.dim() == 1 else block).to(x.dtype))
+    """Paired labels of every granularity, restored to their dtypes: integer and bool labels in
+    one int64 gather, float label probabilities (multi-hot) in one float64 gather (exact)."""
+    out: list[Tensor | None] = [None] * len(labels)
+    for floating, dtype in ((False, torch.int64), (True, torch.float64)):
+        which = [g for g, x in enumerate(labels) if x.is_floating_point() == floating]
+        if not which:
+            continue
+        columns = [labels[g].reshape(labels[g].shape[0], -1).to(dtype) for g in which]
+        gathered = _gather_rows(torch.cat(columns, dim=1), sizes, group, rank)
+        start = 0
+        for g, c in zip(which, columns, strict=True):
+            block = gathered[:, start : start + c.shape[1]]
+            start += c.shape[1]
+            out[g] = (block[:, 0] if labels[g].dim() == 1 else block).to(labels[g].dtype)
     return out
 
 

@@ -14,6 +14,7 @@ from torch import Tensor
 from mgll import _validation as v
 from mgll import distributed
 from mgll._cooc import CoOccurrence, normalize_rows
+from mgll._overlap import check_rules, rules_for
 from mgll._problem import (
     LossConfig,
     LossTerms,
@@ -171,6 +172,7 @@ def mgll_loss(
     pointwise_norm: str = "pairs",
     smooth_kl_support: str = "coarse",
     smooth_kl_reference: int | None = None,
+    overlap: str | Sequence[str] = "any",
     normalize: bool = True,
     backend: str = "auto",
     validate: bool = True,
@@ -190,9 +192,15 @@ def mgll_loss(
     Shape:
         - image_features: (N, D)
         - text_features[g]: (N, D) paired, (K_g, D) bank
-        - labels[g]: (N,) integer ids or (N, C_g) multi-hot (paired)
+        - labels[g]: (N,) integer ids or (N, C_g) multi-hot, bool/integer 0/1 or float label
+          probabilities in [0, 1] (paired)
         - targets[g]: (N, K_g) non-negative co-occurrence (bank)
         - Output: scalar, or a dict of the three weighted terms
+
+    ``overlap`` (``"any"``, ``"count"``, ``"jaccard"``, or one per granularity) is how two
+    multi-hot label vectors of a paired batch become their co-occurrence weight, the rules of
+    :func:`mgll.targets.from_multi_hot`; integer ids always mean "equal id", and bank
+    ``targets`` are used as given.
 
     Under ``torch.distributed`` the loss is that of the global batch; ``gather_with_grad``,
     ``local_loss``, ``rank``, ``world_size`` and ``group`` are described in :mod:`mgll.distributed`.
@@ -217,6 +225,7 @@ def mgll_loss(
         pointwise_norm=pointwise_norm,
         smooth_kl_support=smooth_kl_support,
         smooth_kl_reference=smooth_kl_reference,
+        overlap=overlap,
     )
     check_backend(backend)
     dist_options = distributed.check_options(gather_with_grad, local_loss, rank, world_size, group)
@@ -225,6 +234,7 @@ def mgll_loss(
     mode, values = v.check_labels_or_targets(labels, targets, image_features, texts)
     v.check_granularity_count(config.granularity_weights, len(texts))
     v.check_reference(config.smooth_kl_reference, len(texts))
+    rules = rules_for(config.overlap, len(texts))
     if v.check_flag("validate", validate):  # the value checks: one host sync (docs/errors.rst)
         v.check_values(
             v.batch_conditions(
@@ -233,8 +243,8 @@ def mgll_loss(
         )
     batch = distributed.gather_batch(image_features, texts, mode, values, dist_options)
     cooc = [
-        cooccurrence_from_labels(x) if mode == "paired" else CoOccurrence("dense", x)
-        for x in batch.values
+        cooccurrence_from_labels(x, rule) if mode == "paired" else CoOccurrence("dense", x)
+        for x, rule in zip(batch.values, rules, strict=True)
     ]
     problem = build_problem(
         batch.image, batch.texts, logit_scale, logit_bias, cooc, config, normalize
@@ -262,6 +272,7 @@ def make_config(**settings) -> LossConfig:
     for name in ("pointwise_target", "pointwise_norm", "smooth_kl_support"):
         v.check_option(name, settings[name])
     settings["granularity_weights"] = v.check_granularity_weights(settings["granularity_weights"])
+    settings["overlap"] = check_rules(settings.get("overlap", "any"))
     return LossConfig(**settings)
 
 

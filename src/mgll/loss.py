@@ -36,6 +36,13 @@ class MGLLLoss(nn.Module):
         smooth_kl_reference: the granularity whose groups pool the samples for
             ``"coarse"``; default: the coarsest in the batch (fewest distinct ids or label
             sets).
+        overlap: how two multi-hot label vectors of a paired batch become a co-occurrence
+            weight: ``"any"`` (default: 1 when they share a label), ``"count"`` (the number of
+            shared labels) or ``"jaccard"`` (shared over present labels), or a sequence with one
+            rule per granularity.  Entries may be label probabilities in [0, 1] (uncertain
+            labels); the rules generalise as documented in
+            :func:`mgll.targets.from_multi_hot`.  Integer ids always mean "equal id"; bank
+            ``targets`` are used as given.
         normalize: L2-normalise the features (default True).
         backend: ``"auto"`` or a name from :func:`mgll.available_backends`.
         validate: check the input *values* (finite features with a non-zero norm, a positive
@@ -85,6 +92,7 @@ class MGLLLoss(nn.Module):
         pointwise_norm: str = "pairs",
         smooth_kl_support: str = "coarse",
         smooth_kl_reference: int | None = None,
+        overlap: str | Sequence[str] = "any",
         normalize: bool = True,
         backend: str = "auto",
         validate: bool = True,
@@ -104,6 +112,7 @@ class MGLLLoss(nn.Module):
             pointwise_norm=pointwise_norm,
             smooth_kl_support=smooth_kl_support,
             smooth_kl_reference=smooth_kl_reference,
+            overlap=overlap,
         )
         check_backend(backend)
         self.normalize = bool(normalize)

@@ -22,17 +22,18 @@ from collections.abc import Hashable, Sequence
 import torch
 from torch import Tensor
 
+from mgll._overlap import RULES, is_binary_dtype, overlap
+
 __all__ = [
     "expand_ancestors",
     "from_hierarchy",
     "from_ids",
     "from_multi_hot",
+    "label_set_ids",
     "normalize",
     "similarity_softmax",
     "smooth",
 ]
-
-_MODES = ("any", "count", "jaccard")
 
 
 def from_ids(
@@ -84,21 +85,38 @@ def from_ids(
 
 
 def from_multi_hot(a: Tensor, b: Tensor | None = None, mode: str = "any") -> Tensor:
-    r"""Co-occurrence from the overlap of multi-hot label sets.
+    r"""Co-occurrence from the overlap of multi-hot label sets (or label probabilities).
 
     .. math::
         \text{any: } C_{ik} = \mathbb 1[|a_i \cap b_k| > 0] \qquad
         \text{count: } C_{ik} = |a_i \cap b_k| \qquad
         \text{jaccard: } C_{ik} = \frac{|a_i \cap b_k|}{|a_i \cup b_k|}\ (0 \text{ if empty})
 
-    Symmetric when ``b`` is omitted; with overlapping label sets it is not an equivalence
-    relation (not transitive: {DR, DME} overlaps {DR} and {DME}, which do not overlap), so a
-    sample's positives need not be each other's.  Each direction is normalised on its own by
-    the loss (rows for image-to-text, columns for text-to-image).  A sample without any label has an all-zero row and column (never an anchor).
-    ``mode="any"`` equals the loss's own rule for paired ``labels[g]`` given as multi-hot.
+    Entries may be label probabilities :math:`a_c \in [0, 1]` (an uncertain finding counted
+    with weight u, e.g. 0.5).  Reading :math:`a_c` as the probability that label c is present,
+    labels independent, the rules generalise to
+
+    .. math::
+        \text{any: } 1 - \prod_c (1 - a_{ic} b_{kc}) \qquad
+        \text{count: } \sum_c a_{ic} b_{kc} \qquad
+        \text{jaccard: } \frac{\sum_c \min(a_{ic}, b_{kc})}{\sum_c \max(a_{ic}, b_{kc})}
+
+    "any" is the probability that the two share at least one label, "count" the expected
+    number of shared labels, "jaccard" the fuzzy-set Jaccard index.  On 0/1 entries each equals
+    the set rule above exactly.  The product rules read a row and a column as independent
+    draws, also on the diagonal: a sample whose only label is uncertain (0.5) overlaps itself
+    with weight 0.25 under "any", while "jaccard" gives every labelled sample weight 1 with
+    itself (:math:`\min(a, a) / \max(a, a)`).  Every rule is symmetric in (a, b), so C is symmetric when
+    ``b`` is omitted; with overlapping label sets it is not an equivalence relation (not
+    transitive: {DR, DME} overlaps {DR} and {DME}, which do not overlap), so a sample's
+    positives need not be each other's.  Each direction is normalised on its own by the loss
+    (rows for image-to-text, columns for text-to-image).  A sample without any label has an
+    all-zero row and column (never an anchor).  These are exactly the loss's own rules for
+    paired multi-hot ``labels[g]`` with ``MGLLLoss(overlap=mode)`` (one implementation).
 
     Args:
-        a: multi-hot label sets of the rows, entries 0/1 (bool, integer or float).
+        a: label sets of the rows: 0/1 entries (bool, integer or float) or float label
+            probabilities in [0, 1].
         b: label sets of the columns; default ``a``.
         mode: ``"any"`` (binary overlap), ``"count"`` (number of shared labels) or
             ``"jaccard"`` (intersection over union).
@@ -106,10 +124,11 @@ def from_multi_hot(a: Tensor, b: Tensor | None = None, mode: str = "any") -> Ten
     Shape:
         - a: (N, C_g)
         - b: (K, C_g)
-        - Output: (N, K) float32
+        - Output: (N, K) float32 (float64 for float64 inputs)
 
     Raises:
-        ValueError: entries other than 0/1, shapes that do not match, or an unknown ``mode``.
+        ValueError: integer entries other than 0/1, float entries outside [0, 1] or not finite,
+            shapes that do not match, or an unknown ``mode``.
         TypeError: a non-tensor input.
 
     Example:
@@ -118,18 +137,63 @@ def from_multi_hot(a: Tensor, b: Tensor | None = None, mode: str = "any") -> Ten
         tensor([[1.0000, 0.5000, 0.0000],
                 [0.5000, 1.0000, 0.0000],
                 [0.0000, 0.0000, 1.0000]])
+        >>> u = torch.tensor([[1.0, 0.0], [0.5, 0.0], [0.5, 1.0]])  # 0.5: an uncertain label
+        >>> from_multi_hot(u, mode="any")
+        tensor([[1.0000, 0.5000, 0.5000],
+                [0.5000, 0.2500, 0.2500],
+                [0.5000, 0.2500, 1.0000]])
     """
-    if mode not in _MODES:
-        raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}")
+    if mode not in RULES:
+        raise ValueError(f"`mode` must be one of {RULES}, got {mode!r}")
+    x = _multi_hot("a", a, soft=True)
+    y = x if b is None else _multi_hot("b", b, classes=x.shape[1], soft=True).to(x.dtype)
+    binary = all(is_binary_dtype(t) or bool(((t == 0) | (t == 1)).all()) for t in (x, y))
+    return overlap(x, y, mode, binary)
+
+
+def label_set_ids(a: Tensor) -> Tensor:
+    r"""One integer id per distinct label set: "same caption" labels for an extra granularity.
+
+    .. math::
+        \mathrm{id}_i = \sum_c a_{ic}\, 2^c
+
+    Two samples get the same id exactly when their label sets are equal (an empty set is a set
+    of its own), so paired ids ``label_set_ids(a)`` make the targets "exactly that label set",
+    the target of a plain CLIP caption.  Pass them as one more granularity beside the multi-hot
+    labels, with the same texts used twice::
+
+        labels = [a, label_set_ids(a)]; texts = [caption_features, caption_features]
+        loss_fn = MGLLLoss(overlap=["jaccard", "any"])  # the rule of the ids is "equal id"
+
+    The id depends on the set only, not on the batch, so it is the same on every rank under
+    ``torch.distributed``.  (Ids from ``torch.unique(a, dim=0, return_inverse=True)`` are
+    not: they number the sets of each rank's own batch, and rank 0's set 3 need not be rank
+    1's set 3; use them only in one process.)
+
+    Args:
+        a: 0/1 label sets (bool, integer or float), at most 63 classes (the bits of an int64).
+            For label probabilities decide first which sets count as equal, e.g. ``a > 0``.
+
+    Shape:
+        - a: (N, C_g)
+        - Output: (N,) int64
+
+    Raises:
+        ValueError: entries other than 0/1, a tensor that is not 2-D, or more than 63 classes.
+        TypeError: a non-tensor input.
+
+    Example:
+        >>> label_set_ids(torch.tensor([[1, 0, 1], [0, 1, 0], [1, 0, 1], [0, 0, 0]]))
+        tensor([5, 2, 5, 0])
+    """
     x = _multi_hot("a", a)
-    y = x if b is None else _multi_hot("b", b, classes=x.shape[1])
-    inter = x @ y.T
-    if mode == "any":
-        return (inter > 0).to(inter.dtype)
-    if mode == "count":
-        return inter
-    union = x.sum(1, keepdim=True) + y.sum(1)[None, :] - inter
-    return inter / torch.where(union > 0, union, torch.ones_like(union))
+    if x.shape[1] > 63:
+        raise ValueError(
+            f"`a` must have at most 63 classes for exact int64 set ids, got C_g={x.shape[1]}; "
+            "split the classes or number the sets of the global batch yourself"
+        )
+    bits = 2 ** torch.arange(x.shape[1], dtype=torch.int64, device=x.device)
+    return (x.to(torch.int64) * bits).sum(1)
 
 
 def expand_ancestors(a: Tensor, ancestors: Tensor) -> Tensor:
@@ -362,7 +426,8 @@ def _encode_keys(a: Sequence[Hashable], b: Sequence[Hashable]) -> tuple[Tensor, 
     return out[0], out[1]
 
 
-def _multi_hot(name: str, x: object, classes: int | None = None) -> Tensor:
+def _multi_hot(name: str, x: object, classes: int | None = None, soft: bool = False) -> Tensor:
+    """Validated label sets as float (at least float32); ``soft`` also allows floats in [0, 1]."""
     if not isinstance(x, Tensor):
         raise TypeError(f"`{name}` must be a (rows, C_g) multi-hot tensor, got {type(x).__name__}")
     if x.dim() != 2:
@@ -373,7 +438,14 @@ def _multi_hot(name: str, x: object, classes: int | None = None) -> Tensor:
         )
     if x.is_complex():
         raise TypeError(f"`{name}` must be real 0/1 entries, got dtype {x.dtype}")
-    if x.dtype != torch.bool and bool(((x != 0) & (x != 1)).any()):
+    if soft and x.is_floating_point():
+        bad = ~((x >= 0) & (x <= 1))  # also NaN
+        if bool(bad.any()):
+            raise ValueError(
+                f"`{name}` multi-hot entries must be 0/1 or label probabilities in [0, 1], got "
+                f"{x[bad][0].item()}"
+            )
+    elif x.dtype != torch.bool and bool(((x != 0) & (x != 1)).any()):
         bad = x[(x != 0) & (x != 1)][0].item()
         raise ValueError(f"`{name}` multi-hot entries must be 0 or 1, got {bad}")
     return x.to(

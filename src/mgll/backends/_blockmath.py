@@ -197,7 +197,7 @@ def group_view(plan: Plan, st: Stats, blk: Block, gs: list[int], dtype) -> Group
         if st.soft_target:
             v.y_rows = rowwise(st.row_inv)
             v.y_coef = v.y_rows * v.w_pw
-        elif all(p.cooc[g].paired for g in gs):  # C is 0/1: binary targets are C itself
+        elif all(p.cooc[g].binary for g in gs):  # C is 0/1: binary targets are C itself
             v.y_coef = v.w_pw
     if all(p.cooc[g].kind == "ids" for g in gs):
         v.ids = torch.stack([p.cooc[g].data for g in gs])
@@ -264,7 +264,7 @@ def tile_terms(z, c, v: GroupView, rs: slice, cs: slice, bias, prob, clse, want_
         if v.y_rows is not None:
             y = c * v.y_rows[:, rs]
         elif y_coef is not None:
-            y = c  # paired 0/1 co-occurrence: binary targets are C
+            y = c  # 0/1 co-occurrence (ids, or 0/1 labels with "any"): binary targets are C
         else:
             y = (c > 0).to(z.dtype)
             if want_grad:

@@ -59,7 +59,7 @@ class TritonMGLL(torch.autograd.Function):
         row_blocks = _cdiv(r_hi - r_lo, blk["BLOCK_M"])  # 0: no owned row, nothing to launch
         if row_blocks:
             fwd.stats_kernel[(row_blocks, g)](
-                x, t, plan.targets, stats_r, s, b, ks, lo, hi, n, kmax, d, plan.n_classes,
+                x, t, plan.targets, plan.rules, stats_r, s, b, ks, lo, hi, n, kmax, d, plan.n_classes,
                 plan.kind, TEXT_ROWS=False, **common,
             )  # fmt: skip
         stats_c = torch.zeros(g, int(fwd.N_STATS), kmax, device=dev)
@@ -68,7 +68,7 @@ class TritonMGLL(torch.autograd.Function):
             c_lo = torch.tensor([c[0] for c in plan.cols], device=dev, dtype=torch.int32)
             c_hi = torch.tensor([c[1] for c in plan.cols], device=dev, dtype=torch.int32)
             fwd.stats_kernel[(_cdiv(width, blk["BLOCK_M"]), g)](
-                x, t, plan.targets, stats_c, s, b, ks, c_lo, c_hi, n, kmax, d, plan.n_classes, plan.kind,
+                x, t, plan.targets, plan.rules, stats_c, s, b, ks, c_lo, c_hi, n, kmax, d, plan.n_classes, plan.kind,
                 TEXT_ROWS=True, **common,
             )  # fmt: skip
         kl = torch.zeros(g, n, device=dev)
@@ -140,7 +140,7 @@ class TritonMGLL(torch.autograd.Function):
             dx = torch.zeros(n, d, device=dev)
             red = torch.zeros(2, n, device=dev)
             bwd.dx_kernel[(_cdiv(n, plan.blocks["BLOCK_M"]),)](
-                x, t, plan.targets, rowf, colf, dx, red, s, b, ks, *args,
+                x, t, plan.targets, plan.rules, rowf, colf, dx, red, s, b, ks, *args,
                 write_dx=int(need[1]), **flags,
             )  # fmt: skip
             d_image = (s * dx).to(ctx.dtypes[0]) if need[1] else None
@@ -150,7 +150,7 @@ class TritonMGLL(torch.autograd.Function):
         if any(need[4:]):
             dt = torch.zeros(g, kmax, d, device=dev)
             bwd.dt_kernel[(_cdiv(kmax, plan.blocks["BLOCK_N"]),)](
-                x, t, plan.targets, rowf, colf, dt, s, b, ks, *args, **flags
+                x, t, plan.targets, plan.rules, rowf, colf, dt, s, b, ks, *args, **flags
             )
             d_texts = [
                 (s * dt[i, : plan.ks[i]]).to(ctx.dtypes[1 + i]) if need[4 + i] else None

@@ -26,6 +26,7 @@ def _dz_tile(
     X,
     T_g,
     TGT,
+    RULE,
     ROWF,
     COLF,
     g,
@@ -58,7 +59,7 @@ def _dz_tile(
     ``sum_k dL_pointwise/dZ_ik`` (d(bias) is its total).
     """
     z = scale * _dot_rows(X, T_g, offs_i, offs_k, mask_i, mask_k, D, BLOCK_D, PREC)
-    c = _targets(TGT, g, offs_i, offs_k, mask_i, mask_k, N, KMAX, NCLS, kind, False, BLOCK_C)
+    c = _targets(TGT, RULE, g, offs_i, offs_k, mask_i, mask_k, N, KMAX, NCLS, kind, False, BLOCK_C)
     rowf = ROWF + g * N_ROW_FIELDS * N + offs_i
     lse_r = tl.load(rowf + RF_LSE * N, mask=mask_i, other=0.0)
     inv_r = tl.load(rowf + RF_INV * N, mask=mask_i, other=0.0)
@@ -113,6 +114,7 @@ def dx_kernel(
     X,
     T,
     TGT,
+    RULE,
     ROWF,
     COLF,
     DX,
@@ -184,6 +186,7 @@ def dx_kernel(
                     X,
                     T_g,
                     TGT,
+                    RULE,
                     ROWF,
                     COLF,
                     g,
@@ -218,6 +221,7 @@ def dt_kernel(
     X,
     T,
     TGT,
+    RULE,
     ROWF,
     COLF,
     DT,
@@ -283,6 +287,7 @@ def dt_kernel(
                     X,
                     T_g,
                     TGT,
+                    RULE,
                     ROWF,
                     COLF,
                     g,

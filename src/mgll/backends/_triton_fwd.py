@@ -9,7 +9,8 @@ chunks of BLOCK_D.  The co-occurrence C^g is rebuilt per tile from what the batc
 
 * 0: paired integer ids, ``TGT`` (G, N) float holding compact ids 0..U-1,
   ``C_ik = ids_i == ids_k``;
-* 1: paired multi-hot label sets, ``TGT`` (G, N, C_max) float, ``C_ik = <a_i, a_k> > 0``;
+* 1: paired multi-hot label vectors, ``TGT`` (G, N, C_max) float, ``C_ik = rule(a_i, a_k)``
+  with the overlap rule ``RULE[g]`` (see ``_triton_tiles._overlap``);
 * 2: bank targets, ``TGT`` (G, N, K_max) float, loaded as is.
 
 Forward: :func:`stats_kernel` keeps online log-sum-exp and target-weighted sums per row (image
@@ -37,6 +38,7 @@ def stats_kernel(
     X,
     T,
     TGT,
+    RULE,
     OUT,
     SCALE,
     BIAS,
@@ -94,7 +96,7 @@ def stats_kernel(
         l = l * tl.exp(m - m_new) + tl.sum(tl.exp(z_lse - m_new[:, None]), 1)
         m = m_new
         c = _targets(
-            TGT, g, offs_a, offs_b, mask_a, mask_b, N, KMAX, NCLS, kind, TEXT_ROWS, BLOCK_C
+            TGT, RULE, g, offs_a, offs_b, mask_a, mask_b, N, KMAX, NCLS, kind, TEXT_ROWS, BLOCK_C
         )
         c = tl.where(mask_b[None, :], c, 0.0)
         s_c += tl.sum(c, 1)

@@ -32,6 +32,7 @@ def _dot_rows(A, B, offs_a, offs_b, mask_a, mask_b, D, BLOCK_D: tl.constexpr, PR
 @triton.jit
 def _targets(
     TGT,
+    RULE,
     g,
     offs_r,
     offs_c,
@@ -44,7 +45,7 @@ def _targets(
     TEXT_ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """The tile of C^g (float 0/1 or bank weights) for tile rows ``offs_r`` and columns ``offs_c``.
+    """The tile of C^g (paired labels or bank weights) for tile rows ``offs_r``, columns ``offs_c``.
 
     Tile rows are images and columns texts, or the other way round when ``TEXT_ROWS`` (paired
     C is symmetric; bank C is read transposed).
@@ -54,8 +55,33 @@ def _targets(
         b = tl.load(TGT + g * N + offs_c, mask=mask_c, other=-2.0)
         c = (a[:, None] == b[None, :]).to(tl.float32)
     elif kind == 1:
-        base = TGT + (g * N).to(tl.int64) * NCLS
-        overlap = tl.zeros((offs_r.shape[0], offs_c.shape[0]), dtype=tl.float32)
+        c = _overlap(TGT, RULE, g, offs_r, offs_c, mask_r, mask_c, N, NCLS, BLOCK_C)
+    else:
+        base = TGT + (g * N).to(tl.int64) * KMAX
+        if TEXT_ROWS:
+            ptrs = base + offs_c[None, :].to(tl.int64) * KMAX + offs_r[:, None]
+        else:
+            ptrs = base + offs_r[:, None].to(tl.int64) * KMAX + offs_c[None, :]
+        c = tl.load(ptrs, mask=mask_r[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+    return c
+
+
+@triton.jit
+def _overlap(TGT, RULE, g, offs_r, offs_c, mask_r, mask_c, N, NCLS, BLOCK_C: tl.constexpr):
+    """Multi-hot overlap of the label vectors of ``offs_r`` and ``offs_c`` by rule ``RULE[g]``.
+
+    Rules (see :mod:`mgll._overlap`): 0 any of 0/1 sets (``<a, b> > 0``), 1 count
+    (``<a, b>``), 2 Jaccard of 0/1 sets (``<a, b> / (|a| + |b| - <a, b>)``), from exact fp32
+    products over chunks of classes; 3 any of probabilities (``1 - prod_c (1 - a_c b_c)``) and
+    4 fuzzy Jaccard (``sum min / sum max``), elementwise over the classes one at a time.
+    """
+    rule = tl.load(RULE + g)
+    base = TGT + (g * N).to(tl.int64) * NCLS
+    inter = tl.zeros((offs_r.shape[0], offs_c.shape[0]), dtype=tl.float32)
+    miss = tl.full((offs_r.shape[0], offs_c.shape[0]), 1.0, dtype=tl.float32)
+    size_r = tl.zeros((offs_r.shape[0],), dtype=tl.float32)
+    size_c = tl.zeros((offs_c.shape[0],), dtype=tl.float32)
+    if rule < 3:
         for c0 in range(0, NCLS, BLOCK_C):
             offs_l = c0 + tl.arange(0, BLOCK_C)
             mask_l = offs_l < NCLS
@@ -69,15 +95,22 @@ def _targets(
                 mask=mask_c[:, None] & mask_l[None, :],
                 other=0.0,
             )
-            overlap = tl.dot(la, tl.trans(lb), overlap)
-        c = (overlap > 0).to(tl.float32)
+            inter = tl.dot(la, tl.trans(lb), inter, input_precision="ieee")
+            size_r += tl.sum(la, 1)
+            size_c += tl.sum(lb, 1)
     else:
-        base = TGT + (g * N).to(tl.int64) * KMAX
-        if TEXT_ROWS:
-            ptrs = base + offs_c[None, :].to(tl.int64) * KMAX + offs_r[:, None]
-        else:
-            ptrs = base + offs_r[:, None].to(tl.int64) * KMAX + offs_c[None, :]
-        c = tl.load(ptrs, mask=mask_r[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+        for cls in range(0, NCLS):
+            la = tl.load(base + offs_r * NCLS + cls, mask=mask_r, other=0.0)
+            lb = tl.load(base + offs_c * NCLS + cls, mask=mask_c, other=0.0)
+            miss = miss * (1.0 - la[:, None] * lb[None, :])
+            inter += tl.minimum(la[:, None], lb[None, :])
+            size_r += la
+            size_c += lb
+    union = size_r[:, None] + size_c[None, :] - inter
+    jaccard = inter / tl.where(union > 0, union, 1.0)
+    c = tl.where(rule == 0, (inter > 0).to(tl.float32), jaccard)
+    c = tl.where(rule == 1, inter, c)
+    c = tl.where(rule == 3, 1.0 - miss, c)
     return c
 
 

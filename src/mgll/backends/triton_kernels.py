@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from mgll._cooc import CoOccurrence
+from mgll._overlap import is_binary_dtype
 from mgll._problem import LossConfig, LossTerms, Problem
 from mgll._terms import smooth_kl_rows
 from mgll.backends._triton_autograd import TritonMGLL
@@ -120,6 +121,7 @@ class _Plan:
     ks: list[int]
     kind: int
     targets: Tensor
+    rules: Tensor
     n_classes: int
     rows: tuple[int, int]
     cols: list[tuple[int, int]]
@@ -145,6 +147,7 @@ class _Plan:
         n, g = problem.num_images, problem.num_granularities
         device = problem.image.device
         kind, targets, n_classes = _stack_targets(problem)
+        rules = torch.tensor([_rule_code(c) for c in problem.cooc], dtype=torch.int32)
         feature_dtype = problem.image.dtype
         half = feature_dtype in (torch.float16, torch.bfloat16) and not interpreted
         ks = [t.shape[0] for t in problem.texts]
@@ -155,6 +158,7 @@ class _Plan:
             ks=ks,
             kind=kind,
             targets=targets,
+            rules=rules.to(device),
             n_classes=n_classes,
             rows=_span(problem.rows, n, "problem.rows"),
             cols=[
@@ -214,6 +218,23 @@ def _stack_targets(problem: Problem) -> tuple[int, Tensor, int]:
     for g, c in enumerate(cooc):
         out[g, :, : c.shape[1]] = c.data.to(device=device, dtype=torch.float32)
     return _KIND_DENSE, out, 0
+
+
+def _rule_code(cooc: CoOccurrence) -> int:
+    """The kernels' code of a paired granularity's overlap rule (``_triton_tiles._overlap``).
+
+    0/1 labels (bool, integer; ids become one-hot sets) take the exact-product rules 0-2;
+    float labels may be probabilities and take the elementwise rules for "any" and "jaccard"
+    (the same numbers on 0/1 entries).
+    """
+    if cooc.kind != "multi_hot":
+        return 0
+    if cooc.rule == "count":
+        return 1
+    binary = is_binary_dtype(cooc.data)
+    if cooc.rule == "any":
+        return 0 if binary else 3
+    return 2 if binary else 4
 
 
 def _torch_smooth_kl(problem: Problem, plan: _Plan) -> Tensor:

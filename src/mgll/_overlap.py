@@ -1,0 +1,99 @@
+r"""The overlap rules: how two multi-hot label vectors become one co-occurrence weight.
+
+One implementation, used by the loss's paired co-occurrence (:mod:`mgll._cooc`, every backend)
+and by the public constructor :func:`mgll.targets.from_multi_hot`.
+
+Entries are label *probabilities* :math:`a_c \in [0, 1]` (0/1 for plain label sets; e.g. 0.5
+for an uncertain finding).  Read each as the probability that label c is present, labels
+independent; for 0/1 entries every rule is the set rule exactly:
+
+* ``"count"``: :math:`\sum_c a_c b_c`, the expected number of shared labels (:math:`|a\cap b|`);
+* ``"any"``: :math:`1 - \prod_c (1 - a_c b_c)`, the probability that the two share at least one
+  label (:math:`\mathbb 1[a \cap b \ne \emptyset]`);
+* ``"jaccard"``: :math:`\sum_c \min(a_c, b_c) / \sum_c \max(a_c, b_c)`, the fuzzy-set Jaccard
+  index (:math:`|a\cap b| / |a\cup b|`), 0 when both are empty.
+
+All three are symmetric in (a, b).  0/1 inputs take the exact matrix-product path
+(:math:`a b^\top`); probabilities take an elementwise path over chunks of classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+#: The rules, in the order the docs list them.
+RULES = ("any", "count", "jaccard")
+
+#: Elements of the (rows, cols, classes) temporaries of the elementwise path.
+_CHUNK = 1 << 22
+
+
+def overlap(a: Tensor, b: Tensor, rule: str, binary: bool) -> Tensor:
+    """C[i, k] = rule(a_i, b_k) for label vectors a (r, C) and b (k, C) of one float dtype.
+
+    ``binary`` promises 0/1 entries (then one matrix product serves every rule).
+    """
+    if rule == "count":
+        return a @ b.T
+    if binary:
+        inter = a @ b.T
+        if rule == "any":
+            return (inter > 0).to(inter.dtype)
+    elif rule == "any":
+        return 1 - _pairwise(a, b, lambda x, y: torch.prod(1 - x * y, -1), 1.0)
+    else:
+        inter = _pairwise(a, b, lambda x, y: torch.minimum(x, y).sum(-1), 0.0)
+    # jaccard: sum max = sum a + sum b - sum min, exactly |a| + |b| - |a & b| for 0/1 entries
+    union = a.sum(1, keepdim=True) + b.sum(1)[None, :] - inter
+    return inter / torch.where(union > 0, union, torch.ones_like(union))
+
+
+def _pairwise(a: Tensor, b: Tensor, reduce, identity: float) -> Tensor:
+    """Combine ``reduce`` over chunks of classes of the (r, k, C) broadcast of a and b."""
+    r, k, c = a.shape[0], b.shape[0], a.shape[1]
+    out = a.new_full((r, k), identity)
+    step = max(1, _CHUNK // max(1, r * k))
+    for s in range(0, c, step):
+        part = reduce(a[:, None, s : s + step], b[None, :, s : s + step])
+        out = out * part if identity == 1.0 else out + part
+    return out
+
+
+def is_binary_dtype(x: Tensor) -> bool:
+    """Bool and integer label tensors hold 0/1 entries once validated; floats may hold more."""
+    return not (x.is_floating_point() or x.is_complex())
+
+
+def check_rules(overlap: object) -> str | tuple[str, ...]:
+    """``overlap=``: one rule, or a sequence of rules (one per granularity); returns it frozen."""
+    if isinstance(overlap, str):
+        if overlap not in RULES:
+            raise ValueError(
+                f"`overlap` must be one of {RULES} (or a sequence of them, one per "
+                f"granularity), got {overlap!r}"
+            )
+        return overlap
+    if not isinstance(overlap, Sequence) or len(overlap) == 0:
+        raise TypeError(
+            f"`overlap` must be one of {RULES} or a non-empty sequence of them, one per "
+            f"granularity, got {overlap!r}"
+        )
+    for g, rule in enumerate(overlap):
+        if not isinstance(rule, str) or rule not in RULES:
+            raise ValueError(f"`overlap[{g}]` must be one of {RULES}, got {rule!r}")
+    return tuple(overlap)
+
+
+def rules_for(overlap: str | tuple[str, ...], g_count: int) -> list[str]:
+    """The rule of each of the G granularities; a sequence must have G entries."""
+    if isinstance(overlap, str):
+        return [overlap] * g_count
+    if len(overlap) != g_count:
+        raise ValueError(
+            f"`overlap` must have one rule per granularity: G={g_count} from `text_features`, "
+            f"got {len(overlap)} ({list(overlap)!r}); pass one string to use it for all"
+        )
+    return list(overlap)
