@@ -144,7 +144,8 @@ class MGLLLoss(nn.Module):
         """The paper's equations as written (eq. 1-6), every term weighted 1.
 
         Soft CLIP and the pointwise term with binary targets normalised per image (eq. 4
-        divides by N), and the smooth KL over the samples of the batch (eq. 5-6).  Keyword
+        divides by N), the smooth KL over the samples of the batch (eq. 5-6), and multi-hot
+        labels that are positives when they share a label (``overlap="any"``).  Keyword
         arguments override single settings.
 
         Example:
@@ -161,6 +162,7 @@ class MGLLLoss(nn.Module):
             pointwise_target="binary",
             pointwise_norm="images",
             smooth_kl_support="samples",
+            overlap="any",
         )
         return cls(**{**settings, **overrides})
 

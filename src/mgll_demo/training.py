@@ -73,12 +73,15 @@ class Method:
                 return {"clip_loss": total}
 
             return loss
+        kwargs = dict(self.loss_kwargs)
+        if self.overlap is not None:
+            kwargs["overlap"] = self.overlap
         if self.preset == "reference_compatible":
-            module = mgll.MGLLLoss.reference_compatible(**self.loss_kwargs)
+            module = mgll.MGLLLoss.reference_compatible(**kwargs)
         elif self.preset == "paper":
-            module = mgll.MGLLLoss.paper(**self.loss_kwargs)
+            module = mgll.MGLLLoss.paper(**kwargs)
         else:
-            module = mgll.MGLLLoss(**self.loss_kwargs)
+            module = mgll.MGLLLoss(**kwargs)
 
         def loss(image, texts, scale, bias, labels):
             if isinstance(labels, dict):
@@ -299,6 +302,37 @@ FAIR = (
         description="MGLL, digits twice (Jaccard + same-set ids), pointwise only",
     ),
     Method(
+        "mgll_jx_kl_coarse",
+        "mgll",
+        ("digits", "digits_exact"),
+        overlap=JACCARD,
+        description="MGLL, digits twice (Jaccard + same-set ids), coarse-partition smooth KL",
+    ),
+    Method(
+        "mgll_jx_kl_samples",
+        "mgll",
+        ("digits", "digits_exact"),
+        {"smooth_kl_support": "samples"},
+        overlap=JACCARD,
+        description="MGLL, digits twice (Jaccard + same-set ids), the paper's sample-level "
+        "smooth KL",
+    ),
+    Method(
+        "mgll_g3_jaccard_kl",
+        "mgll",
+        G3,
+        overlap=JACCARD,
+        description="MGLL G=3, Jaccard positives, coarse-partition smooth KL",
+    ),
+    Method(
+        "mgll_g3_jaccard_kl_samples",
+        "mgll",
+        G3,
+        {"smooth_kl_support": "samples"},
+        overlap=JACCARD,
+        description="MGLL G=3, Jaccard positives, the paper's sample-level smooth KL",
+    ),
+    Method(
         "mgll_paper",
         "mgll",
         G3,
@@ -422,31 +456,25 @@ def _text_key(granularity: str) -> str:
 
 
 def batch_labels(method: Method, canvases, idx: Tensor) -> list[Tensor] | dict[str, list[Tensor]]:
-    """The paired labels of a batch, or ``{"targets": [...]}`` when a granularity needs dense C.
+    """The paired labels of a batch, or ``{"targets": [...]}`` for the merged-datasets task.
 
-    ``mixed`` (merged-datasets task) always gets :func:`mgll.targets.from_hierarchy` targets
-    (a fine text names a digit, a coarse one its parity; a fine image is a positive of its
-    parity's text, not the other way round).
+    ``mixed`` (merged-datasets task) gets :func:`mgll.targets.from_hierarchy` targets (a fine
+    text names digits, a coarse one a parity; a fine image is a positive of its parity's text,
+    not the other way round).  Overlap rules are the loss's own (``MGLLLoss(overlap=...)``).
     """
     grans = method.granularities
     labels = [_labels(canvases, g, method.fine_labels)[idx] for g in grans]
-    rules = _rules(method)
-    if "mixed" not in grans and all(r == "any" for r in rules):
+    if "mixed" not in grans:
         return labels
     targets = []
-    for g, lab, rule in zip(grans, labels, rules, strict=True):
+    for g, lab in zip(grans, labels, strict=True):
         if g == "mixed":
             targets.append(mgll.targets.from_hierarchy(lab, ancestors=PARITY_ANCESTORS))
         elif lab.dim() == 1:
             targets.append(mgll.targets.from_ids(lab))
         else:
-            targets.append(mgll.targets.from_multi_hot(lab, mode=rule))
+            targets.append(mgll.targets.from_multi_hot(lab, mode="any"))
     return {"targets": targets}
-
-
-def _rules(method: Method) -> tuple[str, ...]:
-    rule = method.overlap or "any"
-    return (rule,) * len(method.granularities) if isinstance(rule, str) else tuple(rule)
 
 
 def _pools(task: DigitsTask, method: Method) -> list[Tensor]:
