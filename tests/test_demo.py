@@ -10,20 +10,22 @@ import pytest
 import torch
 
 import mgll
+from mgll.evaluation import mean_average_precision
 from mgll_demo import report
 from mgll_demo.__main__ import main, parse_args
 from mgll_demo.data import (
     CANVAS_SIZE,
     DIGIT_SIZE,
     GRANULARITIES,
+    PARITY_ANCESTORS,
     Canvases,
     compose,
+    make_merged_task,
     make_task,
+    parity_text,
     split_sources,
     summary_text,
 )
-from mgll.evaluation import mean_average_precision
-from mgll_demo.data import PARITY_ANCESTORS, make_merged_task, parity_text
 from mgll_demo.evaluation import METRICS, caption_bank
 from mgll_demo.texts import class_prompts
 from mgll_demo.towers import DualEncoder, Vocabulary, tokenize
