@@ -92,7 +92,7 @@ class MGLLLoss(nn.Module):
         pointwise_norm: str = "pairs",
         smooth_kl_support: str = "coarse",
         smooth_kl_reference: int | None = None,
-        overlap: str | Sequence[str] = "any",
+        overlap: str | Sequence[str] = "jaccard",
         normalize: bool = True,
         backend: str = "auto",
         validate: bool = True,

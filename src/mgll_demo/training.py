@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -107,6 +107,12 @@ COMPARISON = (
 )
 PAPER_KL = {"smooth_kl_support": "samples"}  # the paper's sample-level smooth KL (eq. 5-6)
 ABLATION = (
+    Method(
+        "mgll_any",
+        "mgll",
+        G3,
+        description="MGLL G=3, the earlier defaults: any-overlap positives, coarse smooth KL",
+    ),
     Method(
         "mgll_samples",
         "mgll",
@@ -325,6 +331,14 @@ FAIR = (
         description="MGLL G=3, Jaccard positives, coarse-partition smooth KL",
     ),
     Method(
+        "mgll_g1_jaccard_no_pointwise",
+        "mgll",
+        G1,
+        {"pointwise_weight": 0.0},
+        overlap=JACCARD,
+        description="MGLL, digits text only, Jaccard positives, soft CLIP only",
+    ),
+    Method(
         "mgll_g3_jaccard_kl_samples",
         "mgll",
         G3,
@@ -370,6 +384,16 @@ MERGED = (
         "positives, the rule from_hierarchy applies between fine texts)",
     ),
 )
+
+
+def _pin_any(methods: tuple[Method, ...]) -> tuple[Method, ...]:
+    """These variants were measured with the any-overlap rule: keep it whatever the default."""
+    return tuple(
+        replace(m, overlap="any") if m.kind == "mgll" and m.overlap is None else m for m in methods
+    )
+
+
+ABLATION, EXTRA, MERGED = _pin_any(ABLATION), _pin_any(EXTRA), _pin_any(MERGED)
 
 
 @dataclass
