@@ -37,11 +37,12 @@ def pointwise(z: Tensor, c: Tensor, bias=None, target="binary", norm="pairs") ->
     for i in range(n):
         total = sum(c[i, kk] for kk in range(k))
         for kk in range(k):
-            y = (
-                (1.0 if c[i, kk] > 0 else 0.0)
-                if target == "binary"
-                else (c[i, kk] / total if total > 0 else 0.0)
-            )
+            if target == "binary":
+                y = 1.0 if c[i, kk] > 0 else 0.0
+            elif target == "graded":
+                y = min(float(c[i, kk]), 1.0)
+            else:
+                y = c[i, kk] / total if total > 0 else 0.0
             x = z[i, kk] + (0.0 if bias is None else bias)
             sig = 1 / (1 + torch.exp(-x))
             loss = loss - (y * torch.log(sig) + (1 - y) * torch.log(1 - sig))

@@ -113,7 +113,7 @@ def test_equals_reference(backend, mode, g, support):
 
 
 @pytest.mark.parametrize("norm", ["pairs", "images"])
-@pytest.mark.parametrize("target", ["binary", "soft"])
+@pytest.mark.parametrize("target", ["binary", "soft", "graded"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_pointwise_options_and_bias(backend, bias, target, norm):

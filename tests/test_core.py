@@ -66,12 +66,13 @@ def test_soft_clip_matches_naive(shape):
     torch.testing.assert_close(_grads(ours, z), _grads(ref, z), **TOL)
 
 
-@pytest.mark.parametrize("target", ["binary", "soft"])
+@pytest.mark.parametrize("target", ["binary", "soft", "graded"])
 @pytest.mark.parametrize("norm", ["pairs", "images"])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_pointwise_matches_naive(target, norm, with_bias):
     z = (torch.randn(4, 6, dtype=F64) * 3).requires_grad_()
     c = (torch.rand(4, 6, dtype=F64) < 0.5).to(F64) * 2
+    c[:2] *= torch.rand(2, 6, dtype=F64)  # weights below 1 too (graded targets)
     bias = torch.tensor(-1.5, dtype=F64, requires_grad=True) if with_bias else None
     ours = pointwise_loss(z, c, bias, target=target, norm=norm)
     ref = naive.pointwise(z, c, bias, target, norm)

@@ -90,12 +90,17 @@ def batches(draw, max_n: int = 12):
             else:  # multi-hot label sets, possibly empty rows or no class at all
                 c = draw(st.integers(0, 4))
                 density = draw(st.sampled_from([0.0, 0.3, 0.7]))
-                labels.append((torch.rand(n, c, generator=gen) < density).long())
+                hot = torch.rand(n, c, generator=gen) < density
+                if draw(st.booleans()):  # label probabilities (uncertain labels), else 0/1
+                    labels.append(hot * torch.rand(n, c, generator=gen))
+                else:
+                    labels.append(hot.long())
             texts.append(features(n))
     scale = math.exp(draw(st.floats(math.log(0.5), math.log(100.0))))
     bias = draw(st.one_of(st.none(), st.floats(-15.0, 15.0)))
     options = dict(
-        pointwise_target=draw(st.sampled_from(["binary", "soft"])),
+        pointwise_target=draw(st.sampled_from(["binary", "soft", "graded"])),
+        overlap=draw(st.sampled_from(["any", "count", "jaccard"])),
         pointwise_norm=draw(st.sampled_from(["pairs", "images"])),
         smooth_kl_support=draw(st.sampled_from(["samples", "coarse"])),
         normalize=draw(st.booleans()),

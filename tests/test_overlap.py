@@ -11,6 +11,8 @@ import functools
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import mgll
 import naive
@@ -172,7 +174,7 @@ def _naive_labels(kind: str) -> list[torch.Tensor]:
     return [labels(N_NAIVE, 4, kind), torch.randint(0, 3, (N_NAIVE,), generator=gen)]
 
 
-@pytest.mark.parametrize("target", ["binary", "soft"])
+@pytest.mark.parametrize("target", ["binary", "soft", "graded"])
 @pytest.mark.parametrize("kind", ["bool", "soft"])
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -199,7 +201,7 @@ def _grads(value: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor
     return [torch.zeros_like(x) if g is None else g for g, x in zip(got, leaves, strict=True)]
 
 
-@pytest.mark.parametrize("target", ["binary", "soft"])
+@pytest.mark.parametrize("target", ["binary", "soft", "graded"])
 @pytest.mark.parametrize("kind", ["bool", "soft"])
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -324,3 +326,18 @@ def test_label_set_ids_do_not_depend_on_the_batch():
 def test_label_set_ids_bad_input(a, error, match):
     with pytest.raises(error, match=match):
         targets.label_set_ids(a)
+
+
+@given(st.integers(1, 10), st.integers(0, 5), st.integers(0, 2**31 - 1))
+def test_rule_properties(n, c, seed):
+    """Symmetric; any and jaccard in [0, 1]; max_c a_c b_c <= any <= count; J(a, a) = 1."""
+    gen = torch.Generator().manual_seed(seed)
+    a = (torch.rand(n, c, generator=gen) < 0.5) * torch.rand(n, c, generator=gen).double()
+    got = {rule: targets.from_multi_hot(a, mode=rule) for rule in RULES}
+    for rule, m in got.items():
+        torch.testing.assert_close(m, m.T, msg=rule)
+        assert bool((m >= 0).all()), rule
+    assert bool((got["any"] <= 1).all() & (got["jaccard"] <= 1 + 1e-12).all())
+    best = (a[:, None, :] * a[None, :, :]).amax(-1) if c else torch.zeros(n, n, dtype=F64)
+    assert bool((best <= got["any"] + 1e-12).all() & (got["any"] <= got["count"] + 1e-12).all())
+    torch.testing.assert_close(got["jaccard"].diagonal(), (a.sum(1) > 0).double())

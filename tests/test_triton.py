@@ -158,6 +158,27 @@ def test_pointwise_options(target, norm, bias):
     _compare(_case("multi_hot", n=16, d=12, bias=bias), config)
 
 
+def test_graded_pointwise_target_on_bank_weights():
+    """``pointwise_target="graded"``: Y = min(C, 1) on weights in [0, 2]."""
+    _compare(_case("bank", ks=[24, 17], bias=True), LossConfig(pointwise_target="graded"))
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["sets", "probabilities"])
+@pytest.mark.parametrize("rule", ["any", "count", "jaccard"])
+def test_overlap_rules_over_several_class_chunks(rule, soft):
+    """Every overlap rule over 21 and 30 classes (two BLOCK_C chunks), 0/1 sets and
+    probabilities, with the graded pointwise target."""
+    image, texts, s, b, _ = _case("multi_hot", n=20, g=2)
+    gen = torch.Generator().manual_seed(3)
+    cooc = []
+    for classes in (21, 30):
+        hot = torch.rand(20, classes, generator=gen) < 0.2
+        hot[0] = False
+        data = hot * torch.rand(20, classes, generator=gen) if soft else hot
+        cooc.append(CoOccurrence("multi_hot", data.to(DEVICE), rule))
+    _compare((image, texts, s, b, cooc), LossConfig(pointwise_target="graded"))
+
+
 @pytest.mark.parametrize("mode,g", [("ids", 2), ("multi_hot", 3), ("bank", 2)])
 def test_coarse_support(mode, g):
     config = LossConfig(smooth_kl_support="coarse")

@@ -193,7 +193,7 @@ CASES = [
      r"`text_features` must be a non-empty sequence of G tensors"),
     # unknown option values
     ("pointwise-target", paired(), {"pointwise_target": "hard"}, ValueError,
-     r"`pointwise_target` must be one of \('binary', 'soft'\), got 'hard'"),
+     r"`pointwise_target` must be one of \('binary', 'soft', 'graded'\), got 'hard'"),
     ("pointwise-norm", paired(), {"pointwise_norm": "batch"}, ValueError,
      r"`pointwise_norm` must be one of \('pairs', 'images'\), got 'batch'"),
     ("kl-support", paired(), {"smooth_kl_support": "classes"}, ValueError,

@@ -31,9 +31,12 @@ def soft_ce_rows(logits: Tensor, cooc: Tensor) -> Tensor:
 
 
 def pointwise_targets(cooc: Tensor, target: str) -> Tensor:
-    """Y of the pointwise term: ``"binary"`` 1[C > 0], or ``"soft"`` C normalised per row."""
+    """Y of the pointwise term: ``"binary"`` 1[C > 0], ``"graded"`` min(C, 1), or ``"soft"`` C
+    normalised per row."""
     if target == "binary":
         return (cooc > 0).to(cooc.dtype)
+    if target == "graded":
+        return cooc.clamp_max(1)
     return safe_divide(cooc, cooc.sum(1, keepdim=True))  # as the authors' code does
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 OPTIONS = {
-    "pointwise_target": ("binary", "soft"),
+    "pointwise_target": ("binary", "soft", "graded"),
     "pointwise_norm": ("pairs", "images"),
     "smooth_kl_support": ("samples", "coarse"),
 }

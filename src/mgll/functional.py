@@ -83,7 +83,9 @@ def pointwise_loss(
         logits: Z, scaled image-text similarities.
         targets: C, non-negative co-occurrence.
         logit_bias: optional scalar b added to every logit.
-        target: ``"binary"``: :math:`Y = 1[C > 0]`; ``"soft"``: Y is C normalised per row, as
+        target: ``"binary"``: :math:`Y = 1[C > 0]`; ``"graded"``: :math:`Y = \min(C, 1)`, a
+            soft BCE target that keeps partial weights (Jaccard overlaps, uncertain labels) and
+            equals ``"binary"`` on 0/1 co-occurrence; ``"soft"``: Y is C normalised per row, as
             the authors' code does.
         norm: ``"pairs"`` or ``"images"``.
 

@@ -27,8 +27,11 @@ class MGLLLoss(nn.Module):
         pointwise_weight: :math:`\alpha_2`, weight of the pointwise sigmoid term.
         smooth_kl_weight: :math:`\alpha_3`, weight of the cross-granularity smooth KL.
         granularity_weights: :math:`\lambda_g`, one per granularity (default all 1).
-        pointwise_target: ``"binary"`` (:math:`1[C>0]`, default) or ``"soft"`` (C normalised
-            per row, as the authors' code).
+        pointwise_target: ``"binary"`` (:math:`1[C>0]`, default: every pair with a positive
+            weight is a positive, in both input modes), ``"graded"`` (:math:`\min(C, 1)`, a soft
+            BCE target for partial weights such as Jaccard overlaps or uncertain labels; equal
+            to ``"binary"`` on 0/1 co-occurrence) or ``"soft"`` (C normalised per row, as the
+            authors' code).
         pointwise_norm: ``"pairs"`` (divide by N*K_g, default) or ``"images"`` (divide by N).
         smooth_kl_support: ``"coarse"`` (default: pool the samples by a coarse granularity
             before comparing, SPEC 2.3b; it beat the paper's form on every setting of the demo,

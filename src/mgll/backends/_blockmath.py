@@ -45,6 +45,7 @@ class Stats:
     kl_identity: bool  # every map is the identity: the log-space paired form
     kl_part: list[bool]  # which granularities take part
     soft_target: bool
+    graded_target: bool = False  # pointwise Y = min(C, 1)
 
 
 @dataclass
@@ -129,6 +130,7 @@ def _make_stats(plan: Plan) -> Stats:
     st.kl_identity = all(t is None for t in p.kl_maps)
     st.kl_part = [_takes_part(t) for t in p.kl_maps]
     st.soft_target = cfg.pointwise_target == "soft"
+    st.graded_target = cfg.pointwise_target == "graded"
     return st
 
 
@@ -170,6 +172,7 @@ class GroupView:
     y_coef: Tensor | None  # w_pw Y = C * y_coef ((G', n, 1) or (G', 1, 1)); None: Y = 1[C > 0]
     y_rows: Tensor | None  # soft targets: Y = C * y_rows (G', n, 1)
     ids: Tensor | None  # (G', N) stacked class ids when every C of the stack is paired ids
+    graded: bool = False  # pointwise Y = min(C, 1) instead of 1[C > 0]
 
 
 def group_view(plan: Plan, st: Stats, blk: Block, gs: list[int], dtype) -> GroupView:
@@ -199,6 +202,7 @@ def group_view(plan: Plan, st: Stats, blk: Block, gs: list[int], dtype) -> Group
             v.y_coef = v.y_rows * v.w_pw
         elif all(p.cooc[g].binary for g in gs):  # C is 0/1: binary targets are C itself
             v.y_coef = v.w_pw
+        v.graded = st.graded_target
     if all(p.cooc[g].kind == "ids" for g in gs):
         v.ids = torch.stack([p.cooc[g].data for g in gs])
     return v
@@ -266,7 +270,7 @@ def tile_terms(z, c, v: GroupView, rs: slice, cs: slice, bias, prob, clse, want_
         elif y_coef is not None:
             y = c  # 0/1 co-occurrence (ids, or 0/1 labels with "any"): binary targets are C
         else:
-            y = (c > 0).to(z.dtype)
+            y = c.clamp_max(1) if v.graded else (c > 0).to(z.dtype)
             if want_grad:
                 dz.addcmul_(y, v.w_pw, value=-1)
         x, log_sums, sig = softplus(z, bias, want_grad)

@@ -60,7 +60,7 @@ class TritonMGLL(torch.autograd.Function):
         if row_blocks:
             fwd.stats_kernel[(row_blocks, g)](
                 x, t, plan.targets, plan.rules, stats_r, s, b, ks, lo, hi, n, kmax, d, plan.n_classes,
-                plan.kind, TEXT_ROWS=False, **common,
+                plan.kind, int(plan.graded), TEXT_ROWS=False, **common,
             )  # fmt: skip
         stats_c = torch.zeros(g, int(fwd.N_STATS), kmax, device=dev)
         width = max(c[1] - c[0] for c in plan.cols)
@@ -69,7 +69,7 @@ class TritonMGLL(torch.autograd.Function):
             c_hi = torch.tensor([c[1] for c in plan.cols], device=dev, dtype=torch.int32)
             fwd.stats_kernel[(_cdiv(width, blk["BLOCK_M"]), g)](
                 x, t, plan.targets, plan.rules, stats_c, s, b, ks, c_lo, c_hi, n, kmax, d, plan.n_classes, plan.kind,
-                TEXT_ROWS=True, **common,
+                int(plan.graded), TEXT_ROWS=True, **common,
             )  # fmt: skip
         kl = torch.zeros(g, n, device=dev)
         if plan.has_kl and row_blocks:
@@ -133,7 +133,8 @@ class TritonMGLL(torch.autograd.Function):
         c_lo, c_hi = min(c[0] for c in plan.cols), max(c[1] for c in plan.cols)
         flags = dict(kind=plan.kind, has_kl=int(plan.has_kl), BLOCK_C=plan.block_c, PREC=plan.prec)
         flags.update(plan.blocks)
-        args = (r_lo, r_hi, c_lo, c_hi, n, kmax, d, plan.n_classes, g, int(plan.soft_y))
+        y_code = 1 if plan.soft_y else 2 if plan.graded else 0
+        args = (r_lo, r_hi, c_lo, c_hi, n, kmax, d, plan.n_classes, g, y_code)
         need = ctx.needs_input_grad
         d_image = d_scale = d_bias = None
         if need[1] or need[2] or need[3]:

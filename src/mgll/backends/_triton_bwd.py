@@ -74,7 +74,9 @@ def _dz_tile(
     p_c = tl.exp(tl.minimum(z - lse_c[None, :], 0.0))
     dz = ce_r[:, None] * (p - c * inv_r[:, None]) + ce_c[None, :] * (p_c - c * inv_c[None, :])
     w_pw = tl.load(rowf + RF_PW * N, mask=mask_i, other=0.0)
-    y = tl.where(soft_y != 0, c * inv_r[:, None], (c > 0).to(tl.float32))
+    # soft_y: 0 binary 1[C > 0], 1 soft (C normalised per row), 2 graded min(C, 1)
+    y = tl.where(c > 0, 1.0, 0.0)
+    y = tl.where(soft_y == 1, c * inv_r[:, None], tl.where(soft_y == 2, tl.minimum(c, 1.0), y))
     valid = mask_i[:, None] & mask_k[None, :]
     gpw = tl.where(valid, w_pw[:, None] * (_sigmoid(z + bias) - y), 0.0)
     d_bias = tl.sum(gpw, 1)

@@ -33,7 +33,7 @@ ST_LSE, ST_C, ST_CZ, ST_SP, ST_YZ, ST_Y = (tl.constexpr(i) for i in range(6))
 N_STATS = tl.constexpr(6)
 
 
-@triton.jit(do_not_specialize=["N", "KMAX", "D", "NCLS", "kind"])
+@triton.jit(do_not_specialize=["N", "KMAX", "D", "NCLS", "kind", "graded"])
 def stats_kernel(
     X,
     T,
@@ -50,6 +50,7 @@ def stats_kernel(
     D,
     NCLS,
     kind,
+    graded,
     TEXT_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -61,7 +62,7 @@ def stats_kernel(
 
     Lines are image rows against all K_g texts, or (``TEXT_ROWS``) text columns against all N
     images.  Writes ``OUT[g, :, line]``: log-sum-exp, sum C, sum C z, and for image rows
-    sum softplus(z + b), sum 1[C>0] z and sum 1[C>0].
+    sum softplus(z + b), sum Y z and sum Y with Y = 1[C>0] (``graded``: min(C, 1)).
     """
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -104,7 +105,7 @@ def stats_kernel(
         if not TEXT_ROWS:
             sp = _softplus(z + bias)
             s_sp += tl.sum(tl.where(mask_b[None, :], sp, 0.0), 1)
-            y = (c > 0).to(tl.float32)
+            y = tl.where(graded != 0, tl.minimum(c, 1.0), (c > 0).to(tl.float32))
             s_yz += tl.sum(y * z, 1)
             s_y += tl.sum(y, 1)
     n_lines = KMAX if TEXT_ROWS else N

@@ -133,6 +133,7 @@ class _Plan:
     has_kl: bool
     torch_kl: bool
     soft_y: bool
+    graded: bool
     dtype: torch.dtype
     prec: str
     blocks: dict
@@ -176,6 +177,7 @@ class _Plan:
             has_kl=kl_on and identity,
             torch_kl=kl_on and not identity,
             soft_y=config.pointwise_target == "soft",
+            graded=config.pointwise_target == "graded",
             dtype=feature_dtype if half else torch.float32,
             prec=_fp32_dot_precision(),
             blocks=INTERPRETER_BLOCKS if interpreted else CUDA_BLOCKS,
