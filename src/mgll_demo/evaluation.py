@@ -192,7 +192,10 @@ def coarse_zero_shot(
     model: DualEncoder, test_emb: Tensor, test: Canvases, trained: Sequence[str]
 ) -> dict[str, float]:
     """Parity zero-shot (both protocols); NaN when the model never saw a parity word."""
-    if not any(g in ("mixed", "parity") for g in trained):
+    seen = getattr(model.vocab, "index", {})
+    if not any(g in ("mixed", "parity") for g in trained) or any(
+        w not in seen for w in PARITY_WORDS
+    ):
         return dict.fromkeys(COARSE_METRICS, float("nan"))
     truth = test.parity()
     encode = lambda texts: encode_texts(model, texts)  # noqa: E731

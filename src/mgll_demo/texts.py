@@ -57,7 +57,7 @@ def zero_shot_classifier(
 ) -> mgll.ZeroShotClassifier:
     """Class prototypes from the prompts a one-digit canvas is described with in training.
 
-    Zero-shot prompts must use the words the text tower was trained on (SPEC 10): for digit c,
+    Zero-shot prompts must use the words the text tower was trained on: for digit c,
     ``"digits c"`` when ``digits`` was trained on, and ``"a picture of <synonym of c>"`` for
     each of its three synonyms when ``description`` was.  The summary granularity names no
     digit and gives no prompt.  Scores are plain cosines (the AUROC is the same under the

@@ -91,6 +91,8 @@ class Method:
         return loss
 
 
+NO_KL = {"smooth_kl_weight": 0.0}
+JACCARD = "jaccard"
 G3 = GRANULARITIES
 G2 = ("digits", "summary")
 G1 = ("digits",)
@@ -101,8 +103,16 @@ COMPARISON = (
     Method(
         "mgll",
         "mgll",
-        description="MGLLLoss() defaults: all three terms, smooth KL pooled by the coarsest "
-        "granularity (here: summary)",
+        description="MGLLLoss() defaults on the three granularities: Jaccard overlap, all three "
+        "terms, smooth KL pooled by the coarsest granularity (here: summary)",
+    ),
+    Method(
+        "mgll_jx",
+        "mgll",
+        ("digits", "digits_exact"),
+        NO_KL,
+        overlap=JACCARD,
+        description="MGLL, the digits text twice: Jaccard positives and same-set ids, no smooth KL",
     ),
 )
 PAPER_KL = {"smooth_kl_support": "samples"}  # the paper's sample-level smooth KL (eq. 5-6)
@@ -235,8 +245,6 @@ EXTRA = (
 )
 
 
-NO_KL = {"smooth_kl_weight": 0.0}
-JACCARD = "jaccard"
 FAIR = (
     Method(
         "mgll_g1_jaccard",
@@ -258,14 +266,6 @@ FAIR = (
         G1,
         fine_labels="exact",
         description="MGLL, digits text only, positives show the same digit set (ids)",
-    ),
-    Method(
-        "mgll_jx",
-        "mgll",
-        ("digits", "digits_exact"),
-        NO_KL,
-        overlap=JACCARD,
-        description="MGLL, the digits text twice: Jaccard positives and same-set ids, no smooth KL",
     ),
     Method(
         "mgll_g2_jaccard_no_kl",
@@ -331,6 +331,13 @@ FAIR = (
         description="MGLL G=3, Jaccard positives, coarse-partition smooth KL",
     ),
     Method(
+        "mgll_no_pointwise",
+        "mgll",
+        G3,
+        {"pointwise_weight": 0.0},
+        description="MGLLLoss(pointwise_weight=0) on the three granularities",
+    ),
+    Method(
         "mgll_g1_jaccard_no_pointwise",
         "mgll",
         G1,
@@ -367,6 +374,14 @@ MERGED = (
         ("mixed",),
         description="MGLL on the mixed captions, "
         "from_hierarchy targets (a fine canvas is a positive of its parity's text)",
+    ),
+    Method(
+        "mgll_mixed_jaccard",
+        "mgll",
+        ("mixed",),
+        overlap=JACCARD,
+        description="MGLL on the mixed captions, Jaccard overlap of the label sets with their "
+        "ancestors (graded hierarchy targets)",
     ),
     Method(
         "clip_fine_only",
@@ -484,7 +499,8 @@ def batch_labels(method: Method, canvases, idx: Tensor) -> list[Tensor] | dict[s
 
     ``mixed`` (merged-datasets task) gets :func:`mgll.targets.from_hierarchy` targets (a fine
     text names digits, a coarse one a parity; a fine image is a positive of its parity's text,
-    not the other way round).  Overlap rules are the loss's own (``MGLLLoss(overlap=...)``).
+    not the other way round), or with ``overlap="jaccard"`` the Jaccard overlap of the label
+    sets with their ancestors added (graded: {3, 7} and "odd digits" share 1 of 3 labels).  Overlap rules are the loss's own (``MGLLLoss(overlap=...)``).
     """
     grans = method.granularities
     labels = [_labels(canvases, g, method.fine_labels)[idx] for g in grans]
@@ -492,7 +508,10 @@ def batch_labels(method: Method, canvases, idx: Tensor) -> list[Tensor] | dict[s
         return labels
     targets = []
     for g, lab in zip(grans, labels, strict=True):
-        if g == "mixed":
+        if g == "mixed" and method.overlap == JACCARD:
+            up = mgll.targets.expand_ancestors(lab, PARITY_ANCESTORS)
+            targets.append(mgll.targets.from_multi_hot(up, mode="jaccard"))
+        elif g == "mixed":
             targets.append(mgll.targets.from_hierarchy(lab, ancestors=PARITY_ANCESTORS))
         elif lab.dim() == 1:
             targets.append(mgll.targets.from_ids(lab))
