@@ -19,6 +19,7 @@ import naive
 from backends_under_test import CPU_BACKENDS
 from mgll import targets
 from mgll._cooc import CoOccurrence
+from mgll._problem import cooccurrence_from_labels
 from mgll.backends import fused, tiled, triton_kernels
 
 F64 = torch.float64
@@ -224,18 +225,30 @@ def test_paired_rule_equals_dense_targets(backend, rule, kind, target):
         torch.testing.assert_close(_grads(paired[name], leaves), _grads(bank[name], leaves), **F32)
 
 
+@pytest.mark.parametrize("validate", [True, False], ids=["checked", "unchecked"])
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_float_zero_one_labels_equal_bool_labels(backend, rule):
-    """The elementwise (probability) path on 0/1 floats gives the matrix-product path's loss."""
+def test_float_zero_one_labels_equal_bool_labels(backend, rule, validate):
+    """0/1 floats give the loss of bool labels: recognised as 0/1 with ``validate=True`` (the
+    matrix-product path), through the elementwise (probability) path without the check."""
     n = 12
     image, texts, scale, bias = _features(n, 2, seed=6, dtype=torch.float32)
     hot = labels(n, 4, "bool", seed=7)
     ids = torch.randint(0, 3, (n,))
-    options = dict(overlap=rule, smooth_kl_support="coarse", backend=backend)
+    options = dict(overlap=rule, smooth_kl_support="coarse", backend=backend, validate=validate)
     a = mgll.mgll_loss(image, texts, scale, bias, labels=[hot, ids], **options)
     b = mgll.mgll_loss(image, texts, scale, bias, labels=[hot.float(), ids], **options)
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_float_labels_are_recognised_as_zero_one_only_when_checked(rule):
+    hot = labels(10, 3, "float")
+    soft = labels(10, 3, "soft")
+    assert cooccurrence_from_labels(hot, rule, check=True).zero_one == (rule != "count")
+    assert not cooccurrence_from_labels(hot, rule, check=False).zero_one
+    assert not cooccurrence_from_labels(soft, rule, check=True).zero_one
+    assert cooccurrence_from_labels(hot.bool(), rule).zero_one_labels
 
 
 def test_ids_mean_equal_ids_whatever_the_rule():

@@ -27,11 +27,15 @@ class CoOccurrence:
         integer 0/1, or float label probabilities in [0, 1]); ``rule`` is one of
         :data:`mgll._overlap.RULES` (see :func:`mgll._overlap.overlap`).
         ``"dense"``: bank, ``data`` is C itself (N, K_g).
+
+    ``zero_one``: float multi-hot ``data`` known to hold only 0 and 1 (checked by the caller),
+    so the exact matrix-product path serves every rule, as for bool and integer labels.
     """
 
     kind: str
     data: Tensor
     rule: str = "any"
+    zero_one: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -47,7 +51,12 @@ class CoOccurrence:
         """True when every entry of C is 0 or 1 by construction (so 1[C > 0] is C itself)."""
         if self.kind == "ids":
             return True
-        return self.kind == "multi_hot" and self.rule == "any" and is_binary_dtype(self.data)
+        return self.kind == "multi_hot" and self.rule == "any" and self.zero_one_labels
+
+    @property
+    def zero_one_labels(self) -> bool:
+        """Multi-hot labels whose entries are 0/1: bool or integer, or floats known to be."""
+        return self.zero_one or is_binary_dtype(self.data)
 
     def block(self, rows: slice = slice(None), cols: slice = slice(None), dtype=None) -> Tensor:
         """The dense block ``C[rows, cols]`` in ``dtype`` (default: float32)."""
@@ -56,7 +65,7 @@ class CoOccurrence:
             return (self.data[rows, None] == self.data[None, cols]).to(dtype)
         if self.kind == "multi_hot":
             a, b = self.data[rows].to(dtype), self.data[cols].to(dtype)
-            return overlap(a, b, self.rule, is_binary_dtype(self.data))
+            return overlap(a, b, self.rule, self.zero_one_labels)
         return self.data[rows, cols].to(dtype)
 
     def dense(self, dtype=None) -> Tensor:
@@ -79,7 +88,7 @@ class CoOccurrence:
             self.data, dim=0, return_inverse=True, return_counts=True
         )
         sets, counts = sets.to(dtype), counts.to(dtype)
-        binary = is_binary_dtype(self.data)
+        binary = self.zero_one_labels
         sums = torch.cat(
             [
                 overlap(sets[s : s + _CHUNK], sets, self.rule, binary) @ counts

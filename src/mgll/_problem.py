@@ -82,12 +82,24 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def cooccurrence_from_labels(labels: Tensor, rule: str = "any") -> CoOccurrence:
+def cooccurrence_from_labels(
+    labels: Tensor, rule: str = "any", check: bool = False
+) -> CoOccurrence:
     """Paired mode: (N,) integer ids (equal ids, whatever ``rule``), or (N, C_g) multi-hot
-    label vectors combined by the overlap ``rule`` (see :mod:`mgll._overlap`)."""
+    label vectors combined by the overlap ``rule`` (see :mod:`mgll._overlap`).
+
+    ``check``: find out whether float labels are 0/1 (one host synchronisation) so that they
+    take the matrix-product path; otherwise they take the elementwise one (the same values).
+    """
     if labels.dim() == 1:
         return CoOccurrence("ids", labels)
-    return CoOccurrence("multi_hot", labels, rule)
+    zero_one = (
+        check
+        and labels.is_floating_point()
+        and rule != "count"  # count is one matrix product on any entries
+        and bool(((labels == 0) | (labels == 1)).all())
+    )
+    return CoOccurrence("multi_hot", labels, rule, zero_one)
 
 
 def smooth_kl_maps(

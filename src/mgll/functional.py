@@ -245,7 +245,9 @@ def mgll_loss(
         )
     batch = distributed.gather_batch(image_features, texts, mode, values, dist_options)
     cooc = [
-        cooccurrence_from_labels(x, rule) if mode == "paired" else CoOccurrence("dense", x)
+        cooccurrence_from_labels(x, rule, validate)
+        if mode == "paired"
+        else CoOccurrence("dense", x)
         for x, rule in zip(batch.values, rules, strict=True)
     ]
     problem = build_problem(

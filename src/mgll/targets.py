@@ -106,13 +106,13 @@ def from_multi_hot(a: Tensor, b: Tensor | None = None, mode: str = "any") -> Ten
     the set rule above exactly.  The product rules read a row and a column as independent
     draws, also on the diagonal: a sample whose only label is uncertain (0.5) overlaps itself
     with weight 0.25 under "any", while "jaccard" gives every labelled sample weight 1 with
-    itself (:math:`\min(a, a) / \max(a, a)`).  Every rule is symmetric in (a, b), so C is symmetric when
-    ``b`` is omitted; with overlapping label sets it is not an equivalence relation (not
-    transitive: {DR, DME} overlaps {DR} and {DME}, which do not overlap), so a sample's
-    positives need not be each other's.  Each direction is normalised on its own by the loss
-    (rows for image-to-text, columns for text-to-image).  A sample without any label has an
-    all-zero row and column (never an anchor).  These are exactly the loss's own rules for
-    paired multi-hot ``labels[g]`` with ``MGLLLoss(overlap=mode)`` (one implementation).
+    itself (:math:`\min(a, a) / \max(a, a)`).  Every rule is symmetric in (a, b), so C is
+    symmetric when ``b`` is omitted; with overlapping label sets it is not an equivalence
+    relation (not transitive: {DR, DME} overlaps {DR} and {DME}, which do not overlap), so a
+    sample's positives need not be each other's.  Each direction is normalised on its own by
+    the loss (rows for image-to-text, columns for text-to-image).  A sample without any label
+    has an all-zero row and column (never an anchor).  These are exactly the loss's own rules
+    for paired multi-hot ``labels[g]`` with ``MGLLLoss(overlap=mode)`` (one implementation).
 
     Args:
         a: label sets of the rows: 0/1 entries (bool, integer or float) or float label

@@ -34,7 +34,6 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from mgll._cooc import CoOccurrence
-from mgll._overlap import is_binary_dtype
 from mgll._problem import LossConfig, LossTerms, Problem
 from mgll._terms import smooth_kl_rows
 from mgll.backends._triton_autograd import TritonMGLL
@@ -225,15 +224,15 @@ def _stack_targets(problem: Problem) -> tuple[int, Tensor, int]:
 def _rule_code(cooc: CoOccurrence) -> int:
     """The kernels' code of a paired granularity's overlap rule (``_triton_tiles._overlap``).
 
-    0/1 labels (bool, integer; ids become one-hot sets) take the exact-product rules 0-2;
-    float labels may be probabilities and take the elementwise rules for "any" and "jaccard"
-    (the same numbers on 0/1 entries).
+    0/1 labels (bool, integer, floats known to be 0/1; ids become one-hot sets) take the
+    exact-product rules 0-2; other float labels may be probabilities and take the elementwise
+    rules for "any" and "jaccard" (the same numbers on 0/1 entries).
     """
     if cooc.kind != "multi_hot":
         return 0
     if cooc.rule == "count":
         return 1
-    binary = is_binary_dtype(cooc.data)
+    binary = cooc.zero_one_labels
     if cooc.rule == "any":
         return 0 if binary else 3
     return 2 if binary else 4
