@@ -10,22 +10,37 @@ import pytest
 import torch
 
 import mgll
+from mgll.evaluation import mean_average_precision
 from mgll_demo import report
 from mgll_demo.__main__ import main, parse_args
 from mgll_demo.data import (
     CANVAS_SIZE,
     DIGIT_SIZE,
     GRANULARITIES,
+    PARITY_ANCESTORS,
     Canvases,
     compose,
+    make_merged_task,
     make_task,
+    parity_text,
     split_sources,
     summary_text,
 )
-from mgll_demo.evaluation import mean_average_precision
+from mgll_demo.evaluation import METRICS, caption_bank
 from mgll_demo.texts import class_prompts
 from mgll_demo.towers import DualEncoder, Vocabulary, tokenize
-from mgll_demo.training import ABLATION, COMPARISON, EXTRA, Method, clip_loss
+from mgll_demo.training import (
+    ABLATION,
+    COMPARISON,
+    EXTRA,
+    FAIR,
+    MERGED,
+    Method,
+    _pools,
+    _shares,
+    batch_labels,
+    clip_loss,
+)
 
 
 def fake_digits(per_class: int = 6) -> tuple[np.ndarray, np.ndarray]:
@@ -187,27 +202,91 @@ def test_clip_loss_is_soft_clip_with_identity_targets():
     torch.testing.assert_close(clip_loss(x, t, scale), expected)
 
 
-@pytest.mark.parametrize("method", [*COMPARISON, *ABLATION, *EXTRA], ids=lambda m: m.name)
-def test_every_method_gives_a_finite_differentiable_loss(task, method: Method):
+@pytest.fixture(scope="module")
+def merged(task):
+    return make_merged_task(0.2, n_train=300, n_test=120, n_probe=80, seed=3)
+
+
+@pytest.mark.parametrize(
+    "method", [*COMPARISON, *ABLATION, *EXTRA, *FAIR, *MERGED], ids=lambda m: m.name
+)
+def test_every_method_gives_a_finite_differentiable_loss(task, merged, method: Method):
     torch.manual_seed(0)
-    vocab = Vocabulary(
-        task.train.texts["digits"] + task.train.texts["description"] + task.train.texts["summary"]
-    )
+    data = merged if "mixed" in method.granularities or method.subset == "fine" else task
+    vocab = Vocabulary(t for texts in data.train.texts.values() for t in texts)
     model = DualEncoder(vocab, bias_init=method.bias_init)
-    idx = torch.arange(32)
-    image = model.encode_image(task.train.images[idx])
+    idx = torch.cat(_pools(data, method))[:32]
+    image = model.encode_image(data.train.images[idx])
+    key = {"digits_exact": "digits"}
     texts = [
-        model.encode_text([task.train.texts[g][i] for i in idx.tolist()])
+        model.encode_text([data.train.texts[key.get(g, g)][i] for i in idx.tolist()])
         for g in method.granularities
     ]
-    from mgll_demo.training import _labels
-
-    labels = [_labels(task.train, g, method.fine_labels)[idx] for g in method.granularities]
+    labels = batch_labels(method, data.train, idx)
     parts = method.build_loss()(image, texts, model.scale(), model.logit_bias, labels)
     loss = sum(parts.values())
     assert torch.isfinite(loss)
     loss.backward()
     assert model.image.head.weight.grad is not None
+
+
+def test_merged_task_annotates_a_fraction_coarsely(merged):
+    train = merged.train
+    assert int(train.fine.sum()) == 60
+    for i in range(len(train)):
+        parity = train.parity()[i]
+        if train.fine[i]:
+            assert train.texts["mixed"][i] == train.texts["digits"][i]
+            assert torch.equal(train.labels["mixed"][i, :10], train.multi_hot[i])
+            assert not train.labels["mixed"][i, 10:].any()
+        else:
+            assert train.texts["mixed"][i] == parity_text(parity)
+            assert not train.labels["mixed"][i, :10].any()
+            assert torch.equal(train.labels["mixed"][i, 10:], parity)
+    assert merged.test.fine is None and merged.test.texts["mixed"] == merged.test.texts["digits"]
+
+
+def test_parity_hierarchy_and_coarse_captions():
+    assert PARITY_ANCESTORS[3, 10] == 1 and PARITY_ANCESTORS[4, 11] == 1
+    assert PARITY_ANCESTORS.sum() == 10
+    assert parity_text(torch.tensor([True, True])) == "odd and even digits"
+    assert parity_text(torch.tensor([False, True])) == "even digits"
+
+
+def test_merged_batches_give_the_fine_subset_a_fixed_share(merged):
+    mixed, fine_only = MERGED[1], MERGED[3]
+    pools = _pools(merged, mixed)
+    assert [len(p) for p in pools] == [60, 240]
+    assert _shares(pools, mixed, 128) == [32, 96]  # 25 % of each batch, not the natural 20 %
+    assert len(_pools(merged, fine_only)) == 1 and len(_pools(merged, fine_only)[0]) == 60
+
+
+def test_mixed_targets_follow_the_hierarchy(merged):
+    train = merged.train
+    fine = torch.nonzero(train.fine).flatten()[:3]
+    coarse = torch.nonzero(~train.fine).flatten()[:3]
+    idx = torch.cat([fine, coarse])
+    C = batch_labels(MERGED[1], train, idx)["targets"][0]
+    for a, i in enumerate(idx.tolist()):
+        for b, k in enumerate(idx.tolist()):
+            if train.fine[i] and not train.fine[k]:  # a fine image, a coarse text
+                want = bool((train.parity()[i] & train.parity()[k]).any())
+            elif not train.fine[i] and train.fine[k]:  # a coarse image never matches digits
+                want = False
+            elif train.fine[i]:
+                want = bool((train.multi_hot[i] & train.multi_hot[k]).any())
+            else:
+                want = bool((train.parity()[i] & train.parity()[k]).any())
+            assert bool(C[a, b] > 0) == want
+
+
+def test_caption_bank_names_the_digits_of_its_captions(task):
+    bank, names = caption_bank(task.train, "digits")
+    assert len(bank) == len(set(task.train.texts["digits"]))
+    for text, row in zip(bank, names, strict=True):
+        assert {int(w) for w in tokenize(text) if w.isdigit()} == set(
+            torch.nonzero(row).flatten().tolist()
+        )
 
 
 def test_mean_average_precision_by_hand():
@@ -221,10 +300,7 @@ def fake_runs() -> list[dict]:
     runs = []
     for m, base in (("clip", 0.8), ("mgll", 0.9)):
         for s in range(2):
-            metrics = dict.fromkeys(
-                ("zero_shot_auroc", "linear_probe_auroc", "retrieval_map", "text_retrieval_map"),
-                base + 0.01 * s,
-            )
+            metrics = dict.fromkeys(METRICS, base + 0.01 * s)
             runs.append(
                 {
                     "method": m,
@@ -241,12 +317,23 @@ def fake_runs() -> list[dict]:
 
 def test_summary_mean_and_spread():
     summary = report.summarise(fake_runs())
-    assert summary["mgll"]["zero_shot_auroc"]["mean"] == pytest.approx(0.905)
-    assert summary["mgll"]["zero_shot_auroc"]["std"] == pytest.approx(0.01 / 2**0.5)
-    assert summary["clip"]["zero_shot_auroc"]["n"] == 2
+    assert summary["mgll"]["probe_100"]["mean"] == pytest.approx(0.905)
+    assert summary["mgll"]["probe_100"]["std"] == pytest.approx(0.01 / 2**0.5)
+    assert summary["clip"]["probe_100"]["n"] == 2
     text = report.table(summary)
     assert re.search(r"mgll\s+0\.9050 ± 0\.0071", text)
     assert report.table(summary, fmt="rst").startswith(".. list-table::")
+
+
+def test_paired_differences_by_seed():
+    runs = fake_runs()
+    runs[3]["metrics"]["probe_100"] = 0.79  # mgll seed 1 below clip seed 1 (0.81)
+    paired = report.paired_differences(runs)
+    assert "clip" not in paired  # its own baseline
+    d = paired["mgll"]["probe_100"]
+    assert d["mean"] == pytest.approx(((0.9 - 0.8) + (0.79 - 0.81)) / 2)
+    assert d["wins"] == 1 and d["n"] == 2
+    assert "(1/2)" in report.table(paired, seconds=False)
 
 
 def test_merge_writes_json_table_and_png(tmp_path):
@@ -267,6 +354,9 @@ def test_cli_rejects_bad_options():
         select_methods(parse_args(["--methods", "clip,nope"]))
     names = [m.name for m in select_methods(parse_args(["--ablation"]))]
     assert names[:2] == ["clip", "mgll"] and "mgll_coarse" in names and "reference_compat" in names
+    assert "mgll_paper" in names and "mgll_g1_jaccard" in names
+    merged = [m.name for m in select_methods(parse_args(["--merged"]))]
+    assert merged == [m.name for m in MERGED]
 
 
 @pytest.mark.parametrize("blocked", [["tqdm"], ["matplotlib", "mlxtend"]])

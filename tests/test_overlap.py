@@ -259,13 +259,13 @@ def test_ids_mean_equal_ids_whatever_the_rule():
         assert torch.equal(mgll.mgll_loss(image, texts, scale, labels=ids, overlap=rule), base)
 
 
-def test_default_rule_is_any_and_one_string_means_every_granularity():
+def test_default_rule_is_jaccard_and_one_string_means_every_granularity():
     image, texts, scale, _ = _features(10, 2)
     labs = [labels(10, 3, "bool"), labels(10, 4, "soft", seed=2)]
     base = mgll.mgll_loss(image, texts, scale, labels=labs)
-    assert torch.equal(mgll.mgll_loss(image, texts, scale, labels=labs, overlap="any"), base)
-    both = mgll.mgll_loss(image, texts, scale, labels=labs, overlap="jaccard")
-    seq = mgll.mgll_loss(image, texts, scale, labels=labs, overlap=("jaccard", "jaccard"))
+    assert torch.equal(mgll.mgll_loss(image, texts, scale, labels=labs, overlap="jaccard"), base)
+    both = mgll.mgll_loss(image, texts, scale, labels=labs, overlap="any")
+    seq = mgll.mgll_loss(image, texts, scale, labels=labs, overlap=("any", "any"))
     assert torch.equal(both, seq)
     assert not torch.equal(both, base)
 
@@ -273,7 +273,7 @@ def test_default_rule_is_any_and_one_string_means_every_granularity():
 def test_module_shows_and_uses_the_rule():
     loss_fn = mgll.MGLLLoss(overlap=["jaccard", "count"])
     assert "overlap=('jaccard', 'count')" in repr(loss_fn)
-    assert "overlap='any'" in repr(mgll.MGLLLoss())
+    assert "overlap='jaccard'" in repr(mgll.MGLLLoss())
     image, texts, scale, _ = _features(8, 2)
     labs = [labels(8, 3, "soft"), labels(8, 3, "bool", seed=1)]
     want = mgll.mgll_loss(image, texts, scale, labels=labs, overlap=("jaccard", "count"))

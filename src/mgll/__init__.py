@@ -1,6 +1,6 @@
 """mgll: Multi-Granular Language Learning as a drop-in CLIP loss for PyTorch."""
 
-from mgll import datasets, distributed, functional, targets, text
+from mgll import datasets, distributed, evaluation, functional, targets, text
 from mgll.backends import available_backends, get_memory_budget, set_memory_budget
 from mgll.functional import mgll_loss
 from mgll.loss import MGLLLoss
@@ -19,6 +19,7 @@ __all__ = [
     "available_backends",
     "datasets",
     "distributed",
+    "evaluation",
     "functional",
     "get_memory_budget",
     "mgll_loss",

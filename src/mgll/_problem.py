@@ -26,7 +26,7 @@ class LossConfig:
     pointwise_norm: str = "pairs"
     smooth_kl_support: str = "coarse"
     smooth_kl_reference: int | None = None
-    overlap: str | tuple[str, ...] = "any"
+    overlap: str | tuple[str, ...] = "jaccard"
 
     def lam(self, g: int) -> float:
         return 1.0 if self.granularity_weights is None else float(self.granularity_weights[g])

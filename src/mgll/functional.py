@@ -179,7 +179,7 @@ def mgll_loss(
     pointwise_norm: str = "pairs",
     smooth_kl_support: str = "coarse",
     smooth_kl_reference: int | None = None,
-    overlap: str | Sequence[str] = "any",
+    overlap: str | Sequence[str] = "jaccard",
     normalize: bool = True,
     backend: str = "auto",
     validate: bool = True,
@@ -329,7 +329,7 @@ def make_config(**settings) -> LossConfig:
     for name in ("pointwise_target", "pointwise_norm", "smooth_kl_support"):
         v.check_option(name, settings[name])
     settings["granularity_weights"] = v.check_granularity_weights(settings["granularity_weights"])
-    settings["overlap"] = check_rules(settings.get("overlap", "any"))
+    settings["overlap"] = check_rules(settings.get("overlap", "jaccard"))
     return LossConfig(**settings)
 
 

@@ -25,6 +25,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="a tiny run for CI (well under a minute)")
     p.add_argument("--ablation", action="store_true", help="also run every ablation variant")
+    p.add_argument(
+        "--merged",
+        action="store_true",
+        help="the merged-datasets sweep: part of the training canvases annotated only coarsely "
+        "(parity), fine fractions --fractions, CLIP and MGLL on the mixed captions and on the "
+        "fine subset alone",
+    )
+    p.add_argument(
+        "--fractions",
+        default="0.05,0.2,1.0",
+        help="--merged: comma-separated fine fractions (default 0.05,0.2,1.0)",
+    )
+    p.add_argument(
+        "--probe",
+        choices=("ridge", "logistic"),
+        default="ridge",
+        help="linear-probe solver (default ridge: closed form; logistic: L-BFGS, slower)",
+    )
     p.add_argument("--methods", help="comma-separated method names to run (default: by mode)")
     p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     p.add_argument("--seeds", type=int, default=1, help="number of seeds: seed, seed+1, ...")
@@ -42,24 +60,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def select_methods(args: argparse.Namespace):
-    from mgll_demo.training import ABLATION, COMPARISON, EXTRA
+    from mgll_demo.training import ABLATION, COMPARISON, EXTRA, FAIR, MERGED
 
-    known = {m.name: m for m in (*COMPARISON, *ABLATION, *EXTRA)}
+    known = {m.name: m for m in (*COMPARISON, *ABLATION, *FAIR, *EXTRA, *MERGED)}
     if args.methods:
         names = [n.strip() for n in args.methods.split(",") if n.strip()]
         unknown = [n for n in names if n not in known]
         if unknown:
             raise SystemExit(f"unknown method(s) {unknown}; known: {sorted(known)}")
         return [known[n] for n in names]
-    return list(COMPARISON) + (list(ABLATION) if args.ablation else [])
+    if getattr(args, "merged", False):
+        return list(MERGED)
+    return list(COMPARISON) + (list(ABLATION) + list(FAIR) if args.ablation else [])
 
 
 def run(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     import torch
 
-    from mgll_demo.data import make_task
-    from mgll_demo.evaluation import embed_images, evaluate, zero_shot_auroc
-    from mgll_demo.training import train
+    from mgll_demo.data import make_merged_task, make_task
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,7 +94,10 @@ def run(args: argparse.Namespace) -> tuple[dict, list[dict]]:
         "methods": [m.name for m in methods],
         "torch_threads": torch.get_num_threads(),
         "quick": args.quick,
+        "probe": args.probe,
     }
+    fractions = [float(f) for f in args.fractions.split(",")] if args.merged else [None]
+    config["fractions"] = fractions if args.merged else None
     print(
         f"mgll-demo: {len(methods)} method(s) x {len(seeds)} seed(s), {sizes['steps']} steps "
         f"of {sizes['batch_size']}, torch threads {torch.get_num_threads()}",
@@ -84,44 +105,13 @@ def run(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     )
     runs = []
     for seed in seeds:
-        task = make_task(sizes["n_train"], sizes["n_test"], sizes["n_probe"], seed=seed)
-
-        for method in methods:
-
-            def curve(model, task=task, trained=method.granularities):
-                emb = embed_images(model, task.test)
-                return zero_shot_auroc(model, emb, task.test.multi_hot, trained)
-
-            result = train(
-                method,
-                task,
-                steps=sizes["steps"],
-                batch_size=sizes["batch_size"],
-                lr=args.lr,
-                seed=seed,
-                eval_every=max(1, sizes["steps"] // 5),
-                evaluate_fn=curve,
-                progress=not args.no_progress,
-            )
-            metrics = evaluate(result.model, task.test, task.probe, method.granularities)
-            runs.append(
-                {
-                    "method": method.name,
-                    "seed": seed,
-                    "description": method.description,
-                    "metrics": metrics,
-                    "train_seconds": result.seconds,
-                    "losses": result.losses,
-                    "terms": result.terms,
-                    "curve_steps": result.curve_steps,
-                    "curve_zero_shot": result.curve_metric,
-                    "logit_scale": result.model.scale().item(),
-                }
-            )
-            out.mkdir(parents=True, exist_ok=True)  # keep what is done if a later run fails
-            (out / "runs_partial.json").write_text(json.dumps({"config": config, "runs": runs}))
-            shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-            print(f"seed {seed}  {method.name:<17} {shown}  ({result.seconds:.0f} s)", flush=True)
+        for frac in fractions:
+            n = (sizes["n_train"], sizes["n_test"], sizes["n_probe"])
+            task = make_task(*n, seed=seed) if frac is None else make_merged_task(frac, *n, seed)
+            for method in methods:
+                if frac == 1.0 and method.subset == "fine":
+                    continue  # the fine subset is the whole set: same as the mixed runs
+                runs.append(_run_one(args, sizes, task, method, seed, frac, out, config, runs))
     return config, runs
 
 
@@ -142,6 +132,50 @@ def require_demo_extra() -> None:
         )
 
 
+def _run_one(args, sizes, task, method, seed, frac, out, config, runs) -> dict:
+    from mgll_demo.evaluation import embed_images, evaluate, zero_shot_auroc
+    from mgll_demo.training import train
+
+    def curve(model, task=task, trained=method.granularities):
+        emb = embed_images(model, task.test)
+        return zero_shot_auroc(model, emb, task.test.multi_hot, trained)
+
+    result = train(
+        method,
+        task,
+        steps=sizes["steps"],
+        batch_size=sizes["batch_size"],
+        lr=args.lr,
+        seed=seed,
+        eval_every=max(1, sizes["steps"] // 5),
+        evaluate_fn=curve,
+        progress=not args.no_progress,
+    )
+    metrics = evaluate(
+        result.model, task.test, task.probe, method.granularities, task.train, args.probe
+    )
+    name = method.name if frac is None else f"{method.name} f={frac:g}"
+    run = {
+        "method": name,
+        "seed": seed,
+        "fraction": frac,
+        "baseline": "clip" if frac is None else f"clip_mixed f={frac:g}",
+        "description": method.description,
+        "metrics": metrics,
+        "train_seconds": result.seconds,
+        "losses": result.losses,
+        "terms": result.terms,
+        "curve_steps": result.curve_steps,
+        "curve_zero_shot": result.curve_metric,
+        "logit_scale": result.model.scale().item(),
+    }
+    out.mkdir(parents=True, exist_ok=True)  # keep what is done if a later run fails
+    (out / "runs_partial.json").write_text(json.dumps({"config": config, "runs": [*runs, run]}))
+    shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+    print(f"seed {seed}  {name:<17} {shown}  ({result.seconds:.0f} s)", flush=True)
+    return run
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``mgll-demo`` / ``python -m mgll_demo``."""
     args = parse_args(argv)
@@ -158,12 +192,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = report.summarise(runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    paired = report.paired_differences(runs)
     text = report.table(summary)
-    (out / "table.txt").write_text(text + "\n")
-    (out / "table.rst").write_text(report.table(summary, fmt="rst") + "\n")
+    diffs = report.table(paired, seconds=False)
+    (out / "table.txt").write_text(text + "\n\npaired differences:\n" + diffs + "\n")
+    rst = report.table(summary, fmt="rst") + "\n\n" + report.table(paired, fmt="rst")
+    (out / "table.rst").write_text(rst + "\n")
     report.save_json(out / "results.json", config, runs, summary)
     report.save_png(out / "results.png", runs, summary)
     print("\nheld-out metrics (mean ± std over seeds):\n" + text)
+    if paired:
+        print("\ndifference to the baseline (CLIP) of the same seed (mean ± std, wins):\n" + diffs)
     print(
         f"\nsaved {out / 'results.json'}, {out / 'results.png'}, {out / 'table.txt'} "
         f"in {time.perf_counter() - start:.0f} s"

@@ -105,6 +105,7 @@ class Canvases:
     sources: Tensor
     texts: dict[str, list[str]] = field(default_factory=dict)
     labels: dict[str, Tensor] = field(default_factory=dict)
+    fine: Tensor | None = None  # merged task: (N,) bool, the canvases annotated finely
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -112,6 +113,12 @@ class Canvases:
     def set_ids(self) -> Tensor:
         """(N,) int64 id of each canvas's digit set (the bits of its multi-hot)."""
         return (self.multi_hot.long() * (2 ** torch.arange(self.multi_hot.shape[1]))).sum(1)
+
+    def parity(self) -> Tensor:
+        """(N, 2) bool: the canvas holds an odd digit, an even digit (the coarse classes)."""
+        odd = self.multi_hot[:, 1::2].any(1)
+        even = self.multi_hot[:, 0::2].any(1)
+        return torch.stack([odd, even], dim=1)
 
     def label_sets(self) -> list[tuple[int, ...]]:
         return [tuple(np.flatnonzero(row).tolist()) for row in self.multi_hot.numpy()]
@@ -183,3 +190,59 @@ def make_task(
     for k, part in enumerate(parts):
         attach_texts(part, seed=seed * 3 + k)
     return DigitsTask(*parts, seed=seed)
+
+
+PARITY_WORDS = ("odd", "even")
+PARITY_ANCESTORS = torch.zeros(NUM_CLASSES + 2, NUM_CLASSES + 2)
+for _c in range(NUM_CLASSES):  # digit c -> "odd" (class 10) or "even" (class 11)
+    PARITY_ANCESTORS[_c, NUM_CLASSES + (0 if _c % 2 else 1)] = 1.0
+
+
+def parity_text(parity: Tensor) -> str:
+    """The coarse annotation of a canvas: ``"odd digits"``, ``"even digits"`` or both."""
+    odd, even = bool(parity[0]), bool(parity[1])
+    return "odd and even digits" if odd and even else "odd digits" if odd else "even digits"
+
+
+def make_merged_task(
+    fine_fraction: float,
+    n_train: int = 10000,
+    n_test: int = 1500,
+    n_probe: int = 2000,
+    seed: int = 0,
+) -> DigitsTask:
+    """Merged datasets: a ``fine_fraction`` of the training canvases is annotated finely.
+
+    The other canvases carry only the coarse annotation of the hierarchy digit -> parity
+    (``"odd digits"``, ``"even digits"``, ``"odd and even digits"``), as when a dataset that
+    grades only "odd or even" is merged with one that names every digit.  Each training canvas
+    gets one ``mixed`` text (its fine caption ``"digits 3 and 7"`` when annotated finely, its
+    coarse one otherwise) with (N, 12) multi-hot labels over the 10 digits and the two parity
+    classes (a fine canvas holds its digits, a coarse one its parities; the ancestors of a
+    digit are added by :func:`mgll.targets.from_hierarchy` with :data:`PARITY_ANCESTORS`), and
+    ``Canvases.fine`` marks the fine ones (the first ``round(fine_fraction * n_train)`` of a
+    seeded permutation).  Test and probe canvases keep every annotation.
+    """
+    if not 0.0 < fine_fraction <= 1.0:
+        raise ValueError(f"`fine_fraction` must be in (0, 1], got {fine_fraction}")
+    task = make_task(n_train, n_test, n_probe, seed=seed)
+    for part in (task.train, task.test, task.probe):
+        parity = part.parity()
+        coarse = [parity_text(p) for p in parity]
+        part.texts["parity"] = coarse
+        part.labels["parity"] = parity
+        part.texts["mixed"], part.labels["mixed"] = (
+            list(part.texts["digits"]),
+            torch.cat([part.multi_hot, torch.zeros_like(parity)], dim=1),
+        )
+    train = task.train
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 7))
+    fine = torch.zeros(len(train), dtype=torch.bool)
+    fine[order[: max(1, round(fine_fraction * len(train)))]] = True
+    train.fine = fine
+    for i in torch.nonzero(~fine).flatten().tolist():
+        train.texts["mixed"][i] = train.texts["parity"][i]
+    train.labels["mixed"][~fine] = torch.cat(
+        [torch.zeros(int((~fine).sum()), NUM_CLASSES, dtype=torch.bool), train.parity()[~fine]], 1
+    )
+    return task

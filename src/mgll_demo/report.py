@@ -8,12 +8,13 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-_SHORT = {
-    "zero_shot_auroc": "zero-shot AUROC",
-    "linear_probe_auroc": "linear-probe AUROC",
-    "retrieval_map": "img->img mAP",
-    "text_retrieval_map": "text->img mAP",
-}
+from mgll_demo.evaluation import COARSE_METRICS, METRICS
+from mgll_demo.evaluation import LABELS as _SHORT
+
+
+def _metrics_of(runs: Sequence[dict]) -> list[str]:
+    """The metrics every run has, in table order (coarse zero-shot only on the merged task)."""
+    return [m for m in (*METRICS, *COARSE_METRICS) if all(m in r["metrics"] for r in runs)]
 
 
 def metric_names(runs_or_summary) -> list[str]:
@@ -30,7 +31,10 @@ def label(metric: str) -> str:
 
 
 def summarise(runs: Sequence[dict]) -> dict[str, dict[str, dict[str, float]]]:
-    """Per method and metric: mean, sample standard deviation (0 for one seed), n."""
+    """Per method and metric: mean, sample standard deviation (0 for one seed), n.
+
+    NaN values (a metric a model cannot be scored on) are left out; n counts the rest.
+    """
     out: dict[str, dict[str, dict[str, float]]] = {}
     names = metric_names(runs)
     for name in dict.fromkeys(r["method"] for r in runs):
@@ -41,26 +45,65 @@ def summarise(runs: Sequence[dict]) -> dict[str, dict[str, dict[str, float]]]:
                 values = [r[metric] for r in mine]
             else:
                 values = [r["metrics"][metric] for r in mine if metric in r["metrics"]]
+            values = [v for v in values if not math.isnan(v)]
             if not values:
+                out[name][metric] = {"mean": math.nan, "std": math.nan, "n": 0}
                 continue
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             out[name][metric] = {"mean": statistics.fmean(values), "std": std, "n": len(values)}
     return out
 
 
-def table(summary: dict, fmt: str = "text", seconds: bool = True) -> str:
-    """A plain-text (or reStructuredText list-table) table of the summary."""
-    metrics = metric_names(summary)
+def paired_differences(runs: Sequence[dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per method and metric, the per-seed difference to its baseline run of the same seed.
+
+    A run's baseline is ``run["baseline"]`` (default ``"clip"``).  Returns mean and sample
+    standard deviation of the differences, n, and ``wins``: the seeds where the method is
+    higher.  Methods without a baseline run of the same seed are left out.
+    """
+    by_key = {(r["method"], r["seed"]): r for r in runs}
+    metrics = _metrics_of(runs)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name in dict.fromkeys(r["method"] for r in runs):
+        mine = [r for r in runs if r["method"] == name]
+        pairs = [(r, by_key.get((r.get("baseline", "clip"), r["seed"]))) for r in mine]
+        pairs = [(r, b) for r, b in pairs if b is not None and b is not r]
+        if not pairs:
+            continue
+        out[name] = {}
+        for metric in metrics:
+            diffs = [r["metrics"][metric] - b["metrics"][metric] for r, b in pairs]
+            diffs = [d for d in diffs if not math.isnan(d)]
+            if not diffs:
+                continue
+            std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            wins = sum(d > 0 for d in diffs)
+            out[name][metric] = {
+                "mean": statistics.fmean(diffs),
+                "std": std,
+                "n": len(diffs),
+                "wins": wins,
+            }
+    return out
+
+
+def table(
+    summary: dict, fmt: str = "text", seconds: bool = True, metrics: Sequence[str] | None = None
+) -> str:
+    """A plain-text (or reStructuredText list-table) table of the summary.
+
+    With a :func:`paired_differences` dict, cells are signed differences and their wins.
+    """
+    first = next(iter(summary.values()), {})
+    metrics = [m for m in (metrics or metric_names(summary)) if m in first]
+    seconds = seconds and "train_seconds" in first
     header = ["method", *(label(m) for m in metrics)] + (["train s"] if seconds else [])
     rows = []
     for name, stats in summary.items():
         cells = [name]
         for metric in metrics:
             s = stats.get(metric)
-            if s is None:
-                cells.append("-")
-                continue
-            cells.append(f"{s['mean']:.4f}" + (f" ± {s['std']:.4f}" if s["n"] > 1 else ""))
+            cells.append(_cell(s))
         if seconds:
             cells.append(f"{stats['train_seconds']['mean']:.0f}")
         rows.append(cells)
@@ -75,10 +118,18 @@ def table(summary: dict, fmt: str = "text", seconds: bool = True) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+def _cell(s: dict | None) -> str:
+    if s is None or s["n"] == 0:
+        return "n/a"
+    if "wins" in s:
+        text = f"{s['mean']:+.4f}" + (f" ± {s['std']:.4f}" if s["n"] > 1 else "")
+        return text + f" ({s['wins']}/{s['n']})"
+    return f"{s['mean']:.4f}" + (f" ± {s['std']:.4f}" if s["n"] > 1 else "")
+
+
 def save_json(path: Path, config: dict, runs: Sequence[dict], summary: dict) -> None:
-    path.write_text(
-        json.dumps({"config": config, "summary": summary, "runs": list(runs)}, indent=1)
-    )
+    data = {"config": config, "summary": summary, "paired": paired_differences(runs)}
+    path.write_text(json.dumps({**data, "runs": list(runs)}, indent=1))
 
 
 def save_png(path: Path, runs: Sequence[dict], summary: dict) -> None:

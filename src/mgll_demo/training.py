@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,7 @@ from torch import Tensor
 
 import mgll
 from mgll.text import encode_unique
-from mgll_demo.data import GRANULARITIES, DigitsTask
+from mgll_demo.data import GRANULARITIES, PARITY_ANCESTORS, DigitsTask
 from mgll_demo.towers import DualEncoder, Vocabulary
 
 
@@ -44,6 +44,12 @@ class Method:
             positives show the same set, as identical strings in the authors' code).
         bias_init: initial logit bias b of the pointwise term (0: the prior log-odds of the
             dense overlap positives; SigLIP's -10 assumes one positive per row).
+        overlap: how two multi-hot label sets become a co-occurrence weight (``"any"``,
+            ``"count"``, ``"jaccard"``), one rule or one per granularity; ``None``: the loss's
+            own paired rule.
+        subset: merged-datasets task: ``"all"`` canvases, or only the ``"fine"`` ones.
+        fine_share: merged-datasets task, ``subset="all"``: the share of each batch drawn from
+            the finely annotated canvases (at least their share of the training set).
         description: one line for the docs.
     """
 
@@ -55,6 +61,9 @@ class Method:
     description: str = ""
     fine_labels: str = "overlap"
     bias_init: float = 0.0
+    overlap: str | tuple[str, ...] | None = None
+    subset: str = "all"
+    fine_share: float = 0.25
 
     def build_loss(self) -> Callable[..., dict[str, Tensor]]:
         if self.kind == "clip":
@@ -64,17 +73,26 @@ class Method:
                 return {"clip_loss": total}
 
             return loss
+        kwargs = dict(self.loss_kwargs)
+        if self.overlap is not None:
+            kwargs["overlap"] = self.overlap
         if self.preset == "reference_compatible":
-            module = mgll.MGLLLoss.reference_compatible(**self.loss_kwargs)
+            module = mgll.MGLLLoss.reference_compatible(**kwargs)
+        elif self.preset == "paper":
+            module = mgll.MGLLLoss.paper(**kwargs)
         else:
-            module = mgll.MGLLLoss(**self.loss_kwargs)
+            module = mgll.MGLLLoss(**kwargs)
 
         def loss(image, texts, scale, bias, labels):
+            if isinstance(labels, dict):
+                return module(image, texts, scale, bias, **labels, output_dict=True)
             return module(image, texts, scale, bias, labels=labels, output_dict=True)
 
         return loss
 
 
+NO_KL = {"smooth_kl_weight": 0.0}
+JACCARD = "jaccard"
 G3 = GRANULARITIES
 G2 = ("digits", "summary")
 G1 = ("digits",)
@@ -85,12 +103,26 @@ COMPARISON = (
     Method(
         "mgll",
         "mgll",
-        description="MGLLLoss() defaults: all three terms, smooth KL pooled by the coarsest "
-        "granularity (here: summary)",
+        description="MGLLLoss() defaults on the three granularities: Jaccard overlap, all three "
+        "terms, smooth KL pooled by the coarsest granularity (here: summary)",
+    ),
+    Method(
+        "mgll_jx",
+        "mgll",
+        ("digits", "digits_exact"),
+        NO_KL,
+        overlap=JACCARD,
+        description="MGLL, the digits text twice: Jaccard positives and same-set ids, no smooth KL",
     ),
 )
 PAPER_KL = {"smooth_kl_support": "samples"}  # the paper's sample-level smooth KL (eq. 5-6)
 ABLATION = (
+    Method(
+        "mgll_any",
+        "mgll",
+        G3,
+        description="MGLL G=3, the earlier defaults: any-overlap positives, coarse smooth KL",
+    ),
     Method(
         "mgll_samples",
         "mgll",
@@ -213,6 +245,172 @@ EXTRA = (
 )
 
 
+FAIR = (
+    Method(
+        "mgll_g1_jaccard",
+        "mgll",
+        G1,
+        overlap=JACCARD,
+        description="MGLL, digits text only, Jaccard-weighted positives",
+    ),
+    Method(
+        "mgll_g1_count",
+        "mgll",
+        G1,
+        overlap="count",
+        description="MGLL, digits text only, positives weighted by the number of shared digits",
+    ),
+    Method(
+        "mgll_g1_exact",
+        "mgll",
+        G1,
+        fine_labels="exact",
+        description="MGLL, digits text only, positives show the same digit set (ids)",
+    ),
+    Method(
+        "mgll_g2_jaccard_no_kl",
+        "mgll",
+        G2,
+        NO_KL,
+        overlap=JACCARD,
+        description="MGLL, digits (Jaccard) + summary, no smooth KL",
+    ),
+    Method(
+        "mgll_g3_jaccard_no_kl",
+        "mgll",
+        G3,
+        NO_KL,
+        overlap=JACCARD,
+        description="MGLL G=3, Jaccard positives, no smooth KL",
+    ),
+    Method(
+        "mgll_g3_jaccard_w",
+        "mgll",
+        G3,
+        {**NO_KL, "granularity_weights": (1.0, 0.25, 1.0)},
+        overlap=JACCARD,
+        description="MGLL G=3, Jaccard, no smooth KL, summary weight 0.25",
+    ),
+    Method(
+        "mgll_jx_no_pointwise",
+        "mgll",
+        ("digits", "digits_exact"),
+        {**NO_KL, "pointwise_weight": 0.0},
+        overlap=JACCARD,
+        description="MGLL, digits twice (Jaccard + same-set ids), soft CLIP only",
+    ),
+    Method(
+        "mgll_jx_no_soft_clip",
+        "mgll",
+        ("digits", "digits_exact"),
+        {**NO_KL, "soft_clip_weight": 0.0},
+        overlap=JACCARD,
+        description="MGLL, digits twice (Jaccard + same-set ids), pointwise only",
+    ),
+    Method(
+        "mgll_jx_kl_coarse",
+        "mgll",
+        ("digits", "digits_exact"),
+        overlap=JACCARD,
+        description="MGLL, digits twice (Jaccard + same-set ids), coarse-partition smooth KL",
+    ),
+    Method(
+        "mgll_jx_kl_samples",
+        "mgll",
+        ("digits", "digits_exact"),
+        {"smooth_kl_support": "samples"},
+        overlap=JACCARD,
+        description="MGLL, digits twice (Jaccard + same-set ids), the paper's sample-level "
+        "smooth KL",
+    ),
+    Method(
+        "mgll_g3_jaccard_kl",
+        "mgll",
+        G3,
+        overlap=JACCARD,
+        description="MGLL G=3, Jaccard positives, coarse-partition smooth KL",
+    ),
+    Method(
+        "mgll_no_pointwise",
+        "mgll",
+        G3,
+        {"pointwise_weight": 0.0},
+        description="MGLLLoss(pointwise_weight=0) on the three granularities",
+    ),
+    Method(
+        "mgll_g1_jaccard_no_pointwise",
+        "mgll",
+        G1,
+        {"pointwise_weight": 0.0},
+        overlap=JACCARD,
+        description="MGLL, digits text only, Jaccard positives, soft CLIP only",
+    ),
+    Method(
+        "mgll_g3_jaccard_kl_samples",
+        "mgll",
+        G3,
+        {"smooth_kl_support": "samples"},
+        overlap=JACCARD,
+        description="MGLL G=3, Jaccard positives, the paper's sample-level smooth KL",
+    ),
+    Method(
+        "mgll_paper",
+        "mgll",
+        G3,
+        preset="paper",
+        description="MGLLLoss.paper(): the paper's equations as written",
+    ),
+)
+MERGED = (
+    Method(
+        "clip_mixed",
+        "clip",
+        ("mixed",),
+        description="CLIP on the mixed captions (fine where annotated, coarse otherwise)",
+    ),
+    Method(
+        "mgll_mixed",
+        "mgll",
+        ("mixed",),
+        description="MGLL on the mixed captions, "
+        "from_hierarchy targets (a fine canvas is a positive of its parity's text)",
+    ),
+    Method(
+        "mgll_mixed_jaccard",
+        "mgll",
+        ("mixed",),
+        overlap=JACCARD,
+        description="MGLL on the mixed captions, Jaccard overlap of the label sets with their "
+        "ancestors (graded hierarchy targets)",
+    ),
+    Method(
+        "clip_fine_only",
+        "clip",
+        G1,
+        subset="fine",
+        description="CLIP on the finely annotated canvases only",
+    ),
+    Method(
+        "mgll_fine_only",
+        "mgll",
+        G1,
+        subset="fine",
+        description="MGLL on the finely annotated canvases only (digits, any-overlap "
+        "positives, the rule from_hierarchy applies between fine texts)",
+    ),
+)
+
+
+def _pin_any(methods: tuple[Method, ...]) -> tuple[Method, ...]:
+    """These variants were measured with the any-overlap rule: keep it whatever the default."""
+    return tuple(
+        replace(m, overlap="any") if m.kind == "mgll" and m.overlap is None else m for m in methods
+    )
+
+
+ABLATION, EXTRA, MERGED = _pin_any(ABLATION), _pin_any(EXTRA), _pin_any(MERGED)
+
+
 @dataclass
 class TrainResult:
     model: DualEncoder
@@ -239,25 +437,29 @@ def train(
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
-    vocab = Vocabulary(t for texts in task.train.texts.values() for t in texts)
+    pools = _pools(task, method)
+    used = torch.cat(pools)
+    vocab = Vocabulary(
+        task.train.texts[_text_key(g)][i] for g in method.granularities for i in used.tolist()
+    )
     model = DualEncoder(vocab, bias_init=method.bias_init)
     loss_fn = method.build_loss()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(task.train), generator=gen)
+    shares = _shares(pools, method, batch_size)
+    samplers = [_Cycle(pool, gen) for pool in pools]
     losses, terms, curve_steps, curve_metric = [], {}, [], []
-    start, cursor = time.perf_counter(), 0
+    start = time.perf_counter()
     bar = tqdm(range(steps), desc=method.name, disable=not progress, leave=False)
     for step in bar:
-        if cursor + batch_size > len(order):
-            order, cursor = torch.randperm(len(task.train), generator=gen), 0
-        idx = order[cursor : cursor + batch_size]
-        cursor += batch_size
+        idx = torch.cat([s.take(n) for s, n in zip(samplers, shares, strict=True)])
         model.train()
         image = model.encode_image(task.train.images[idx])
-        texts = [_encode_batch(model, task.train.texts[g], idx) for g in method.granularities]
-        labels = [_labels(task.train, g, method.fine_labels)[idx] for g in method.granularities]
+        texts = [
+            _encode_batch(model, task.train.texts[_text_key(g)], idx) for g in method.granularities
+        ]
+        labels = batch_labels(method, task.train, idx)
         parts = loss_fn(image, texts, model.scale(), model.logit_bias, labels)
         loss = sum(parts.values())
         opt.zero_grad(set_to_none=True)
@@ -280,9 +482,76 @@ def train(
 
 
 def _labels(canvases, granularity: str, fine_labels: str) -> Tensor:
-    if fine_labels == "exact" and granularity != "summary":
+    if granularity == "digits_exact" or (
+        fine_labels == "exact" and granularity in ("digits", "description")
+    ):
         return canvases.set_ids()
     return canvases.labels[granularity]
+
+
+def _text_key(granularity: str) -> str:
+    """``digits_exact`` is the digits text with "same digit set" ids as its labels."""
+    return "digits" if granularity == "digits_exact" else granularity
+
+
+def batch_labels(method: Method, canvases, idx: Tensor) -> list[Tensor] | dict[str, list[Tensor]]:
+    """The paired labels of a batch, or ``{"targets": [...]}`` for the merged-datasets task.
+
+    ``mixed`` (merged-datasets task) gets :func:`mgll.targets.from_hierarchy` targets (a fine
+    text names digits, a coarse one a parity; a fine image is a positive of its parity's text,
+    not the other way round), or with ``overlap="jaccard"`` the Jaccard overlap of the label
+    sets with their ancestors added (graded: {3, 7} and "odd digits" share 1 of 3 labels).  Overlap rules are the loss's own (``MGLLLoss(overlap=...)``).
+    """
+    grans = method.granularities
+    labels = [_labels(canvases, g, method.fine_labels)[idx] for g in grans]
+    if "mixed" not in grans:
+        return labels
+    targets = []
+    for g, lab in zip(grans, labels, strict=True):
+        if g == "mixed" and method.overlap == JACCARD:
+            up = mgll.targets.expand_ancestors(lab, PARITY_ANCESTORS)
+            targets.append(mgll.targets.from_multi_hot(up, mode="jaccard"))
+        elif g == "mixed":
+            targets.append(mgll.targets.from_hierarchy(lab, ancestors=PARITY_ANCESTORS))
+        elif lab.dim() == 1:
+            targets.append(mgll.targets.from_ids(lab))
+        else:
+            targets.append(mgll.targets.from_multi_hot(lab, mode="any"))
+    return {"targets": targets}
+
+
+def _pools(task: DigitsTask, method: Method) -> list[Tensor]:
+    """The training canvases a method draws from: all of them, or (merged task) by subset."""
+    fine = task.train.fine
+    if fine is None or bool(fine.all()):
+        return [torch.arange(len(task.train))]
+    if method.subset == "fine":
+        return [torch.nonzero(fine).flatten()]
+    return [torch.nonzero(fine).flatten(), torch.nonzero(~fine).flatten()]
+
+
+def _shares(pools: list[Tensor], method: Method, batch_size: int) -> list[int]:
+    if len(pools) == 1:
+        return [batch_size]
+    natural = len(pools[0]) / (len(pools[0]) + len(pools[1]))
+    n_fine = min(batch_size - 1, max(1, round(max(method.fine_share, natural) * batch_size)))
+    return [n_fine, batch_size - n_fine]
+
+
+class _Cycle:
+    """Epochs of a pool in a fresh random order each time (the seeded generator is shared)."""
+
+    def __init__(self, pool: Tensor, gen: torch.Generator) -> None:
+        self.pool, self.gen = pool, gen
+        self.order, self.cursor = pool[torch.randperm(len(pool), generator=gen)], 0
+
+    def take(self, n: int) -> Tensor:
+        if self.cursor + n > len(self.order):
+            self.order = self.pool[torch.randperm(len(self.pool), generator=self.gen)]
+            self.cursor = 0
+        out = self.order[self.cursor : self.cursor + n]
+        self.cursor += n
+        return out
 
 
 def _encode_batch(model: DualEncoder, texts: list[str], idx: Tensor) -> Tensor:
