@@ -72,7 +72,7 @@ def test_demo_quick(tmp_path):
     out = run(["-m", "mgll_demo", "--quick", "--no-progress", "--out", "out"], tmp_path)
     assert "held-out metrics" in out.stdout
     data = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert set(data["summary"]) == {"clip", "mgll"}
+    assert set(data["summary"]) == {"clip", "mgll", "mgll_jx"}
     for run_ in data["runs"]:
         assert all(0.0 <= v <= 1.0 for v in run_["metrics"].values()), run_["metrics"]
         assert all(torch.isfinite(torch.tensor(run_["losses"])))

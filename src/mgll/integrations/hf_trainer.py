@@ -111,4 +111,6 @@ def _define(Trainer: type) -> type:
 
     MGLLTrainer.__qualname__ = "MGLLTrainer"
     MGLLTrainer.__module__ = __name__
+    # a module-level name for pickling, reprs and the API reference (autodoc skips locals)
+    MGLLTrainer.__qualname__ = "MGLLTrainer"
     return MGLLTrainer
