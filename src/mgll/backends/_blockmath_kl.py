@@ -1,4 +1,4 @@
-r"""Smooth-KL pieces of the block gradients (docs/smooth_kl.rst), for :mod:`~mgll.backends._blockmath`.
+r"""Smooth-KL block pieces (docs/smooth_kl.rst) for :mod:`~mgll.backends._blockmath`.
 
 The :math:`w_{kl}\,\partial_{Z_{ik}} L_{sKL}` term of the block gradient: the paired form over
 the samples in log space (every map the identity) and the pooled form through the maps
