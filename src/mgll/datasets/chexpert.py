@@ -127,11 +127,9 @@ def read_chexpert(
         >>> a["description"]
         'A chest X-ray showing cardiomegaly and support devices; possibly edema.'
     """
-    rows = read_label_table(
+    rows = _read_observations(
         path,
         image="Path",
-        labels=list(CHEXPERT_OBSERVATIONS),
-        label_key="finding",
         null_labels=null_labels,
         uncertainty=uncertainty,
         soft_weight=soft_weight,
@@ -139,6 +137,17 @@ def read_chexpert(
         what="CheXpert train.csv/valid.csv",
     )
     return (with_levels(a) for a in rows)
+
+
+def _read_observations(path: Source, **options: object) -> Iterator[dict[str, object]]:
+    """Rows of a CheXpert-labeller table: the 14 observations under ``"finding"``.
+
+    ``options`` go to :func:`~mgll.datasets.generic.read_label_table` (``image``, ``what``, the
+    uncertainty policy, ...); CheXpert's ``train.csv`` and MIMIC-CXR's label files share this.
+    """
+    return read_label_table(
+        path, labels=list(CHEXPERT_OBSERVATIONS), label_key="finding", **options
+    )
 
 
 def with_levels(annotation: dict[str, object]) -> dict[str, object]:
