@@ -125,17 +125,22 @@ def chestxray14_builder(
     """
     findings = CHESTXRAY14_FINDINGS + (() if "No Finding" in null_labels else ("No Finding",))
     table = {
-        "finding": Granularity(
-            "finding",
-            "a chest X-ray showing {}",
-            {x: phrase(x) for x in findings},
-            classes=findings,
-            last_joiner=" and ",
-            missing_text="a chest X-ray with no finding",
-        ),
+        "finding": _xray_labels("finding", findings),
         "description": Granularity("description"),
     }
     return MultiGranularTextBuilder(_levels(levels, table))
+
+
+def _xray_labels(name: str, classes: tuple[str, ...]) -> Granularity:
+    """A label granularity of chest X-rays: "a chest X-ray showing a and b", or no finding."""
+    return Granularity(
+        name,
+        "a chest X-ray showing {}",
+        {x: phrase(x) for x in classes},
+        classes=classes,
+        last_joiner=" and ",
+        missing_text="a chest X-ray with no finding",
+    )
 
 
 def _levels(levels: Sequence[str], table: dict) -> list[Granularity]:

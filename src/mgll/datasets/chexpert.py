@@ -16,8 +16,8 @@ from collections.abc import Iterator, Mapping, Sequence
 
 from mgll._hierarchy import LabelHierarchy
 from mgll.datasets._csv import Source
-from mgll.datasets._describe import phrase, sentence
-from mgll.datasets.chestxray14 import _levels
+from mgll.datasets._describe import sentence
+from mgll.datasets.chestxray14 import _levels, _xray_labels
 from mgll.datasets.generic import read_label_table
 from mgll.text import Granularity, MultiGranularTextBuilder
 
@@ -127,11 +127,9 @@ def read_chexpert(
         >>> a["description"]
         'A chest X-ray showing cardiomegaly and support devices; possibly edema.'
     """
-    rows = read_label_table(
+    rows = _read_observations(
         path,
         image="Path",
-        labels=list(CHEXPERT_OBSERVATIONS),
-        label_key="finding",
         null_labels=null_labels,
         uncertainty=uncertainty,
         soft_weight=soft_weight,
@@ -139,6 +137,17 @@ def read_chexpert(
         what="CheXpert train.csv/valid.csv",
     )
     return (with_levels(a) for a in rows)
+
+
+def _read_observations(path: Source, **options: object) -> Iterator[dict[str, object]]:
+    """Rows of a CheXpert-labeller table: the 14 observations under ``"finding"``.
+
+    ``options`` go to :func:`~mgll.datasets.generic.read_label_table` (``image``, ``what``, the
+    uncertainty policy, ...); CheXpert's ``train.csv`` and MIMIC-CXR's label files share this.
+    """
+    return read_label_table(
+        path, labels=list(CHEXPERT_OBSERVATIONS), label_key="finding", **options
+    )
 
 
 def with_levels(annotation: dict[str, object]) -> dict[str, object]:
@@ -197,22 +206,9 @@ def chexpert_builder(
     """
     findings = tuple(x for x in CHEXPERT_OBSERVATIONS if x not in null_labels)
     categories = tuple(x for x in findings if x == "No Finding" or x in CHEXPERT_CATEGORIES)
-    common = {"last_joiner": " and ", "missing_text": "a chest X-ray with no finding"}
     table = {
-        "category": Granularity(
-            "category",
-            "a chest X-ray showing {}",
-            {x: phrase(x) for x in categories},
-            classes=categories,
-            **common,
-        ),
-        "finding": Granularity(
-            "finding",
-            "a chest X-ray showing {}",
-            {x: phrase(x) for x in findings},
-            classes=findings,
-            **common,
-        ),
+        "category": _xray_labels("category", categories),
+        "finding": _xray_labels("finding", findings),
         "description": Granularity("description"),
     }
     grans = _levels(levels, table)

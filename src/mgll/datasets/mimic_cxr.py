@@ -15,8 +15,11 @@ import os
 from collections.abc import Iterator, Sequence
 
 from mgll.datasets._csv import Source, Table
-from mgll.datasets.chexpert import CHEXPERT_OBSERVATIONS, with_levels
-from mgll.datasets.generic import read_label_table
+from mgll.datasets.chexpert import (  # CHEXPERT_OBSERVATIONS: the examples use it
+    CHEXPERT_OBSERVATIONS,  # noqa: F401
+    _read_observations,
+    with_levels,
+)
 
 __all__ = ["MIMIC_IMAGE_TEMPLATE", "read_mimic_cxr"]
 
@@ -85,11 +88,9 @@ def read_mimic_cxr(
         >>> second["finding"], second["uncertain"]
         (['Cardiomegaly'], ['Edema'])
     """
-    studies = read_label_table(
+    studies = _read_observations(
         labels_path,
         image="study_id",
-        labels=list(CHEXPERT_OBSERVATIONS),
-        label_key="finding",
         null_labels=null_labels,
         uncertainty=uncertainty,
         soft_weight=soft_weight,

@@ -130,12 +130,8 @@ def model_output(
     out: dict[str, Tensor | list[Tensor]] = {
         "image_features": model.encode_image(images, normalize=normalize),
         "text_features": encode_granularities(model, texts, tokenizer, normalize=normalize),
-        "logit_scale": model.logit_scale.exp(),
     }
-    bias = getattr(model, "logit_bias", None)
-    if bias is not None:
-        out["logit_bias"] = bias
-    return out
+    return _add_scale_and_bias(out, model)
 
 
 class MultiGranularCLIP(nn.Module):
@@ -297,11 +293,16 @@ class FlatMultiGranularCLIP(nn.Module):
                 text_key, label_key = _flat_keys(g)
                 out[text_key] = features
                 out[label_key] = part.labels
-        out["logit_scale"] = self.model.logit_scale.exp()
-        bias = getattr(self.model, "logit_bias", None)
-        if bias is not None:
-            out["logit_bias"] = bias
-        return out
+        return _add_scale_and_bias(out, self.model)
+
+
+def _add_scale_and_bias(out: dict, model: nn.Module) -> dict:
+    """Add ``logit_scale`` (exponentiated) and, when the model has one, ``logit_bias``."""
+    out["logit_scale"] = model.logit_scale.exp()
+    bias = getattr(model, "logit_bias", None)
+    if bias is not None:
+        out["logit_bias"] = bias
+    return out
 
 
 def _strip_model_prefix(module, state_dict, prefix, local_metadata) -> None:
