@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -159,7 +160,10 @@ def figure(runs: Sequence[dict], summary: dict):
     several = max((s["n"] for st in summary.values() for s in st.values()), default=1) > 1
     colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
     plt.rcParams.update({"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11})
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.4), gridspec_kw={"width_ratios": [1, 1, 1.3]})
+    wide = max(1.3, 0.28 * len(metrics))  # the bar panel grows with the number of metrics
+    fig, axes = plt.subplots(
+        1, 3, figsize=(12 + 3.8 * wide, 5.8), gridspec_kw={"width_ratios": [1, 1, wide]}
+    )
     for r in runs:
         losses = r["losses"]
         smooth = _moving_average(losses, max(1, len(losses) // 30))
@@ -206,12 +210,19 @@ def figure(runs: Sequence[dict], summary: dict):
             yerr=stds if several else None,
             capsize=3 if several else 0,
         )
-        ax.bar_label(bars, fmt="%.2f", fontsize=9, padding=6 if several else 2)
+        crowded = len(methods) * len(metrics) > 12
+        ax.bar_label(
+            bars,
+            fmt="%.2f",
+            fontsize=7 if crowded else 9,
+            rotation=90 if crowded else 0,
+            padding=6 if several else 2,
+        )
     for i, k in enumerate(metrics):
         if "auroc" in k:  # AUROC's chance level; retrieval mAP's depends on the labels
             ax.hlines(0.5, i - 0.45, i + 0.45, colors="0.4", linestyles="--", lw=1)
     ax.set_xticks(range(len(metrics)))
-    ax.set_xticklabels([label(k).replace(" ", "\n", 1) for k in metrics])
+    ax.set_xticklabels([_tick(label(k)) for k in metrics], fontsize=9 if len(metrics) > 5 else 11)
     ax.set_ylim(0.0, 1.08)
     ax.set_ylabel("held-out score (higher is better)")
     if several:
@@ -225,6 +236,11 @@ def figure(runs: Sequence[dict], summary: dict):
     )
     fig.tight_layout(rect=(0, 0.02 + 0.05 * math.ceil(len(methods) / 5), 1, 1))
     return fig
+
+
+def _tick(text: str) -> str:
+    """A bar label on about two lines (``"new metric"`` -> ``"new\\nmetric"``)."""
+    return textwrap.fill(text, width=max(6, math.ceil(len(text) / 2)), break_long_words=False)
 
 
 def _moving_average(xs: Sequence[float], k: int) -> list[float]:
