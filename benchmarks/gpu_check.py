@@ -141,9 +141,9 @@ def provider(name: str, inputs):
     import torch
 
     import mgll
-    from mgll._cooc import CoOccurrence
     from mgll._problem import LossConfig, build_problem
     from mgll.backends import triton_kernels
+    from mgll.targets.cooc import CoOccurrence
 
     image, texts, scale, labels = inputs
     leaves = [image, *texts, scale]

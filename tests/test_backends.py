@@ -17,9 +17,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mgll
-from mgll._cooc import CoOccurrence, GroupMap, sample_groups
 from mgll._problem import LossConfig, Problem, build_problem
 from mgll.backends import _blockmath, choose_backend, fused, logits_bytes, reference, tiled
+from mgll.targets.cooc import CoOccurrence, GroupMap, sample_groups
 
 BACKENDS = {"fused": fused, "tiled": tiled}
 F32 = dict(rtol=1e-5, atol=2e-6)

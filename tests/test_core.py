@@ -175,7 +175,7 @@ def test_coarse_reference_override_matches_naive():
 @pytest.mark.parametrize("dense_groups", [0, 64])
 def test_coarse_group_ids_match_naive(monkeypatch, dense_groups):
     """Ids pooled by segment sums (0) or by a small one-hot (64) equal the naive one-hot S."""
-    from mgll._cooc import GroupMap
+    from mgll.targets.cooc import GroupMap
 
     monkeypatch.setattr(GroupMap, "DENSE_GROUPS", dense_groups)
     n = 7

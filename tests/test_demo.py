@@ -20,13 +20,12 @@ from mgll_demo.data import (
     PARITY_ANCESTORS,
     Canvases,
     compose,
-    make_merged_task,
-    make_task,
     parity_text,
     split_sources,
     summary_text,
 )
 from mgll_demo.evaluation import METRICS, caption_bank
+from mgll_demo.tasks import make_merged_task, make_task
 from mgll_demo.texts import class_prompts
 from mgll_demo.towers import DualEncoder, Vocabulary, tokenize
 from mgll_demo.training import (

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from mgll import evaluation as ev
 from mgll.evaluation import (
     caption_marginal_scores,
     linear_probe,
@@ -15,6 +14,7 @@ from mgll.evaluation import (
     macro_auroc,
     mean_average_precision,
     ndcg,
+    probe,
     relevance,
 )
 
@@ -122,7 +122,7 @@ def test_fit_is_the_minimiser_of_the_stated_objective():
     g = torch.Generator().manual_seed(4)
     z = torch.randn(50, 3, generator=g, dtype=torch.float64)
     y = (torch.rand(50, 2, generator=g) > 0.5).double()
-    w, b = ev._fit(z, y, (0.05,), max_iter=200)
+    w, b = probe._fit(z, y, (0.05,), max_iter=200)
     w, b = w[0].requires_grad_(), b[0].requires_grad_()
     loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y, reduction="sum")
     (loss / 50 + 0.05 * w.pow(2).sum()).backward()
@@ -135,7 +135,7 @@ def test_fit_matches_scikit_learn():
     z = torch.randn(40, 3, generator=g, dtype=torch.float64)
     y = (z[:, 0] + torch.randn(40, generator=g, dtype=torch.float64) > 0).double()[:, None]
     lam = 0.02
-    w, b = ev._fit(z, y, (lam,), max_iter=300)
+    w, b = probe._fit(z, y, (lam,), max_iter=300)
     ref = linear_model.LogisticRegression(C=1 / (2 * 40 * lam), tol=1e-10, max_iter=10000)
     ref.fit(z.numpy(), y[:, 0].numpy())
     torch.testing.assert_close(w[0, :, 0], torch.from_numpy(ref.coef_[0]), rtol=1e-4, atol=1e-5)
@@ -212,7 +212,7 @@ def test_ridge_fit_is_the_closed_form_minimiser():
     z = torch.randn(30, 4, generator=g, dtype=torch.float64)
     z = (z - z.mean(0)) / z.std(0, correction=0)
     y = (torch.rand(30, 2, generator=g) > 0.5).double()
-    w, b = ev._fit_ridge(z, y, (0.1, 1.0), max_iter=0)
+    w, b = probe._fit_ridge(z, y, (0.1, 1.0), max_iter=0)
     for j, lam in enumerate((0.1, 1.0)):
         ww = w[j].clone().requires_grad_()
         bb = b[j].clone().requires_grad_()

@@ -18,9 +18,9 @@ import mgll
 import naive
 from backends_under_test import CPU_BACKENDS
 from mgll import targets
-from mgll._cooc import CoOccurrence
 from mgll._problem import cooccurrence_from_labels
 from mgll.backends import fused, tiled, triton_kernels
+from mgll.targets.cooc import CoOccurrence
 
 F64 = torch.float64
 RULES = ("any", "count", "jaccard")

@@ -309,7 +309,7 @@ def test_meta_tensors_are_a_clear_error():
 
 
 def test_zero_shot_rejects_non_finite_prototypes_and_features():
-    from mgll.zeroshot import ZeroShotClassifier
+    from mgll.evaluation import ZeroShotClassifier
 
     with pytest.raises(ValueError, match=r"`prototypes` must be finite"):
         ZeroShotClassifier(torch.tensor([[math.inf, 0.0], [0.0, 1.0]]))

@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mgll import targets
-from mgll._cooc import CoOccurrence
 from mgll.functional import soft_clip_loss
+from mgll.targets.cooc import CoOccurrence
 
 F64 = torch.float64
 

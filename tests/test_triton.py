@@ -21,10 +21,10 @@ pytest.importorskip("triton", reason='backend="triton" needs triton: pip install
 import triton
 import triton.language as tl
 
-from mgll._cooc import CoOccurrence
 from mgll._problem import LossConfig, build_problem
 from mgll.backends import reference, triton_kernels
 from mgll.functional import mgll_loss
+from mgll.targets.cooc import CoOccurrence
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mgll import Granularity, ZeroShotClassifier
-from mgll.zeroshot import multilabel_auroc
+from mgll.evaluation import multilabel_auroc
 
 F64 = torch.float64
 

@@ -10,8 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mgll._cooc import CoOccurrence, GroupMap, map_takes_part, map_width, ownership, sample_groups
 from mgll._terms import normalise_lines, scale_free
+from mgll.targets.cooc import (
+    CoOccurrence,
+    GroupMap,
+    map_takes_part,
+    map_width,
+    ownership,
+    sample_groups,
+)
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,7 @@ class Problem:
 
     ``image`` (N, D) and ``texts[g]`` (K_g, D) are normalised (unless the user opted out) and in
     the compute dtype; ``cooc[g]`` is C^g (N x K_g); ``kl_maps[g]`` is T^g = R^g S (K_g x J), a
-    dense tensor or a :class:`~mgll._cooc.GroupMap` of group ids, or None for the identity.
+    dense tensor or a :class:`~mgll.targets.cooc.GroupMap` of group ids, or None for the identity.
     Bank (dense) targets arrive row-normalised, as W^r, with their
     column-normalised W^c in ``col_weights[g]`` (None for paired labels): both are divisions of
     the targets, so no backend takes the reciprocal of a possibly subnormal sum (docs/errors.rst,
@@ -101,7 +108,7 @@ def cooccurrence_from_labels(
     labels: Tensor, rule: str = "any", check: bool = False
 ) -> CoOccurrence:
     """Paired mode: (N,) integer ids (equal ids, whatever ``rule``), or (N, C_g) multi-hot
-    label vectors combined by the overlap ``rule`` (see :mod:`mgll._overlap`).
+    label vectors combined by the overlap ``rule`` (see :mod:`mgll.targets.overlap`).
 
     ``check``: find out whether float labels are 0/1 (one host synchronisation) so that they
     take the matrix-product path; otherwise they take the elementwise one (the same values).

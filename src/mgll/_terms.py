@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mgll._cooc import apply_map, map_takes_part
+from mgll.targets.cooc import apply_map, map_takes_part
 
 
 def safe_divide(num: Tensor, den: Tensor) -> Tensor:
@@ -56,7 +56,7 @@ def pointwise_rows(logits: Tensor, targets: Tensor) -> Tensor:
 def smooth_kl_rows(logits: Sequence[Tensor], maps: Sequence) -> Tensor:
     """sum_i sum_g KL(Q^g_i || M_i), Q^g_i = normalise(softmax(Z^g_i) T^g), M_i = mean_g Q^g_i.
 
-    ``maps[g]`` is T^g (K_g x J; a tensor or a :class:`~mgll._cooc.GroupMap`), or None for the
+    ``maps[g]`` is T^g (K_g x J; a tensor or a :class:`~mgll.targets.cooc.GroupMap`), or None for the
     identity (then K_g = J).  Granularities whose
     T^g has no positive entry have no distribution and take no part; with fewer than two taking
     part the term is 0.  Never NaN: identity maps stay in log space, the others mask 0 log 0.

@@ -13,8 +13,6 @@ from torch import Tensor
 
 from mgll import _validation as v
 from mgll import distributed
-from mgll._cooc import CoOccurrence, normalize_rows
-from mgll._overlap import check_rules, rules_for
 from mgll._problem import (
     LossConfig,
     LossTerms,
@@ -30,6 +28,8 @@ from mgll._terms import (
     soft_ce_rows,
 )
 from mgll.backends import resolve_backend
+from mgll.targets.cooc import CoOccurrence, normalize_rows
+from mgll.targets.overlap import check_rules, rules_for
 
 __all__ = ["mgll_loss", "pointwise_loss", "smooth_kl_loss", "soft_clip_loss"]
 

@@ -77,7 +77,7 @@ def select_methods(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     import torch
 
-    from mgll_demo.data import make_merged_task, make_task
+    from mgll_demo.tasks import make_merged_task, make_task
 
     if args.threads:
         torch.set_num_threads(args.threads)

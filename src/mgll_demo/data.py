@@ -174,24 +174,6 @@ class DigitsTask:
     seed: int
 
 
-def make_task(
-    n_train: int = 10000, n_test: int = 1500, n_probe: int = 2000, seed: int = 0
-) -> DigitsTask:
-    """Load the digits, split the sources, compose the canvases and attach their texts."""
-    from mgll_demo.texts import attach_texts
-
-    digits, labels = load_digits()
-    train_pool, test_pool = split_sources(labels, seed=seed)
-    rng = np.random.default_rng(seed + 1)
-    parts = [
-        compose(digits, labels, pool, n, rng)
-        for pool, n in ((train_pool, n_train), (test_pool, n_test), (train_pool, n_probe))
-    ]
-    for k, part in enumerate(parts):
-        attach_texts(part, seed=seed * 3 + k)
-    return DigitsTask(*parts, seed=seed)
-
-
 PARITY_WORDS = ("odd", "even")
 PARITY_ANCESTORS = torch.zeros(NUM_CLASSES + 2, NUM_CLASSES + 2)
 for _c in range(NUM_CLASSES):  # digit c -> "odd" (class 10) or "even" (class 11)
@@ -202,47 +184,3 @@ def parity_text(parity: Tensor) -> str:
     """The coarse annotation of a canvas: ``"odd digits"``, ``"even digits"`` or both."""
     odd, even = bool(parity[0]), bool(parity[1])
     return "odd and even digits" if odd and even else "odd digits" if odd else "even digits"
-
-
-def make_merged_task(
-    fine_fraction: float,
-    n_train: int = 10000,
-    n_test: int = 1500,
-    n_probe: int = 2000,
-    seed: int = 0,
-) -> DigitsTask:
-    """Merged datasets: a ``fine_fraction`` of the training canvases is annotated finely.
-
-    The other canvases carry only the coarse annotation of the hierarchy digit -> parity
-    (``"odd digits"``, ``"even digits"``, ``"odd and even digits"``), as when a dataset that
-    grades only "odd or even" is merged with one that names every digit.  Each training canvas
-    gets one ``mixed`` text (its fine caption ``"digits 3 and 7"`` when annotated finely, its
-    coarse one otherwise) with (N, 12) multi-hot labels over the 10 digits and the two parity
-    classes (a fine canvas holds its digits, a coarse one its parities; the ancestors of a
-    digit are added by :func:`mgll.targets.from_hierarchy` with :data:`PARITY_ANCESTORS`), and
-    ``Canvases.fine`` marks the fine ones (the first ``round(fine_fraction * n_train)`` of a
-    seeded permutation).  Test and probe canvases keep every annotation.
-    """
-    if not 0.0 < fine_fraction <= 1.0:
-        raise ValueError(f"`fine_fraction` must be in (0, 1], got {fine_fraction}")
-    task = make_task(n_train, n_test, n_probe, seed=seed)
-    for part in (task.train, task.test, task.probe):
-        parity = part.parity()
-        coarse = [parity_text(p) for p in parity]
-        part.texts["parity"] = coarse
-        part.labels["parity"] = parity
-        part.texts["mixed"], part.labels["mixed"] = (
-            list(part.texts["digits"]),
-            torch.cat([part.multi_hot, torch.zeros_like(parity)], dim=1),
-        )
-    train = task.train
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 7))
-    fine = torch.zeros(len(train), dtype=torch.bool)
-    fine[order[: max(1, round(fine_fraction * len(train)))]] = True
-    train.fine = fine
-    for i in torch.nonzero(~fine).flatten().tolist():
-        train.texts["mixed"][i] = train.texts["parity"][i]
-    train.labels["mixed"][~fine] = torch.cat(
-        [torch.zeros(int((~fine).sum()), NUM_CLASSES, dtype=torch.bool), train.parity()[~fine]], 1
-    )
-    return task

@@ -14,7 +14,7 @@ columns that are one loss's own training target, labelled as such:
 * own-target columns: text-to-image exact-set mAP (the canvas shows exactly the caption's
   digits: CLIP's target) and image-to-image shares-a-digit mAP (MGLL's any-overlap target).
 
-On the merged-datasets task (:func:`mgll_demo.data.make_merged_task`) the coarse zero-shot
+On the merged-datasets task (:func:`mgll_demo.tasks.make_merged_task`) the coarse zero-shot
 metrics score the two parity classes ("holds an odd digit", "holds an even digit") with the
 prompts ``"odd digits"`` / ``"even digits"`` and the bank of coarse captions; a model whose
 text tower never saw a parity word gets NaN there.

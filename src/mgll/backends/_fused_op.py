@@ -20,11 +20,11 @@ import torch
 from torch import Tensor
 
 from mgll import _validation as v
-from mgll._cooc import CoOccurrence
-from mgll._overlap import rules_for
 from mgll._problem import LossConfig, build_problem, compute_dtype, cooccurrence_from_labels
 from mgll.backends import _blockmath as bm
 from mgll.backends import fused
+from mgll.targets.cooc import CoOccurrence
+from mgll.targets.overlap import rules_for
 
 _EPS = 1e-12  # F.normalize's default
 
@@ -247,7 +247,9 @@ def loss_terms(image, texts, scale, bias, values, mode, config: LossConfig, norm
     lam = None if config.granularity_weights is None else list(config.granularity_weights)
     ref = -1 if config.smooth_kl_reference is None else config.smooth_kl_reference
     rules = "+".join(rules_for(config.overlap, len(texts)))
-    options = f"{config.pointwise_target},{config.pointwise_norm},{config.smooth_kl_support},{rules}"
+    options = (
+        f"{config.pointwise_target},{config.pointwise_norm},{config.smooth_kl_support},{rules}"
+    )
     weights = [config.soft_clip_weight, config.pointwise_weight, config.smooth_kl_weight]
     out = torch.ops.mgll.fused_loss_v2(image, list(texts), scale, bias, values, mode, weights, lam,
                                     options, ref, normalize, validate, need_grad)  # fmt: skip

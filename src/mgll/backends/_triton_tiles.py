@@ -70,7 +70,7 @@ def _targets(
 def _overlap(TGT, RULE, g, offs_r, offs_c, mask_r, mask_c, N, NCLS, BLOCK_C: tl.constexpr):
     """Multi-hot overlap of the label vectors of ``offs_r`` and ``offs_c`` by rule ``RULE[g]``.
 
-    Rules (see :mod:`mgll._overlap`): 0 any of 0/1 sets (``<a, b> > 0``), 1 count
+    Rules (see :mod:`mgll.targets.overlap`): 0 any of 0/1 sets (``<a, b> > 0``), 1 count
     (``<a, b>``), 2 Jaccard of 0/1 sets (``<a, b> / (|a| + |b| - <a, b>)``), from exact fp32
     products over chunks of classes; 3 any of probabilities (``1 - prod_c (1 - a_c b_c)``) and
     4 fuzzy Jaccard (``sum min / sum max``), elementwise over the classes one at a time.

@@ -24,10 +24,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from mgll._cooc import apply_map, map_rows
 from mgll._problem import LossConfig, LossTerms, Problem
 from mgll.backends import _blockmath as bm
 from mgll.backends import first_order_only
+from mgll.targets.cooc import apply_map, map_rows
 
 #: Image rows per tile and text columns per tile (a few MB of float32 per temporary).
 TILE_ROWS = 256

@@ -33,10 +33,10 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from mgll._cooc import CoOccurrence
 from mgll._problem import LossConfig, LossTerms, Problem, kl_contributes
 from mgll._terms import smooth_kl_rows
 from mgll.backends._triton_autograd import TritonMGLL
+from mgll.targets.cooc import CoOccurrence
 
 INSTALL_HINT = (
     'backend="triton" needs the optional dependency triton (the [triton] extra): '

@@ -14,12 +14,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping, Sequence
 
-from mgll._hierarchy import LabelHierarchy
 from mgll.datasets._csv import Source
 from mgll.datasets._describe import sentence
 from mgll.datasets.chestxray14 import _levels, _xray_labels
 from mgll.datasets.generic import read_label_table
 from mgll.text import Granularity, MultiGranularTextBuilder
+from mgll.text.hierarchy import LabelHierarchy
 
 __all__ = [
     "CHEXPERT_CATEGORIES",

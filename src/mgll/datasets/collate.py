@@ -7,8 +7,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 from torch.utils.data import default_collate, get_worker_info
 
-from mgll._textbatch import TextBatch
 from mgll.text import MultiGranularTextBuilder
+from mgll.text.batch import TextBatch
 
 __all__ = ["MultiGranularCollate"]
 

@@ -354,7 +354,7 @@ def _zero_shot_auroc(model, loader, grans, args) -> dict[str, float]:
     from open_clip import get_input_dtype
     from open_clip_train.precision import get_autocast
 
-    from mgll.zeroshot import ZeroShotClassifier
+    from mgll.evaluation import ZeroShotClassifier
 
     device = torch.device(args.device)
     autocast = get_autocast(args.precision, device_type=device.type)

@@ -1,19 +1,4 @@
-r"""Soft-target constructors: co-occurrence matrices C (N x K) from labels (docs/concepts.rst).
-
-Every function is a pure tensor function returning a float32 (or wider) matrix that can be
-passed to :class:`mgll.MGLLLoss` as a bank ``targets[g]`` entry, or to
-:func:`mgll.functional.soft_clip_loss`.  ``C[i, k] > 0`` means "text k describes image i".
-
-How the loss reads C, per direction (paper eq. 1-3, docs/concepts.rst): the image-to-text term uses C normalised per
-**row** (:math:`W^r`, each image's distribution over texts) and the text-to-image term uses C
-normalised per **column** (:math:`W^c`, each text's distribution over images).  For a
-*symmetric* C (``b`` omitted, so K = N: a paired batch) :math:`W^c = (W^r)^\top`, so both
-directions see the same weights; for a bank C (K texts of their own, not symmetric) the two
-normalisations genuinely differ and the text-to-image side must use the column-normalised
-one.  :func:`normalize` makes either normalisation explicit.
-
-Shape letters: N rows (images), K columns (texts), C_g label classes at a granularity.
-"""
+"""The public soft-target constructors and the checks of their inputs (re-exported by :mod:`mgll.targets`)."""
 
 from __future__ import annotations
 
@@ -23,27 +8,7 @@ from collections.abc import Hashable, Sequence
 import torch
 from torch import Tensor
 
-from mgll._overlap import RULES, is_binary_dtype, overlap
-from mgll._target_checks import (
-    _ancestor_matrix,
-    _cooc,
-    _encode_keys,
-    _ids_tensor,
-    _multi_hot,
-    _unit_rows,
-)
-
-__all__ = [
-    "expand_ancestors",
-    "from_hierarchy",
-    "from_ids",
-    "from_multi_hot",
-    "label_set_ids",
-    "normalize",
-    "similarity_softmax",
-    "smooth",
-    "stable_ids",
-]
+from mgll.targets.overlap import RULES, is_binary_dtype, overlap
 
 
 def from_ids(
@@ -437,3 +402,100 @@ def stable_ids(labels: Sequence[str]) -> Tensor:
         digest = hashlib.blake2b(label.encode("utf-8"), digest_size=8).digest()
         ids.append(int.from_bytes(digest, "big") >> 1)  # 63 bits: a non-negative int64
     return torch.tensor(ids, dtype=torch.int64).reshape(len(ids))
+
+
+# Input checks: each takes the argument's name, so that its error names the argument, the
+# expected and the received value.
+
+
+def _unit_rows(x: Tensor) -> Tensor:
+    norm = x.norm(dim=1, keepdim=True)
+    return x / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+def _ids_tensor(name: str, ids: object) -> Tensor:
+    if isinstance(ids, Tensor):
+        if ids.is_floating_point() or ids.is_complex():
+            raise TypeError(f"`{name}` must hold integer or bool ids, got dtype {ids.dtype}")
+        if ids.dim() != 1:
+            raise ValueError(f"`{name}` must be 1-D (N,), got shape {tuple(ids.shape)}")
+        return ids
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise TypeError(
+            f"`{name}` must be a 1-D integer tensor or a sequence of hashable keys, got "
+            f"{type(ids).__name__}"
+        )
+    return _encode_keys(ids, ids)[0]
+
+
+def _encode_keys(a: Sequence[Hashable], b: Sequence[Hashable]) -> tuple[Tensor, Tensor]:
+    codes: dict[Hashable, int] = {}
+    out = []
+    for name, keys in (("ids_a", a), ("ids_b", b)):
+        row = []
+        for j, key in enumerate(keys):
+            try:
+                row.append(codes.setdefault(key, len(codes)))
+            except TypeError:
+                raise TypeError(
+                    f"`{name}[{j}]` must be hashable (an id or a key such as a string), got "
+                    f"{type(key).__name__}"
+                ) from None
+        out.append(torch.tensor(row, dtype=torch.long))
+    return out[0], out[1]
+
+
+def _multi_hot(name: str, x: object, classes: int | None = None, soft: bool = False) -> Tensor:
+    """Validated label sets as float (at least float32); ``soft`` also allows floats in [0, 1]."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"`{name}` must be a (rows, C_g) multi-hot tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"`{name}` must be 2-D (rows, C_g) multi-hot, got shape {tuple(x.shape)}")
+    if classes is not None and x.shape[1] != classes:
+        raise ValueError(
+            f"`{name}` must have C_g={classes} columns to match `a`, got {tuple(x.shape)}"
+        )
+    if x.is_complex():
+        raise TypeError(f"`{name}` must be real 0/1 entries, got dtype {x.dtype}")
+    if soft and x.is_floating_point():
+        bad = ~((x >= 0) & (x <= 1))  # also NaN
+        if bool(bad.any()):
+            raise ValueError(
+                f"`{name}` multi-hot entries must be 0/1 or label probabilities in [0, 1], got "
+                f"{x[bad][0].item()}"
+            )
+    elif x.dtype != torch.bool and bool(((x != 0) & (x != 1)).any()):
+        bad = x[(x != 0) & (x != 1)][0].item()
+        raise ValueError(f"`{name}` multi-hot entries must be 0 or 1, got {bad}")
+    return x.to(
+        torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
+    )
+
+
+def _ancestor_matrix(ancestors: object, classes: int) -> Tensor:
+    if not isinstance(ancestors, Tensor):
+        raise TypeError(
+            f"`ancestors` must be a (C_g, C_g) tensor (LabelHierarchy.matrix), got "
+            f"{type(ancestors).__name__}"
+        )
+    if tuple(ancestors.shape) != (classes, classes):
+        raise ValueError(
+            f"`ancestors` must have shape (C_g, C_g) = {(classes, classes)} to match the label "
+            f"sets, got {tuple(ancestors.shape)}"
+        )
+    return (ancestors != 0).to(torch.float32)
+
+
+def _cooc(name: str, x: object) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"`{name}` must be 2-D, got shape {tuple(x.shape)}")
+    if x.is_complex():
+        raise TypeError(f"`{name}` must be real, got dtype {x.dtype}")
+    x = x.to(torch.promote_types(x.dtype, torch.float32)) if x.is_floating_point() else x.float()
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"`{name}` contains NaN or infinite values")
+    if bool((x < 0).any()):
+        raise ValueError(f"`{name}` must be non-negative, got min {float(x.min())}")
+    return x

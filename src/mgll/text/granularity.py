@@ -7,7 +7,7 @@ import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from mgll._hierarchy import Label, label_key
+from mgll.text.hierarchy import Label, label_key
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 r"""The overlap rules: how two multi-hot label vectors become one co-occurrence weight.
 
-One implementation, used by the loss's paired co-occurrence (:mod:`mgll._cooc`, every backend)
+One implementation, used by the loss's paired co-occurrence (:mod:`mgll.targets.cooc`, every backend)
 and by the public constructor :func:`mgll.targets.from_multi_hot`.
 
 Entries are label *probabilities* :math:`a_c \in [0, 1]` (0/1 for plain label sets; e.g. 0.5

@@ -1,4 +1,4 @@
-r"""Zero-shot multi-label classification from text prototypes, and AUROC in torch.
+r"""Zero-shot multi-label scores: class prototypes from prompts, and caption-marginal scoring.
 
 A class prototype is the mean of the L2-normalised embeddings of its prompts (several
 templates, several granularities), renormalised.  Scores for new images are a sigmoid of the
@@ -8,16 +8,18 @@ scaled cosine plus bias (for pointwise-trained models: use the learned ``logit_s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mgll._hierarchy import Label
+from mgll.evaluation.auroc import multilabel_auroc
 from mgll.text import Granularity, encode_unique
+from mgll.text.hierarchy import Label
 
-__all__ = ["ZeroShotClassifier", "multilabel_auroc"]
+__all__ = ["ZeroShotClassifier", "caption_marginal_scores"]
 
 _ACTIVATIONS = ("sigmoid", "softmax")
 
@@ -186,71 +188,6 @@ class ZeroShotClassifier(nn.Module):
         return x
 
 
-def multilabel_auroc(scores: Tensor, targets: Tensor) -> Tensor:
-    r"""Per-class ROC AUC, rank-based (Mann-Whitney U) with average ranks for ties.
-
-    .. math::
-        \mathrm{AUC}_c = \frac{\sum_{i: y_{ic}=1} r_{ic} - P_c(P_c+1)/2}{P_c\,(M-P_c)}
-
-    with :math:`r_{ic}` the 1-based rank of :math:`\text{score}_{ic}` within column c (tied
-    scores share their average rank, so a tie counts one half) and :math:`P_c` the positives.
-    A class whose ground truth has a single value (no positive or no negative) has no AUROC:
-    its entry is NaN, and a macro average should skip it (``per_class.nanmean()``; this is
-    what :meth:`ZeroShotClassifier.evaluate` does).
-
-    Args:
-        scores: any real scores, higher = more likely positive.
-        targets: 0/1 ground truth.
-
-    Shape:
-        - scores: (M, C) (or (M,) for one class)
-        - targets: same shape
-        - Output: (C,) float64 (or a scalar for 1-D input)
-
-    Example:
-        >>> multilabel_auroc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1]))
-        tensor(0.7500, dtype=torch.float64)
-    """
-    s, y = _check_auroc(scores, targets)
-    one = s.dim() == 1
-    s, y = (s[:, None], y[:, None]) if one else (s, y)
-    m = s.shape[0]
-    pos = y.sum(0)
-    neg = m - pos
-    ranks = torch.stack([_average_ranks(s[:, c]) for c in range(s.shape[1])], dim=1)
-    u = (ranks * y).sum(0) - pos * (pos + 1) / 2
-    auc = u / (pos * neg).clamp_min(1)
-    auc = torch.where((pos > 0) & (neg > 0), auc, torch.full_like(auc, float("nan")))
-    return auc[0] if one else auc
-
-
-def _average_ranks(x: Tensor) -> Tensor:
-    sorted_x, order = torch.sort(x)
-    _, inverse, counts = torch.unique_consecutive(sorted_x, return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).to(torch.float64)
-    average = ends - (counts.to(torch.float64) - 1) / 2  # mean of ranks end-count+1 .. end
-    ranks = torch.empty_like(x, dtype=torch.float64)
-    ranks[order] = average[inverse]
-    return ranks
-
-
-def _check_auroc(scores: object, targets: object) -> tuple[Tensor, Tensor]:
-    for name, x in (("scores", scores), ("targets", targets)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
-    if scores.dim() not in (1, 2) or scores.shape != targets.shape or scores.shape[0] == 0:
-        raise ValueError(
-            f"`scores` and `targets` must have one shape, (M, C) or (M,) with M >= 1, got "
-            f"{tuple(scores.shape)} and {tuple(targets.shape)}"
-        )
-    if scores.is_complex() or not bool(torch.isfinite(scores.double()).all()):
-        raise ValueError("`scores` must be real and finite (no NaN or infinite values)")
-    y = targets.detach().double()
-    if bool(((y != 0) & (y != 1)).any()):
-        raise ValueError(f"`targets` must be 0/1, got values {torch.unique(y).tolist()[:5]}")
-    return scores.detach().double(), y
-
-
 def _prompts(classes, templates, granularities) -> dict:
     if isinstance(classes, Mapping):
         out = {c: list(ps) for c, ps in classes.items()}
@@ -293,3 +230,64 @@ def _scalar(name: str, value: object, like: Tensor) -> Tensor:
     if value != value or abs(value) == float("inf"):
         raise ValueError(f"`{name}` must be finite, got {value}")
     return torch.tensor(float(value), dtype=like.dtype, device=like.device)
+
+
+def caption_marginal_scores(
+    image_features: Tensor,
+    caption_features: Tensor,
+    caption_labels: Tensor,
+    logit_scale: float | Tensor,
+) -> Tensor:
+    r"""Zero-shot class scores: a model's caption probabilities summed over a class's captions.
+
+    .. math::
+        P_{ik} = \operatorname{softmax}_k\big(s\,\langle \hat x_i, \hat t_k\rangle\big), \qquad
+        \text{score}_{ic} = \sum_{k:\ c \in L_k} P_{ik} = (P L)_{ic}
+
+    with :math:`\hat x, \hat t` L2-normalised, s the model's logit scale and :math:`L_k` the
+    label set of caption k (only the captions' text decides which class a caption names,
+    never the images' labels).  A loss trained to match each image with exactly its caption
+    (CLIP) is scored on what it learned: which caption of the bank fits, and so which classes.
+
+    Args:
+        image_features: the images to score.
+        caption_features: the embedded caption bank (e.g. every distinct training caption).
+        caption_labels: 0/1 (or weights): which classes each caption names.
+        logit_scale: s, positive, already exponentiated (the trained model's value).
+
+    Shape:
+        - image_features: (M, D); caption_features: (K, D); caption_labels: (K, C)
+        - Output: (M, C) float64 scores in [0, 1]
+
+    Example:
+        >>> images = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> captions = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # "3", "5", "3 and 5"
+        >>> names = torch.tensor([[1, 0], [0, 1], [1, 1]])
+        >>> caption_marginal_scores(images, captions, names, logit_scale=1.0)
+        tensor([[0.8260, 0.5270],
+                [0.5270, 0.8260]], dtype=torch.float64)
+
+        (Image 0 has cosines 1, 0, 0.7071 with the captions, so P = (0.473, 0.174, 0.353):
+        class "3" gets 0.473 + 0.353, class "5" gets 0.174 + 0.353.)
+    """
+    for name, t in (
+        ("image_features", image_features),
+        ("caption_features", caption_features),
+        ("caption_labels", caption_labels),
+    ):
+        if not isinstance(t, Tensor) or t.dim() != 2:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise TypeError(f"`{name}` must be a 2-D tensor, got {got}")
+    x, t = image_features.detach().double(), caption_features.detach().double()
+    labels = caption_labels.detach().double()
+    if x.shape[1] != t.shape[1] or labels.shape[0] != t.shape[0]:
+        raise ValueError(
+            "`image_features` (M, D), `caption_features` (K, D) and `caption_labels` (K, C) "
+            f"must agree on D and K, got {tuple(x.shape)}, {tuple(t.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    scale = float(logit_scale)
+    if not scale > 0 or not math.isfinite(scale):
+        raise ValueError(f"`logit_scale` must be positive and finite, got {scale}")
+    p = torch.softmax(scale * F.normalize(x, dim=1) @ F.normalize(t, dim=1).T, dim=1)
+    return p @ labels

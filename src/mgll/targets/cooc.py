@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mgll._overlap import is_binary_dtype, overlap
+from mgll.targets.overlap import is_binary_dtype, overlap
 
 _CHUNK = 1024  # rows per block when a statistic needs every entry of C
 
@@ -25,7 +25,7 @@ class CoOccurrence:
         ``"ids"``: paired, ``C_ik = 1[ids_i == ids_k]`` (``data`` is (N,) integer).
         ``"multi_hot"``: paired, ``C_ik = rule(a_i, a_k)`` (``data`` is (N, C_g): bool or
         integer 0/1, or float label probabilities in [0, 1]); ``rule`` is one of
-        :data:`mgll._overlap.RULES` (see :func:`mgll._overlap.overlap`).
+        :data:`mgll.targets.overlap.RULES` (see :func:`mgll.targets.overlap.overlap`).
         ``"dense"``: bank, ``data`` is C itself (N, K_g).
 
     ``zero_one``: float multi-hot ``data`` known to hold only 0 and 1 (checked by the caller),
