@@ -32,8 +32,10 @@ from mgll.distributed import bank_columns, global_loss
 
 BACKENDS = [b for b in mgll.available_backends() if b not in ("auto", "triton")]
 SIZES = {2: (4, 4), 3: (4, 3, 2)}  # per-rank batch sizes; W = 3 has an uneven last batch
-MODES = ("paired", "bank", "paired-soft")  # paired-soft: label probabilities, overlap rules
-OVERLAP = {"paired-soft": ("count", "jaccard")}  # per mode; the others keep the default
+# paired-soft: label probabilities, overlap rules; partial / bank-partial: unknown labels (NaN,
+# whole unannotated rows, the id -1) and unknown bank pairs, gathered with their NaN
+MODES = ("paired", "bank", "paired-soft", "partial", "bank-partial")
+OVERLAP = {"paired-soft": ("count", "jaccard"), "partial": ("any", "jaccard")}
 SETTINGS = {
     "full": dict(local_loss=False, gather_with_grad=False),
     "full-gathergrad": dict(local_loss=False, gather_with_grad=True),
@@ -83,8 +85,24 @@ def make_model() -> Towers:
 
 def make_data(mode: str, n: int) -> dict:
     """The global batch: image inputs, text inputs and labels/targets for G = 2."""
-    gen = torch.Generator().manual_seed({"paired": 7, "bank": 11, "paired-soft": 13}[mode])
+    seeds = {"paired": 7, "bank": 11, "paired-soft": 13, "partial": 17, "bank-partial": 19}
+    gen = torch.Generator().manual_seed(seeds[mode])
     images = torch.randn(n, D_IN, generator=gen, dtype=torch.float64)
+    if mode == "partial":
+        texts = [torch.randn(n, D_IN, generator=gen, dtype=torch.float64) for _ in range(2)]
+        ids = torch.randint(0, 3, (n,), generator=gen)
+        ids[torch.rand(n, generator=gen) < 0.25] = -1  # unannotated at granularity 0
+        multi = (torch.rand(n, 3, generator=gen) < 0.4).to(torch.float64)
+        multi[torch.rand(n, 3, generator=gen) < 0.25] = math.nan  # a class not annotated
+        multi[torch.rand(n, generator=gen) < 0.2] = math.nan  # unannotated at granularity 1
+        return dict(images=images, texts=texts, labels=[ids, multi])
+    if mode == "bank-partial":
+        texts = [torch.randn(k, D_IN, generator=gen, dtype=torch.float64) for k in BANK_SIZES]
+        bank = [torch.rand(n, k, generator=gen, dtype=torch.float64) for k in BANK_SIZES]
+        for c in bank:
+            c[torch.rand(c.shape, generator=gen) < 0.4] = 0.0
+            c[torch.rand(c.shape, generator=gen) < 0.3] = math.nan  # unknown pairs
+        return dict(images=images, texts=texts, targets=bank)
     if mode == "paired-soft":  # uncertain labels (0.5), a soft granularity under each rule
         texts = [torch.randn(n, D_IN, generator=gen, dtype=torch.float64) for _ in range(2)]
         levels = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
@@ -104,7 +122,7 @@ def make_data(mode: str, n: int) -> dict:
 
 def local_part(data: dict, mode: str, start: int, stop: int) -> dict:
     part = dict(images=data["images"][start:stop])
-    if mode != "bank":
+    if not mode.startswith("bank"):
         part["texts"] = [t[start:stop] for t in data["texts"]]
         part["labels"] = [x[start:stop] for x in data["labels"]]
     else:

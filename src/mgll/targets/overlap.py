@@ -15,6 +15,14 @@ independent; for 0/1 entries every rule is the set rule exactly:
 
 All three are symmetric in (a, b).  0/1 inputs take the exact matrix-product path
 (:math:`a b^\top`); probabilities take an elementwise path over chunks of classes.
+
+**Partial annotation** (:func:`partial_overlap`): an entry may be NaN, "not annotated" (a class
+its source does not label, an uncertain finding under U-Ignore).  A pair is then *known* when
+the rule finds a shared label among the classes both annotate (a positive), or when no label
+can be shared because, for every class, at least one of the two is annotated 0 (a negative);
+otherwise it is *unknown* and the loss leaves it out; so is every pair of a row that is NaN
+everywhere (no annotation at that granularity).  A known pair's weight is the rule over
+the classes both annotate.  Without NaN every pair is known and the weight is :func:`overlap`'s.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ def overlap(a: Tensor, b: Tensor, rule: str, binary: bool) -> Tensor:
     elif rule == "any":
         return 1 - _pairwise(a, b, lambda x, y: torch.prod(1 - x * y, -1), 1.0)
     else:
-        inter = _pairwise(a, b, lambda x, y: torch.minimum(x, y).sum(-1), 0.0)
+        inter = _pairwise(a, b, _sum_min, 0.0)
     # jaccard: sum max = sum a + sum b - sum min, exactly |a| + |b| - |a & b| for 0/1 entries
     union = a.sum(1, keepdim=True) + b.sum(1)[None, :] - inter
     return inter / torch.where(union > 0, union, torch.ones_like(union))
@@ -97,3 +105,29 @@ def rules_for(overlap: str | tuple[str, ...], g_count: int) -> list[str]:
             f"got {len(overlap)} ({list(overlap)!r}); pass one string to use it for all"
         )
     return list(overlap)
+
+
+def partial_overlap(a: Tensor, b: Tensor, rule: str, binary: bool) -> tuple[Tensor, Tensor]:
+    """The weights and the known pairs (a bool (r, k) mask) of label vectors that may hold NaN.
+
+    The weight of a pair is ``rule`` over the classes that both annotate (0 for an unknown
+    pair); ``binary`` promises 0/1/NaN entries.  Shape: a (r, C), b (k, C) of one float dtype.
+    """
+    seen_a, seen_b = ~torch.isnan(a), ~torch.isnan(b)
+    a0, b0 = torch.where(seen_a, a, 0), torch.where(seen_b, b, 0)
+    if rule == "jaccard":  # the union runs over the classes both annotate
+        inter = a0 @ b0.T if binary else _pairwise(a0, b0, _sum_min, 0.0)
+        union = a0 @ seen_b.to(a.dtype).T + seen_a.to(a.dtype) @ b0.T - inter
+        weights = inter / torch.where(union > 0, union, torch.ones_like(union))
+    else:  # an unannotated class adds nothing to "any" or "count": it reads as absent
+        weights = overlap(a0, b0, rule, binary)
+    # negative: no class where neither is an annotated 0, i.e. nothing could be shared
+    open_a, open_b = ~(seen_a & (a == 0)), ~(seen_b & (b == 0))
+    shareable = open_a.to(a.dtype) @ open_b.to(a.dtype).T
+    known = (weights > 0) | (shareable == 0)
+    # a row with no annotation at all (no text either) is unknown to everyone
+    return weights, known & seen_a.any(1)[:, None] & seen_b.any(1)[None, :]
+
+
+def _sum_min(x: Tensor, y: Tensor) -> Tensor:
+    return torch.minimum(x, y).sum(-1)
