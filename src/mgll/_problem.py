@@ -71,6 +71,7 @@ class Problem:
     rows: slice = field(default_factory=lambda: slice(None))
     cols: list[slice] = field(default_factory=list)
     col_weights: list[Tensor | None] = field(default_factory=list)
+    partial: Partial | None = None
 
     def __post_init__(self) -> None:
         if not self.cols:
@@ -99,6 +100,21 @@ class Problem:
         return self.rows == slice(None) and all(c == slice(None) for c in self.cols)
 
 
+@dataclass
+class Partial:
+    """What the smooth KL needs when some labels are unknown (docs/partial_annotation.rst).
+
+    ``annotated`` (G, N) bool: image n is compared at granularity g (annotated there, and g has
+    a distribution); ``owners[g]`` R^g (K_g x N) or None (paired); ``groups`` S or None; the
+    term is divided by ``compared``, the number of images compared at two granularities or more.
+    """
+
+    annotated: Tensor
+    owners: list[Tensor | None]
+    groups: Tensor | GroupMap | None
+    compared: Tensor
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half inputs, the input's dtype when it is float32 or wider."""
     return torch.promote_types(dtype, torch.float32)
@@ -113,15 +129,50 @@ def cooccurrence_from_labels(
     ``check``: find out whether float labels are 0/1 (one host synchronisation) so that they
     take the matrix-product path; otherwise they take the elementwise one (the same values).
     """
+    partial = has_unknowns(labels)
     if labels.dim() == 1:
-        return CoOccurrence("ids", labels)
+        return CoOccurrence("ids", labels, partial=partial)
     zero_one = (
         check
         and labels.is_floating_point()
         and rule != "count"  # count is one matrix product on any entries
-        and bool(((labels == 0) | (labels == 1)).all())
+        and bool(((labels == 0) | (labels == 1) | torch.isnan(labels)).all())
     )
-    return CoOccurrence("multi_hot", labels, rule, zero_one)
+    return CoOccurrence("multi_hot", labels, rule, zero_one, partial)
+
+
+def pointwise_norm(cooc: CoOccurrence, norm: str) -> int | Tensor:
+    """The pointwise term's divisor: N*K_g (``"pairs"``) or N (``"images"``), counting only the
+    known pairs, and the images with one, when some pairs are unknown (never 0)."""
+    n, k = cooc.shape
+    if not cooc.partial:
+        return n * k if norm == "pairs" else n
+    counts = cooc.known_counts(1)
+    return (counts.sum() if norm == "pairs" else (counts > 0).sum()).clamp_min(1)
+
+
+def has_unknowns(values: Tensor) -> bool:
+    """Whether labels or targets hold an unknown: NaN, or the missing id -1 (a host sync)."""
+    if values.is_floating_point():
+        return bool(torch.isnan(values).any())
+    return values.dim() == 1 and bool((values == -1).any())
+
+
+def partial_kl(cooc: Sequence[CoOccurrence], config: LossConfig, dtype) -> Partial:
+    """The smooth KL's pieces when some labels are unknown: R^g and S apart, and who is compared."""
+    owners = [ownership(c, dtype) for c in cooc]
+    groups = (
+        None
+        if config.smooth_kl_support == "samples"
+        else reference_groups(cooc, config.smooth_kl_reference, dtype)
+    )
+    annotated = torch.stack(
+        [
+            c.annotated() & (r is None or bool((r > 0).any()))
+            for c, r in zip(cooc, owners, strict=True)
+        ]
+    )
+    return Partial(annotated, owners, groups, (annotated.sum(0) >= 2).sum())
 
 
 def smooth_kl_maps(
@@ -202,10 +253,10 @@ def build_problem(
         # the "graded" pointwise target min(C, 1) reads the targets' own scale: used as given
         free = config.pointwise_target != "graded"
         cooc = scale_free_targets(cooc, dtype) if free else list(cooc)
-        kl_maps = (
-            smooth_kl_maps(cooc, config, dtype)
-            if config.smooth_kl_weight != 0 and len(cooc) > 1  # else the term is 0
-            else [None] * len(cooc)
+        kl_on = config.smooth_kl_weight != 0 and len(cooc) > 1  # else the term is 0
+        kl_maps = smooth_kl_maps(cooc, config, dtype) if kl_on else [None] * len(cooc)
+        partial = (
+            partial_kl(cooc, config, dtype) if kl_on and any(c.partial for c in cooc) else None
         )
         return Problem(
             image=prepare(image_features),
@@ -213,7 +264,9 @@ def build_problem(
             scale=logit_scale.to(dtype).reshape(()),
             bias=None if logit_bias is None else logit_bias.to(dtype).reshape(()),
             cooc=[
-                CoOccurrence("dense", normalise_lines(c.data, 1))
+                CoOccurrence(
+                    "dense", normalise_lines(c.data, 1, unknown=c.partial), partial=c.partial
+                )
                 if c.kind == "dense" and free
                 else c
                 for c in cooc
@@ -221,11 +274,12 @@ def build_problem(
             kl_maps=kl_maps,
             # W^c: weights only (the support and the anchors are read from W^r)
             col_weights=[
-                normalise_lines(c.data, 0, keep_support=False)
+                normalise_lines(c.data, 0, keep_support=False, unknown=c.partial)
                 if c.kind == "dense" and free
                 else None
                 for c in cooc
             ],
+            partial=partial,
         )
 
 
@@ -237,6 +291,8 @@ def scale_free_targets(cooc: Sequence[CoOccurrence], dtype: torch.dtype) -> list
     then receive W^r and W^c, both divisions (:func:`mgll._terms.normalise_lines`).
     """
     return [
-        CoOccurrence("dense", scale_free(c.data.to(dtype))) if c.kind == "dense" else c
+        CoOccurrence("dense", scale_free(c.data.to(dtype)), partial=c.partial)
+        if c.kind == "dense"
+        else c
         for c in cooc
     ]

@@ -378,17 +378,19 @@ def batch_conditions(
     features = [("image_features", image)] + [
         (f"text_features[{g}]", t) for g, t in enumerate(texts)
     ]
+    # a paired sample unannotated at g has no text there: its row may be anything finite
+    ignored = [None] + [unannotated_rows(x) if mode == "paired" else None for x in values]
     conditions = []
-    for name, x in features:
-        conditions.extend(_unit_norm(name, x) if normalize else [_finite(name, x)])
+    for (name, x), skip in zip(features, ignored, strict=True):
+        conditions.extend(_unit_norm(name, x, skip) if normalize else [_finite(name, x)])
     conditions.append(_scalar_condition("logit_scale", scale, positive=True))
     if bias is not None:
         conditions.append(_scalar_condition("logit_bias", bias, positive=False))
         conditions.append(_bias_bound(bias))
     name = "labels" if mode == "paired" else "targets"
     for g, x in enumerate(values):
-        if mode == "bank":
-            conditions.extend(_nonnegative(f"targets[{g}]", x))
+        if mode == "bank":  # NaN: an unknown pair (docs/partial_annotation.rst)
+            conditions.extend(_nonnegative(f"targets[{g}]", x, unknown_ok=True))
         elif x.dtype != torch.bool:
             conditions.extend(_label_range(f"{name}[{g}]", x))
     return conditions
@@ -408,30 +410,67 @@ def _raise_not_finite(name: str, x: Tensor) -> None:
         )
 
 
-def _nonnegative(name: str, x: Tensor) -> list[Condition]:
-    """Finite (when floating point) and >= 0 (when not bool): co-occurrence, owners, groups."""
-    conditions = [_finite(name, x)] if x.is_floating_point() else []
+def _nonnegative(name: str, x: Tensor, unknown_ok: bool = False) -> list[Condition]:
+    """Finite (when floating point) and >= 0 (when not bool): co-occurrence, owners, groups.
+
+    ``unknown_ok``: NaN entries are allowed (unknown pairs of bank targets); inf is not.
+    """
+    if x.is_floating_point():
+        conditions = [_not_infinite(name, x) if unknown_ok else _finite(name, x)]
+    else:
+        conditions = []
     if x.dtype == torch.bool:
         return conditions
 
     def fail() -> None:
-        raise ValueError(f"`{name}` must be non-negative, got min {x.detach().min().item()}")
+        raise ValueError(
+            f"`{name}` must be non-negative, got min {x.detach().nan_to_num(0).min().item()}"
+        )
 
-    return [*conditions, ((x.detach() >= 0).all(), fail)]
+    ok = x.detach() >= 0
+    return [*conditions, ((ok | torch.isnan(x.detach()) if unknown_ok else ok).all(), fail)]
+
+
+def _not_infinite(name: str, x: Tensor) -> Condition:
+    def fail() -> None:
+        index = tuple(torch.isinf(x.detach()).nonzero()[0].tolist())
+        raise ValueError(
+            f"`{name}` must be finite or NaN (NaN = unknown, docs/partial_annotation.rst), got "
+            f"{x.detach()[index].item()} at index {index}"
+        )
+
+    return ~torch.isinf(x.detach()).any(), fail
+
+
+def unannotated_rows(labels: Tensor) -> Tensor | None:
+    """(N,) bool: paired samples with no annotation (id -1, or a label row NaN everywhere)."""
+    if labels.dim() == 1:
+        return labels == -1 if not labels.is_floating_point() else None
+    if not labels.is_floating_point() or labels.shape[1] == 0:
+        return None
+    return torch.isnan(labels).all(1)
 
 
 def _label_range(name: str, labels: Tensor) -> list[Condition]:
     def negative() -> None:
-        kind = "ids" if labels.dim() == 1 else "multi-hot entries"
-        raise ValueError(f"`{name}` {kind} must be non-negative, got min {int(labels.min())}")
+        if labels.dim() == 1:
+            raise ValueError(
+                f"`{name}` ids must be non-negative, or -1 for a sample without an annotation "
+                f"at this granularity, got min {int(labels.min())}"
+            )
+        raise ValueError(
+            f"`{name}` multi-hot entries must be non-negative, got min {int(labels.min())}; "
+            "pass float labels with NaN for classes that are not annotated"
+        )
 
     def not_binary() -> None:
         raise ValueError(f"`{name}` multi-hot entries must be 0 or 1, got max {int(labels.max())}")
 
-    if labels.is_floating_point():  # (N, C_g) label probabilities
-        in_range = ((labels >= 0) & (labels <= 1)).all()
-        return [_finite(name, labels), (in_range, _outside(name, labels))]
-    conditions = [((labels >= 0).all(), negative)]
+    if labels.is_floating_point():  # (N, C_g) label probabilities; NaN: not annotated
+        in_range = ((labels >= 0) & (labels <= 1) | torch.isnan(labels)).all()
+        return [_not_infinite(name, labels), (in_range, _outside(name, labels))]
+    lowest = -1 if labels.dim() == 1 else 0  # -1: the missing id
+    conditions = [((labels >= lowest).all(), negative)]
     if labels.dim() == 2:
         conditions.append(((labels <= 1).all(), not_binary))
     return conditions
@@ -443,16 +482,21 @@ def _outside(name: str, labels: Tensor) -> Callable[[], None]:
         raise ValueError(
             f"`{name}` multi-hot entries must be label probabilities in [0, 1], got "
             f"{labels[tuple(bad.tolist())].item()} at index {tuple(bad.tolist())}; map uncertain "
-            "labels to a probability (e.g. 0.5) and unknown ones to 0 before the loss"
+            "labels to a probability (e.g. 0.5), or to NaN to leave them unknown"
         )
 
     return fail
 
 
-def _unit_norm(name: str, x: Tensor) -> list[Condition]:
-    """Finite entries and a row norm that ``F.normalize`` can divide by (0 < norm < inf)."""
+def _unit_norm(name: str, x: Tensor, ignored: Tensor | None = None) -> list[Condition]:
+    """Finite entries and a row norm that ``F.normalize`` can divide by (0 < norm < inf).
+
+    ``ignored``: (N,) rows the loss never reads (texts of unannotated samples): finite suffices.
+    """
     dtype = torch.promote_types(x.dtype, torch.float32)
     norms = torch.linalg.vector_norm(x.detach(), dim=1, dtype=dtype)
+    if ignored is not None:
+        norms = torch.where(ignored & torch.isfinite(norms), 1.0, norms)
 
     def not_finite() -> None:
         _raise_not_finite(name, x)  # NaN or inf entries; else the norm itself overflows

@@ -19,6 +19,7 @@ from mgll._problem import (
     build_problem,
     compute_dtype,
     cooccurrence_from_labels,
+    has_unknowns,
 )
 from mgll._terms import (
     pointwise_rows,
@@ -276,7 +277,7 @@ def mgll_loss(
     cooc = [
         cooccurrence_from_labels(x, rule, validate)
         if mode == "paired"
-        else CoOccurrence("dense", x)
+        else CoOccurrence("dense", x, partial=has_unknowns(x))
         for x, rule in zip(batch.values, rules, strict=True)
     ]
     problem = build_problem(

@@ -8,7 +8,7 @@ from collections.abc import Hashable, Sequence
 import torch
 from torch import Tensor
 
-from mgll.targets.overlap import RULES, is_binary_dtype, overlap
+from mgll.targets.overlap import RULES, overlap, partial_overlap
 
 
 def from_ids(
@@ -56,7 +56,18 @@ def from_ids(
         b = _ids_tensor("ids_b", ids_b)
     else:
         a, b = _encode_keys(ids_a, ids_b)
-    return (a[:, None] == b[None, :].to(a.device)).to(torch.float32)
+    b = b.to(a.device)
+    c = (a[:, None] == b[None, :]).to(torch.float32)
+    if not isinstance(ids_a, Tensor):
+        return c
+    for name, ids in (("ids_a", a), ("ids_b", b)):
+        if bool((ids < -1).any()):
+            raise ValueError(
+                f"`{name}` ids must be non-negative, or -1 for a sample without an annotation, "
+                f"got {int(ids.min())}"
+            )
+    # -1: not annotated, so every pair with it is unknown (docs/partial_annotation.rst)
+    return torch.where((a[:, None] >= 0) & (b[None, :] >= 0), c, torch.nan)
 
 
 def from_multi_hot(a: Tensor, b: Tensor | None = None, mode: str = "any") -> Tensor:
@@ -122,8 +133,12 @@ def from_multi_hot(a: Tensor, b: Tensor | None = None, mode: str = "any") -> Ten
         raise ValueError(f"`mode` must be one of {RULES}, got {mode!r}")
     x = _multi_hot("a", a, soft=True)
     y = x if b is None else _multi_hot("b", b, classes=x.shape[1], soft=True).to(x.dtype)
-    binary = all(is_binary_dtype(t) or bool(((t == 0) | (t == 1)).all()) for t in (x, y))
-    return overlap(x, y, mode, binary)
+    unknown = (torch.isnan(x).any() | torch.isnan(y).any()).item()
+    binary = all(((t == 0) | (t == 1) | torch.isnan(t)).all() for t in (x, y))
+    if not unknown:
+        return overlap(x, y, mode, bool(binary))
+    weights, known = partial_overlap(x, y, mode, bool(binary))
+    return torch.where(known, weights, torch.nan)
 
 
 def label_set_ids(a: Tensor) -> Tensor:
@@ -458,11 +473,11 @@ def _multi_hot(name: str, x: object, classes: int | None = None, soft: bool = Fa
     if x.is_complex():
         raise TypeError(f"`{name}` must be real 0/1 entries, got dtype {x.dtype}")
     if soft and x.is_floating_point():
-        bad = ~((x >= 0) & (x <= 1))  # also NaN
+        bad = ~((x >= 0) & (x <= 1) | torch.isnan(x))  # NaN: not annotated
         if bool(bad.any()):
             raise ValueError(
-                f"`{name}` multi-hot entries must be 0/1 or label probabilities in [0, 1], got "
-                f"{x[bad][0].item()}"
+                f"`{name}` multi-hot entries must be 0/1, label probabilities in [0, 1] or NaN "
+                f"(not annotated), got {x[bad][0].item()}"
             )
     elif x.dtype != torch.bool and bool(((x != 0) & (x != 1)).any()):
         bad = x[(x != 0) & (x != 1)][0].item()

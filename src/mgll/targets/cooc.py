@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mgll.targets.overlap import is_binary_dtype, overlap
+from mgll.targets.overlap import is_binary_dtype, overlap, partial_overlap
 
 _CHUNK = 1024  # rows per block when a statistic needs every entry of C
 
@@ -30,12 +30,17 @@ class CoOccurrence:
 
     ``zero_one``: float multi-hot ``data`` known to hold only 0 and 1 (checked by the caller),
     so the exact matrix-product path serves every rule, as for bool and integer labels.
+
+    ``partial``: the data holds unknowns (docs/partial_annotation.rst): NaN label entries, the
+    id -1, NaN bank targets.  Blocks then hold NaN at the unknown pairs, and every statistic
+    reads the known pairs only; without it nothing changes (the same code path, bit for bit).
     """
 
     kind: str
     data: Tensor
     rule: str = "any"
     zero_one: bool = False
+    partial: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -59,14 +64,41 @@ class CoOccurrence:
         return self.zero_one or is_binary_dtype(self.data)
 
     def block(self, rows: slice = slice(None), cols: slice = slice(None), dtype=None) -> Tensor:
-        """The dense block ``C[rows, cols]`` in ``dtype`` (default: float32)."""
+        """The dense block ``C[rows, cols]`` in ``dtype`` (default: float32); NaN: unknown."""
         dtype = dtype or torch.float32
         if self.kind == "ids":
-            return (self.data[rows, None] == self.data[None, cols]).to(dtype)
+            a, b = self.data[rows, None], self.data[None, cols]
+            c = (a == b).to(dtype)
+            return torch.where((a >= 0) & (b >= 0), c, torch.nan) if self.partial else c
         if self.kind == "multi_hot":
             a, b = self.data[rows].to(dtype), self.data[cols].to(dtype)
+            if self.partial:
+                weights, known = partial_overlap(a, b, self.rule, self.zero_one_labels)
+                return torch.where(known, weights, torch.nan)
             return overlap(a, b, self.rule, self.zero_one_labels)
         return self.data[rows, cols].to(dtype)
+
+    def annotated(self) -> Tensor:
+        """(N,) bool: the images annotated at this granularity (all, without unknowns)."""
+        if not self.partial:
+            return torch.ones(self.data.shape[0], dtype=torch.bool, device=self.data.device)
+        if self.kind == "ids":
+            return self.data >= 0
+        return ~torch.isnan(self.data).all(1)
+
+    def known_counts(self, dim: int) -> Tensor:
+        """Known pairs of each row (``dim=1``) or column (``dim=0``) of C (int64)."""
+        n = self.shape[dim]
+        if not self.partial:
+            return torch.full((self.shape[1 - dim],), n, dtype=torch.int64, device=self.data.device)
+        if self.kind == "dense":
+            return (~torch.isnan(self.data)).sum(dim)
+        if self.kind == "ids":  # symmetric: every annotated pair is known
+            ann = self.annotated()
+            return torch.where(ann, ann.sum(), 0)
+        return torch.cat(
+            [(~torch.isnan(self.block(slice(s, s + _CHUNK)))).sum(1) for s in range(0, n, _CHUNK)]
+        )
 
     def dense(self, dtype=None) -> Tensor:
         return self.block(dtype=dtype)
@@ -75,10 +107,11 @@ class CoOccurrence:
         """Row sums (``dim=1``, shape (N,)) or column sums (``dim=0``, shape (K,)) of C."""
         dtype = dtype or torch.float32
         if self.kind == "dense":
-            return self.data.to(dtype).sum(dim)
+            return self.data.to(dtype).nansum(dim) if self.partial else self.data.to(dtype).sum(dim)
         if self.kind == "ids":  # symmetric: both are the size of each sample's class
             _, inverse, counts = torch.unique(self.data, return_inverse=True, return_counts=True)
-            return counts[inverse].to(dtype)
+            sums = counts[inverse].to(dtype)
+            return torch.where(self.data >= 0, sums, 0) if self.partial else sums
         if self.data.shape[1] == 0:  # multi-hot over C_g = 0 classes: no positive anywhere
             return torch.zeros(self.data.shape[0], dtype=dtype, device=self.data.device)
         # multi_hot: symmetric (every rule is).  Samples with the same label vector have the
@@ -89,11 +122,14 @@ class CoOccurrence:
         )
         sets, counts = sets.to(dtype), counts.to(dtype)
         binary = self.zero_one_labels
+
+        def weights(a: Tensor) -> Tensor:  # the known weights: 0 at the unknown pairs
+            if self.partial:
+                return partial_overlap(a, sets, self.rule, binary)[0]
+            return overlap(a, sets, self.rule, binary)
+
         sums = torch.cat(
-            [
-                overlap(sets[s : s + _CHUNK], sets, self.rule, binary) @ counts
-                for s in range(0, len(sets), _CHUNK)
-            ]
+            [weights(sets[s : s + _CHUNK]) @ counts for s in range(0, len(sets), _CHUNK)]
         )
         return sums[inverse]
 
@@ -192,10 +228,13 @@ def sample_groups(cooc: CoOccurrence, dtype=torch.float32) -> Tensor | GroupMap:
     mass evenly over its positives (N x C_g, the labels' own size).  Groups that hold no sample
     are dropped; samples without a label have a zero row.
     """
-    if cooc.kind == "ids":
+    if cooc.kind == "ids" and not cooc.partial:
         values, inverse = torch.unique(cooc.data, return_inverse=True)
         return GroupMap(inverse, values.shape[0])
-    groups = cooc.data.to(dtype)
+    if cooc.kind == "ids":  # the missing id -1 belongs to no group
+        values = torch.unique(cooc.data)
+        return normalize_rows((cooc.data[:, None] == values[values >= 0][None, :]).to(dtype))
+    groups = cooc.data.to(dtype).nan_to_num(0.0) if cooc.partial else cooc.data.to(dtype)
     groups = groups[:, groups.sum(0) > 0]
     return normalize_rows(groups)
 
@@ -204,7 +243,8 @@ def ownership(cooc: CoOccurrence, dtype=torch.float32) -> Tensor | None:
     """R (K x N): which samples each text belongs to, rows normalised; None for paired (R = I)."""
     if cooc.paired:
         return None
-    return normalize_rows(cooc.data.to(dtype).T)
+    data = cooc.data.to(dtype)
+    return normalize_rows((data.nan_to_num(0.0) if cooc.partial else data).T)
 
 
 def normalize_rows(m: Tensor) -> Tensor:
