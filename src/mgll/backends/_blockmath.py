@@ -25,7 +25,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from mgll._problem import LossConfig, Problem, kl_contributes
+from mgll._problem import LossConfig, Problem, kl_contributes, pointwise_norm
+from mgll._terms import partial_smooth_kl_rows
 from mgll.targets.cooc import apply_map, apply_map_transposed, map_takes_part
 
 # ------------------------------------------------------------------------------ planning
@@ -118,7 +119,8 @@ def _make_stats(plan: Plan) -> Stats:
     for g, cooc in enumerate(p.cooc):
         rows, cols = cooc.line_sums(1, dtype), cooc.line_sums(0, dtype)
         if p.col_weights[g] is not None:  # bank: the t2i side reads W^c (see Problem)
-            cols = p.col_weights[g].to(dtype).sum(0)
+            weights = p.col_weights[g].to(dtype)
+            cols = weights.nansum(0) if cooc.partial else weights.sum(0)
         st.row_mass.append((rows > 0).to(dtype))
         st.col_mass.append((cols > 0).to(dtype))
         st.row_inv.append(_inverse(rows))
@@ -127,14 +129,20 @@ def _make_stats(plan: Plan) -> Stats:
         half = 0.5 * cfg.soft_clip_weight * lam
         st.w_row.append(half / st.row_mass[g].sum().clamp_min(1))
         st.w_col.append(half / st.col_mass[g].sum().clamp_min(1))
-        norm = n * cooc.shape[1] if cfg.pointwise_norm == "pairs" else n
-        st.w_pw.append(p.scale.new_tensor(cfg.pointwise_weight * lam / norm))
-    st.w_kl = p.scale.new_tensor(cfg.smooth_kl_weight / n)
+        norm = pointwise_norm(cooc, cfg.pointwise_norm)
+        st.w_pw.append(cfg.pointwise_weight * lam / _as_tensor(p.scale, norm))
+    compared = n if p.partial is None else p.partial.compared.clamp_min(1)
+    st.w_kl = cfg.smooth_kl_weight / _as_tensor(p.scale, compared)
     st.kl_identity = all(t is None for t in p.kl_maps)
     st.kl_part = [_takes_part(t) for t in p.kl_maps]
     st.soft_target = cfg.pointwise_target == "soft"
     st.graded_target = cfg.pointwise_target == "graded"
     return st
+
+
+def _as_tensor(like: Tensor, x: int | Tensor) -> Tensor:
+    """A count (a Python int, or a tensor counted on the device) in ``like``'s dtype."""
+    return x.to(like.dtype) if isinstance(x, Tensor) else like.new_tensor(x)
 
 
 def scaled(st: Stats, grads: tuple[Tensor, Tensor, Tensor]) -> Stats:
@@ -176,6 +184,7 @@ class GroupView:
     y_rows: Tensor | None  # soft targets: Y = C * y_rows (G', n, 1)
     ids: Tensor | None  # (G', N) stacked class ids when every C of the stack is paired ids
     graded: bool = False  # pointwise Y = min(C, 1) instead of 1[C > 0]
+    partial: bool = False  # some pairs are unknown: NaN in the target blocks
 
 
 def group_view(plan: Plan, st: Stats, blk: Block, gs: list[int], dtype) -> GroupView:
@@ -203,10 +212,11 @@ def group_view(plan: Plan, st: Stats, blk: Block, gs: list[int], dtype) -> Group
         if st.soft_target:
             v.y_rows = rowwise(st.row_inv)
             v.y_coef = v.y_rows * v.w_pw
-        elif all(p.cooc[g].binary for g in gs):  # C is 0/1: binary targets are C itself
+        elif all(p.cooc[g].binary for g in gs) and not v.partial:  # 0/1: binary Y is C itself
             v.y_coef = v.w_pw
         v.graded = st.graded_target
-    if all(p.cooc[g].kind == "ids" for g in gs):
+    v.partial = any(p.cooc[g].partial for g in gs)
+    if all(p.cooc[g].kind == "ids" for g in gs) and not v.partial:
         v.ids = torch.stack([_ranks(p.cooc[g].data, dtype) for g in gs])
     return v
 
@@ -235,6 +245,36 @@ def targets(problem: Problem, v: GroupView, rows: slice, cols: list[slice], dtyp
         out = torch.empty(len(v.gs), a.shape[1], b.shape[2], dtype=dtype, device=a.device)
         return torch.eq(a, b, out=out)
     return torch.stack([problem.cooc[g].block(rows, cols[g], dtype) for g in v.gs])
+
+
+def known_targets(c: Tensor | None, c_col: Tensor | None):
+    """Targets with NaN at unknown pairs as (C, W^c with 0 there, the known mask)."""
+    if c is None:
+        return None, None, None
+    known = ~torch.isnan(c)
+    c = c.masked_fill(~known, 0)
+    return c, (None if c_col is None else c_col.masked_fill(~known, 0)), known
+
+
+def mask_logits(z: Tensor, known: Tensor | None) -> Tensor:
+    """Unknown logits set to the most negative float, whose exponential is exactly 0."""
+    return z if known is None else z.masked_fill(~known, torch.finfo(z.dtype).min)
+
+
+def partial_kl_strip(problem: Problem, logits: list[Tensor], rows: slice, want_grad: bool):
+    """The smooth KL of image rows ``rows`` with unknowns, from their full rows of logits.
+
+    The rows' value and, with ``want_grad``, its gradient w.r.t. each (r, K_g) logit block, by
+    autograd over :func:`mgll._terms.partial_smooth_kl_rows` on these rows alone (its memory is
+    that of the rows).  Unknown labels only: see docs/partial_annotation.rst.
+    """
+    part = problem.partial
+    with torch.enable_grad():
+        zs = [z.detach().requires_grad_(want_grad) for z in logits]
+        value = partial_smooth_kl_rows(zs, part.owners, part.groups, part.annotated, rows)
+        if not want_grad:
+            return value.detach(), None
+        return value.detach(), torch.autograd.grad(value, zs)
 
 
 def col_targets(problem: Problem, v: GroupView, rows: slice, cols: list[slice], dtype):
@@ -300,6 +340,7 @@ def tile_terms(
     c_col=None,
     col_part=None,
     dz_out=None,
+    known=None,
 ):
     r"""A tile's share of the terms that need no log-sum-exp, and its whole dL/dZ.
 
@@ -310,7 +351,9 @@ def tile_terms(
     (or None) and the pointwise share of dL/db.  ``col_part``, when the caller has it, is the
     column-softmax part of dZ (column weight times column softmax), reused as dZ's buffer.
     ``dz_out``: where the pointwise term's last update writes dZ (may be ``z`` itself, which is
-    not read after it), saving the caller a copy.
+    not read after it), saving the caller a copy.  ``known`` (G', r, k) bool: the known pairs
+    when some are unknown (``c`` and ``c_col`` are then 0 at the others, and ``prob`` /
+    ``clse`` were computed over the known pairs): the pointwise term keeps the known ones.
     """
     row_inv, row_mass = _part(v.row_inv, rs, 1), _part(v.row_mass, rs, 1)
     col_inv, col_mass = _part(v.col_inv, cs, 2), _part(v.col_mass, cs, 2)
@@ -357,12 +400,13 @@ def tile_terms(
             y = c.clamp_max(1) if v.graded else (c > 0).to(z.dtype)
             if want_grad:
                 dz.addcmul_(y, v.w_pw, value=-1)
-        x, log_sums, sig = softplus(z, bias, want_grad)
+        x, log_sums, sig = softplus(z, bias, want_grad, known)
         if v.y_rows is None and (y_coef is not None or not v.graded):
             # binary y: relu(x) - y x = relu(x (1 - 2y)), exactly, one pass
-            hinge = torch.addcmul(x, x, y, value=-2).clamp_min_(0).sum((1, 2))
+            hinge = torch.addcmul(x, x, y, value=-2).clamp_min_(0)
         else:
-            hinge = x.clamp_min(0).sub_(y * x).sum((1, 2))
+            hinge = x.clamp_min(0).sub_(y * x)
+        hinge = (hinge if known is None else hinge.masked_fill_(~known, 0)).sum((1, 2))
         pw = pw + (v.w_pw.flatten() * (hinge + log_sums)).sum()
         if want_grad:
             dz = (
@@ -375,19 +419,27 @@ def tile_terms(
     return ce, pw, dz, db
 
 
-def softplus(z: Tensor, bias: Tensor | None, want_grad: bool):
+def softplus(z: Tensor, bias: Tensor | None, want_grad: bool, known: Tensor | None = None):
     r"""x = z + b, the per-granularity sums of :math:`\log(1 + e^{-|x|})`, and sigmoid(x).
 
     :math:`\mathrm{softplus}(x) = \max(x, 0) + \log(1 + e^{-|x|})`, with :math:`\log(1+e)`
     computed as :math:`\log u + (e - (u - 1))/u`, :math:`u = 1 + e`: exact to a few ulp, and
     only ``exp`` and ``log`` (``log1p`` and ``softplus`` are scalar loops on some CPUs).
+    ``known``: sums and sigmoid over the known pairs only (0 elsewhere).
     """
     x = z if bias is None else z + bias
     e = x.abs().neg_().exp_()
     u = e + 1
     delta = e.sub_(u - 1).div_(u)
-    sums = u.log_().sum((1, 2)) + delta.sum((1, 2))
-    return x, sums, (torch.sigmoid(x) if want_grad else None)
+    log_u = u.log_()
+    if known is not None:
+        log_u.masked_fill_(~known, 0)
+        delta.masked_fill_(~known, 0)
+    sums = log_u.sum((1, 2)) + delta.sum((1, 2))
+    if not want_grad:
+        return x, sums, None
+    sig = torch.sigmoid(x)
+    return x, sums, (sig if known is None else sig.masked_fill_(~known, 0))
 
 
 # ------------------------------------------------------------------------------ smooth KL

@@ -143,10 +143,16 @@ def _block(plan, st, blk: bm.Block, image, scale, bias, texts, want_grad, values
         t = torch.stack([texts[g][blk.cols[g]] for g in gs])
         a, b = xs.expand(len(gs), *xs.shape), t.transpose(1, 2)
         zs.append(torch.bmm(a, b) if buffers is None else torch.bmm(a, b, out=next(buffers)))
+    # a fixed shift needs every row and column to have a logit near it: not with unknown pairs,
+    # where a row or column may have none (its maximum of masked logits is then the shift)
     shifts = [
-        bm.logit_bound(xs, torch.cat([texts[g][blk.cols[g]] for g in gs])) for gs in blk.groups
+        None if v.partial else bm.logit_bound(xs, torch.cat([texts[g][blk.cols[g]] for g in gs]))
+        for v, gs in zip(views, blk.groups, strict=True)
     ]
-    clses = [_column_lse(v, z, values, sh) for v, z, sh in zip(views, zs, shifts, strict=True)]
+    clses = [
+        _column_lse(v, z, values, sh, _known_rows(plan, v, blk))
+        for v, z, sh in zip(views, zs, shifts, strict=True)
+    ]
     # with a fixed shift b, one exp E = e^(Z - b) gives the row softmax (E / row sum) and the
     # column softmax (E / column sum): col_factors = column weight * e^(b - column lse)
     col_factors = [
@@ -156,7 +162,8 @@ def _block(plan, st, blk: bm.Block, image, scale, bias, texts, want_grad, values
     step = max(1, CHUNK // max(1, sum(z.shape[0] * z.shape[2] for z in zs)))
     db = scale.new_zeros(())
     need_prob = blk.do_rows and (plan.ce or plan.kl)
-    need_c = plan.ce or (plan.pw and blk.do_rows)
+    need_c = plan.ce or (plan.pw and blk.do_rows) or any(v.partial for v in views)
+    partial_kl = plan.kl and blk.do_rows and p.partial is not None
     for a in range(0, x.shape[0], step):
         rs = slice(a, a + step)
         rows = bm.sub(blk.rows, n_all, rs)
@@ -165,6 +172,10 @@ def _block(plan, st, blk: bm.Block, image, scale, bias, texts, want_grad, values
             chunk = z[:, rs]
             c = bm.targets(p, v, rows, blk.cols, dtype) if need_c else None
             c_col = bm.col_targets(p, v, rows, blk.cols, dtype) if need_c else None
+            known = None
+            if v.partial:  # unknown pairs: out of every softmax and sum (their logits masked)
+                c, c_col, known = bm.known_targets(c, c_col)
+                chunk = bm.mask_logits(chunk, known)
             col_part = None
             if factor is not None and (need_prob or want_grad):
                 e = torch.sub(chunk, shift).exp_()
@@ -172,10 +183,23 @@ def _block(plan, st, blk: bm.Block, image, scale, bias, texts, want_grad, values
                 col_part = e.mul_(factor) if want_grad else None
             else:
                 prob, rlse = bm.row_softmax(chunk, shift) if need_prob else (None, None)
-            # dZ may overwrite the chunk's logits at once unless the paired KL still reads them
-            out = chunk if want_grad and not (plan.kl and st.kl_identity) else None
+            # dZ may overwrite the chunk's logits at once unless the KL still reads them
+            keep = plan.kl and (st.kl_identity or partial_kl)
+            out = chunk if want_grad and not keep else None
             ce, pw, dz, dbias = bm.tile_terms(
-                chunk, c, v, rs, slice(None), bias, prob, clse, want_grad, c_col, col_part, out
+                chunk,
+                c,
+                v,
+                rs,
+                slice(None),
+                bias,
+                prob,
+                clse,
+                want_grad,
+                c_col,
+                col_part,
+                out,
+                known,
             )
             if v.row_mass is not None:
                 ce = ce + (v.row_mass[:, rs] * rlse).sum()
@@ -183,7 +207,9 @@ def _block(plan, st, blk: bm.Block, image, scale, bias, texts, want_grad, values
             values[1] += pw
             db = db + dbias
             parts.append((dz, prob, rlse))
-        if plan.kl and blk.do_rows:
+        if partial_kl:
+            _partial_kl(plan, st, blk, zs, rs, rows, parts, want_grad, values)
+        elif plan.kl and blk.do_rows:
             _smooth_kl(plan, st, blk, zs, rs, parts, want_grad, values)
         if want_grad:
             for z, (dz, _, _) in zip(zs, parts, strict=True):
@@ -199,22 +225,31 @@ def _shared_softmax(e: Tensor, shift: float) -> tuple[Tensor, Tensor]:
     return e * total.reciprocal(), total.log().add_(shift)
 
 
-def _column_lse(v: bm.GroupView, z: Tensor, values, shift=None) -> Tensor | None:
+def _column_lse(v: bm.GroupView, z: Tensor, values, shift=None, known=None) -> Tensor | None:
     """Column log-sum-exp of a stack (one pass over the logits) and its share of the t2i term.
 
     ``shift``: a bound on every logit (see :func:`~mgll.backends._blockmath.logit_bound`) used
-    instead of the column maximum, which then needs no pass of its own.
+    instead of the column maximum, which then needs no pass of its own.  ``known(rows)``: the
+    known pairs of a slice of the stack's rows, when some pairs are unknown (left out).
     """
     if v.col_mass is None:
         return None
+    step = max(1, CHUNK // max(1, z.shape[0] * z.shape[2]))
+
+    def chunks():
+        for a in range(0, z.shape[1], step):
+            rs = slice(a, a + step)
+            yield z[:, rs] if known is None else bm.mask_logits(z[:, rs], known(rs))
+
     if shift is not None:
         top = z.new_full((z.shape[0], 1, z.shape[2]), shift)
-    else:
+    elif known is None:
         top = z.amax(1, keepdim=True)
+    else:
+        top = torch.stack([part.amax(1, keepdim=True) for part in chunks()]).amax(0)
     total = torch.zeros_like(top)
-    step = max(1, CHUNK // max(1, z.shape[0] * z.shape[2]))
-    for a in range(0, z.shape[1], step):
-        total += torch.sub(z[:, a : a + step], top).exp_().sum(1, keepdim=True)
+    for part in chunks():
+        total += torch.sub(part, top).exp_().sum(1, keepdim=True)
     clse = top + total.log_()
     values[0] += (v.col_mass * clse).sum()
     return clse
@@ -243,3 +278,30 @@ def _smooth_kl(plan, st: bm.Stats, blk, zs, rs, parts, want_grad, values):
     dz_of = {g: parts[i][0] for i, gs in enumerate(blk.groups) for g in gs}
     for j, g in enumerate(taking):
         bm.kl_general_grad(probs[g], p.kl_maps[g], gu[j], dot[j], st.w_kl, dz_of[g][where[g]])
+
+
+def _known_rows(plan: bm.Plan, v: bm.GroupView, blk: bm.Block):
+    """``known(rs)``: the known pairs of rows ``rs`` of the block's stack (None: all known)."""
+    if not v.partial:
+        return None
+    p = plan.problem
+
+    def known(rs: slice) -> Tensor:
+        rows = bm.sub(blk.rows, p.num_images, rs)
+        return ~torch.isnan(bm.targets(p, v, rows, blk.cols, p.image.dtype))
+
+    return known
+
+
+def _partial_kl(plan, st: bm.Stats, blk, zs, rs, rows, parts, want_grad, values):
+    """The smooth-KL share of a chunk of full rows when some labels are unknown."""
+    logits = [None] * plan.problem.num_granularities
+    for gs, z in zip(blk.groups, zs, strict=True):
+        for j, g in enumerate(gs):
+            logits[g] = z[j, rs]
+    value, grads = bm.partial_kl_strip(plan.problem, logits, rows, want_grad)
+    values[2] += value * st.w_kl
+    if want_grad:
+        for gs, (dz, _, _) in zip(blk.groups, parts, strict=True):
+            for j, g in enumerate(gs):
+                dz[j].addcmul_(grads[g], st.w_kl)
