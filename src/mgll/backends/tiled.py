@@ -75,6 +75,7 @@ class _Tiles:
         self.xs = self.x * scale  # the scale folded into the features
         self.n_all = p.num_images
         self.stacks = [torch.stack([texts[g][blk.cols[g]] for g in gs]) for gs in blk.groups]
+        self.texts = texts
 
     def row_tiles(self):
         n = self.x.shape[0]
@@ -121,11 +122,9 @@ def _forward(plan: bm.Plan, image, scale, bias, texts):
                 top = image.new_full((len(v.gs), r, 1), -torch.inf)
                 total = image.new_zeros(len(v.gs), r, 1)
                 for local, cols in tiles.col_tiles(j):
-                    z = tiles.logits(rsl, j, local)
-                    c = _target(plan, blk, v, rows, cols, z.dtype)
-                    c_col = _col_target(plan, blk, v, rows, cols, z.dtype)
+                    z, c, c_col, known = _tile(plan, blk, v, tiles, rsl, rows, j, local, cols)
                     ce, pw, _, _ = bm.tile_terms(
-                        z, c, v, rsl, local, bias, None, None, False, c_col
+                        z, c, v, rsl, local, bias, None, None, False, c_col, known=known
                     )
                     values[0] += ce
                     values[1] += pw
@@ -139,7 +138,9 @@ def _forward(plan: bm.Plan, image, scale, bias, texts):
                     rlse[j][:, rsl] = top + total.log()
                     if v.row_mass is not None:
                         values[0] += (v.row_mass[:, rsl] * rlse[j][:, rsl]).sum()
-            if plan.kl and blk.do_rows:
+            if plan.kl and blk.do_rows and p.partial is not None:
+                values[2] += st.w_kl * sum(v for v, _, _ in _partial_kl(plan, tiles, rsl, False))
+            elif plan.kl and blk.do_rows:
                 values[2] += st.w_kl * _kl_forward(plan, st, tiles, rsl, rlse, kl_rows)
         clse = []
         for j, v in enumerate(views):
@@ -159,8 +160,38 @@ def _online(z: Tensor, top: Tensor, total: Tensor, dim: int):
 
 
 def _target(plan, blk, v: bm.GroupView, rows, cols, dtype):
-    need = plan.ce or (plan.pw and blk.do_rows)
+    need = plan.ce or (plan.pw and blk.do_rows) or v.partial
     return bm.targets(plan.problem, v, rows, cols, dtype) if need else None
+
+
+def _tile(plan, blk, v: bm.GroupView, tiles: _Tiles, rsl, rows, j, local, cols):
+    """A tile's logits and targets; with unknown pairs, their logits masked and known mask."""
+    z = tiles.logits(rsl, j, local)
+    c = _target(plan, blk, v, rows, cols, z.dtype)
+    c_col = _col_target(plan, blk, v, rows, cols, z.dtype)
+    if not v.partial:
+        return z, c, c_col, None
+    c, c_col, known = bm.known_targets(c, c_col)
+    return bm.mask_logits(z, known), c, c_col, known
+
+
+def _partial_kl(plan, tiles: _Tiles, rsl, want_grad: bool):
+    """The smooth KL of a row tile with unknown labels, by strips of full rows.
+
+    A strip holds few enough rows that its G rows of logits fit in about one tile; yields
+    (value, strip slice, gradients w.r.t. each granularity's logits of the strip).
+    """
+    p = plan.problem
+    x = tiles.x[rsl]
+    width = sum(t.shape[0] for t in p.texts)
+    step = max(1, (TILE_ROWS * TILE_COLS) // max(1, width))
+    start = range(tiles.x.shape[0])[rsl].start
+    for a in range(0, x.shape[0], step):
+        strip = slice(start + a, start + a + step)
+        logits = [tiles.xs[strip] @ t.T for t in tiles.texts]
+        rows = bm.sub(tiles.blk.rows, tiles.n_all, strip)
+        value, grads = bm.partial_kl_strip(p, logits, rows, want_grad)
+        yield value, strip, grads
 
 
 def _col_target(plan, blk, v: bm.GroupView, rows, cols, dtype):
@@ -205,7 +236,16 @@ def _backward(plan: bm.Plan, st: bm.Stats, saved, image, scale, bias, texts):
         d_x = d_image[blk.rows]
         for _, rsl, rows in tiles.row_tiles():
             pooled = None
-            if plan.kl and blk.do_rows and not st.kl_identity:
+            if plan.kl and blk.do_rows and plan.problem.partial is not None:
+                for _, strip, grads in _partial_kl(plan, tiles, rsl, True):
+                    x = tiles.x[strip]
+                    for g, dz in enumerate(grads):
+                        dz = dz * st.w_kl
+                        dx = dz @ texts[g]
+                        ds = ds + (dx * x).sum()
+                        d_x[strip] += dx.mul_(scale)
+                        d_texts[g] += (dz.T @ x).mul_(scale)
+            elif plan.kl and blk.do_rows and not st.kl_identity:
                 pooled = _pooled(plan, st, tiles, rsl, rlse)[1]
             x = tiles.x[rsl]
             for j, v in enumerate(views):
@@ -241,12 +281,18 @@ def _tile_grad(plan, st: bm.Stats, blk, v, z, rsl, local, rows, cols, bias, lse,
     """dL/dZ of one tile from the saved statistics, and its share of dL/db."""
     p = plan.problem
     c = _target(plan, blk, v, rows, cols, z.dtype)
+    c_col = _col_target(plan, blk, v, rows, cols, z.dtype)
+    known = None
+    if v.partial:
+        c, c_col, known = bm.known_targets(c, c_col)
+        z = bm.mask_logits(z, known)
     prob = None
     if blk.do_rows and (plan.ce or plan.kl):
         prob = torch.sub(z, lse[0]).exp_()
-    c_col = _col_target(plan, blk, v, rows, cols, z.dtype)
-    _, _, dz, dbias = bm.tile_terms(z, c, v, rsl, local, bias, prob, lse[1], True, c_col)
-    if plan.kl and blk.do_rows:
+    _, _, dz, dbias = bm.tile_terms(
+        z, c, v, rsl, local, bias, prob, lse[1], True, c_col, known=known
+    )
+    if plan.kl and blk.do_rows and p.partial is None:
         if st.kl_identity:
             a, q = bm.kl_identity_terms(z, lse[0])
             dz.addcmul_(a.addcmul_(q, kl_rows, value=-1), st.w_kl)
