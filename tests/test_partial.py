@@ -20,6 +20,8 @@ from mgll import targets
 from mgll.backends import fused, tiled, triton_kernels
 
 F64 = torch.float64
+# the Triton kernels do not handle unknown labels yet: they say so (test_triton_says_so)
+PARTIAL_BACKENDS = [b for b in CPU_BACKENDS if b != "triton"]
 NAN = math.nan
 RULES = ("any", "count", "jaccard")
 
@@ -68,7 +70,9 @@ def check_against_naive(backend, leaves, kwargs, naive_kwargs, dtype=F64):
     image, texts, scale = leaves
     loss = mgll.MGLLLoss(backend=backend, **kwargs)(image, texts, scale, **naive_kwargs["call"])
     want = naive.partial_mgll(image, texts, scale, **naive_kwargs["naive"])
-    tol = dict(rtol=1e-9, atol=1e-10) if dtype == F64 else dict(rtol=1e-5, atol=2e-6)
+    # the Triton kernels compute in float32 whatever the input
+    exact = dtype == F64 and backend != "triton"
+    tol = dict(rtol=1e-9, atol=1e-10) if exact else dict(rtol=1e-5, atol=2e-6)
     torch.testing.assert_close(loss.double(), want.double(), **tol)
     for got, ref in zip(
         grads(loss, [image, *texts, scale]), grads(want, [image, *texts, scale]), strict=True
@@ -127,7 +131,7 @@ def _paired_case(kind: str, g_count: int, n: int = 7):
 @pytest.mark.parametrize("support", ["samples", "coarse"])
 @pytest.mark.parametrize("g_count", [1, 2, 3])
 @pytest.mark.parametrize("kind", ["ids", "multi_hot", "soft", "mixed"])
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", PARTIAL_BACKENDS)
 def test_paired_equals_naive(backend, kind, g_count, support):
     n = 7
     labels, rules = _paired_case(kind, g_count, n)
@@ -146,7 +150,7 @@ def test_paired_equals_naive(backend, kind, g_count, support):
 
 @pytest.mark.parametrize("support", ["samples", "coarse"])
 @pytest.mark.parametrize("g_count", [1, 2, 3])
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", PARTIAL_BACKENDS)
 def test_bank_equals_naive(backend, g_count, support):
     n, ks = 7, [5, 4, 6][:g_count]
     gen = torch.Generator().manual_seed(3)
@@ -168,7 +172,7 @@ def test_bank_equals_naive(backend, g_count, support):
 
 
 @pytest.mark.parametrize("option", ["soft", "graded", "images", "bias"])
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", PARTIAL_BACKENDS)
 def test_pointwise_options_equal_naive(backend, option):
     n = 7
     labels, rules = _paired_case("soft", 2, n)
@@ -190,7 +194,7 @@ def test_pointwise_options_equal_naive(backend, option):
 
 
 @pytest.mark.parametrize("term", ["soft_clip_loss", "pointwise_loss"])
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", PARTIAL_BACKENDS)
 def test_adding_an_unannotated_image_changes_nothing(backend, term):
     """An image with no annotation at g leaves the g-terms of the others unchanged."""
     n = 6
@@ -209,7 +213,7 @@ def test_adding_an_unannotated_image_changes_nothing(backend, term):
     torch.testing.assert_close(after, before, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", PARTIAL_BACKENDS)
 def test_unannotated_text_gets_zero_gradient(backend):
     n = 6
     labels = partial_labels(n, 3, seed=6, whole_rows=0)
@@ -222,7 +226,7 @@ def test_unannotated_text_gets_zero_gradient(backend):
     assert (texts[0].grad.abs().sum(1) > 0).sum() == n - 1
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", PARTIAL_BACKENDS)
 def test_all_unknown_granularity_is_a_differentiable_zero(backend):
     n = 5
     image, texts, scale = features(n, [n, n])
@@ -239,7 +243,7 @@ def test_all_unknown_granularity_is_a_differentiable_zero(backend):
     assert (texts[0].grad == 0).all() and torch.isfinite(image.grad).all()
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", PARTIAL_BACKENDS)
 def test_paired_nan_labels_equal_bank_targets(backend):
     """Paired NaN labels and the bank targets from_multi_hot makes of them: the same loss."""
     n = 7
@@ -266,30 +270,28 @@ def test_without_unknowns_nothing_changes(backend):
         image, texts, scale, labels=[ids, multi]
     )
     want = naive.mgll(image, texts, scale, labels=[ids, multi])
-    torch.testing.assert_close(loss, want, rtol=1e-9, atol=1e-10)
+    tol = dict(rtol=1e-5, atol=2e-6) if backend == "triton" else dict(rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(loss.double(), want, **tol)
 
 
-# ------------------------------------------------------------------ what stays an error
-
-
-@pytest.mark.parametrize(
-    ("bad", "match"),
-    [
-        (torch.tensor([[1.0, math.inf]]).repeat(4, 1), r"labels\[0\].*finite|inf"),
-        (torch.tensor([[1.0, -0.5]]).repeat(4, 1), r"labels\[0\]"),
-        (torch.tensor([0, -2, 1, 1]), r"labels\[0\].*-1"),
-    ],
-    ids=["inf", "negative", "negative id"],
-)
-def test_bad_labels_still_raise(bad, match):
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton cannot run here")
+def test_triton_says_so():
     image, texts, scale = features(4, [4], dtype=torch.float32)
-    with pytest.raises(ValueError, match=match):
-        mgll.MGLLLoss()(image, texts, scale, labels=[bad])
+    labels = torch.tensor([0, -1, 1, 0])
+    with pytest.raises(ValueError, match=r'backend="triton" does not handle unknown labels yet'):
+        mgll.MGLLLoss(backend="triton")(image, texts, scale, labels=[labels])
 
 
-def test_nan_features_still_raise():
-    image, texts, scale = features(4, [4], dtype=torch.float32)
-    with torch.no_grad():
-        image[0, 0] = NAN
-    with pytest.raises(ValueError, match="image_features"):
-        mgll.MGLLLoss()(image, texts, scale, labels=[torch.tensor([0, 1, 0, 1])])
+@pytest.mark.parametrize("partial", [False, True])
+def test_auto_never_picks_triton_for_unknowns(monkeypatch, partial):
+    """On CUDA with Triton, "auto" picks "triton", except for a batch with unknown labels."""
+    from types import SimpleNamespace
+
+    import mgll.backends as backends
+    from mgll.targets.cooc import CoOccurrence
+
+    monkeypatch.setattr(backends, "logits_bytes", lambda problem: 0)
+    monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: object())
+    cooc = CoOccurrence("ids", torch.tensor([0, -1, 1]), partial=partial)
+    problem = SimpleNamespace(image=SimpleNamespace(device=torch.device("cuda")), cooc=[cooc])
+    assert backends.choose_backend(problem) == ("fused" if partial else "triton")

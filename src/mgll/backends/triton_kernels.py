@@ -68,9 +68,16 @@ def compute(problem: Problem, config: LossConfig) -> LossTerms:
 
     Raises:
         ImportError: triton is not installed.
-        ValueError: the features are on a device the kernels cannot run on, or ``problem.rows``
-            / ``problem.cols`` is a slice with a step.
+        ValueError: the features are on a device the kernels cannot run on, ``problem.rows``
+            / ``problem.cols`` is a slice with a step, or some labels are unknown (not yet
+            supported by the kernels).
     """
+    if any(c.partial for c in problem.cooc):
+        raise ValueError(
+            'backend="triton" does not handle unknown labels yet (NaN labels, the id -1, NaN '
+            'targets: see the "Partial annotation" page); use backend="fused" or "tiled", or '
+            '"auto", which picks one of them for such a batch'
+        )
     fwd, bwd = _kernels()
     interpreted = _is_interpreted(fwd.stats_kernel)
     device = problem.image.device
