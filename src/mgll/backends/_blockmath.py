@@ -26,7 +26,6 @@ import torch
 from torch import Tensor
 
 from mgll._problem import LossConfig, Problem, kl_contributes, pointwise_norm
-from mgll._terms import partial_smooth_kl_rows
 from mgll.targets.cooc import apply_map, apply_map_transposed, map_takes_part
 
 # ------------------------------------------------------------------------------ planning
@@ -262,19 +261,53 @@ def mask_logits(z: Tensor, known: Tensor | None) -> Tensor:
 
 
 def partial_kl_strip(problem: Problem, logits: list[Tensor], rows: slice, want_grad: bool):
-    """The smooth KL of image rows ``rows`` with unknowns, from their full rows of logits.
+    r"""The smooth KL of image rows ``rows`` with unknowns, and its gradient w.r.t. their logits.
 
-    The rows' value and, with ``want_grad``, its gradient w.r.t. each (r, K_g) logit block, by
-    autograd over :func:`mgll._terms.partial_smooth_kl_rows` on these rows alone (its memory is
-    that of the rows).  Unknown labels only: see docs/partial_annotation.rst.
+    The value is :func:`mgll._terms.partial_smooth_kl_rows` (docs/partial_annotation.rst); the
+    gradient is analytic, the derivative of exactly that expression:
+    :math:`\partial/\partial q^g_j = [q^g_j > 0](\log(q^g_j/m_j) + 1) - [\exists h: q^h_j > 0]`
+    for a granularity g where the image is compared, back through
+    :math:`q = u / \sum u`, :math:`u = (\mathrm{softmax}(z) R \odot \mathrm{support}) S`.
+    ``logits[g]`` holds the rows' full (r, K_g) logits.
     """
     part = problem.partial
-    with torch.enable_grad():
-        zs = [z.detach().requires_grad_(want_grad) for z in logits]
-        value = partial_smooth_kl_rows(zs, part.owners, part.groups, part.annotated, rows)
-        if not want_grad:
-            return value.detach(), None
-        return value.detach(), torch.autograd.grad(value, zs)
+    take = part.annotated[:, rows]  # (G, n)
+    count = take.sum(0)
+    compared = count >= 2
+    support = ~(take[:, :, None] & ~part.annotated[:, None, :]).any(0)  # (n, N)
+    probs, us = [], []
+    for z, r in zip(logits, part.owners, strict=True):
+        if r is None:  # paired: the softmax over the support's texts
+            prob = torch.softmax(z.masked_fill(~support, torch.finfo(z.dtype).min), dim=1)
+        else:
+            prob = torch.softmax(z, dim=1)
+        probs.append(prob)
+        us.append(apply_map((prob if r is None else prob @ r) * support, part.groups))
+    u = torch.stack(us)  # (G, n, J)
+    total = u.sum(-1, keepdim=True)
+    q = _safe_div(u, total) * take[:, :, None]
+    m = _safe_div(q.sum(0), count[:, None].to(q.dtype))
+    positive = q > 0
+    log_ratio = torch.where(positive, q, 1).log() - torch.where(positive, m.expand_as(q), 1).log()
+    kl = torch.where(positive, q * log_ratio, 0).sum((0, 2))
+    kl = torch.where(compared, kl, 0)
+    value = kl.clamp_min(0).sum()  # each row's KL >= 0, up to rounding
+    if not want_grad:
+        return value, None
+    any_positive = positive.any(0, keepdim=True)
+    gq = torch.where(positive, log_ratio + 1, 0) - (take[:, :, None] & any_positive).to(q.dtype)
+    gq = gq * compared[None, :, None]
+    gu = _safe_div(gq - (q * gq).sum(-1, keepdim=True), total) * take[:, :, None]
+    grads = []
+    for g, (prob, r) in enumerate(zip(probs, part.owners, strict=True)):
+        g_over = apply_map_transposed(gu[g], part.groups) * support
+        g_prob = g_over if r is None else g_over @ r.T
+        grads.append(prob * (g_prob - (prob * g_prob).sum(-1, keepdim=True)))
+    return value, grads
+
+
+def _safe_div(num: Tensor, den: Tensor) -> Tensor:
+    return num / torch.where(den > 0, den, torch.ones_like(den))
 
 
 def col_targets(problem: Problem, v: GroupView, rows: slice, cols: list[slice], dtype):
