@@ -175,7 +175,7 @@ def _block(plan, st, blk: bm.Block, image, scale, bias, texts, want_grad, values
             known = None
             if v.partial:  # unknown pairs: out of every softmax and sum (their logits masked)
                 c, c_col, known = bm.known_targets(c, c_col)
-                chunk = bm.mask_logits(chunk, known)
+                chunk.masked_fill_(~known, torch.finfo(dtype).min)  # done already with a t2i side
             col_part = None
             if factor is not None and (need_prob or want_grad):
                 e = torch.sub(chunk, shift).exp_()
@@ -183,9 +183,8 @@ def _block(plan, st, blk: bm.Block, image, scale, bias, texts, want_grad, values
                 col_part = e.mul_(factor) if want_grad else None
             else:
                 prob, rlse = bm.row_softmax(chunk, shift) if need_prob else (None, None)
-            # dZ may overwrite the chunk's logits at once unless the KL still reads them
-            keep = plan.kl and (st.kl_identity or partial_kl)
-            out = chunk if want_grad and not keep else None
+            # dZ may overwrite the chunk's logits at once unless the paired KL still reads them
+            out = chunk if want_grad and not (plan.kl and st.kl_identity) else None
             ce, pw, dz, dbias = bm.tile_terms(
                 chunk,
                 c,
@@ -208,7 +207,7 @@ def _block(plan, st, blk: bm.Block, image, scale, bias, texts, want_grad, values
             db = db + dbias
             parts.append((dz, prob, rlse))
         if partial_kl:
-            _partial_kl(plan, st, blk, zs, rs, rows, parts, want_grad, values)
+            _partial_kl(plan, st, blk, xs[rs], texts, rows, parts, want_grad, values)
         elif plan.kl and blk.do_rows:
             _smooth_kl(plan, st, blk, zs, rs, parts, want_grad, values)
         if want_grad:
@@ -230,26 +229,23 @@ def _column_lse(v: bm.GroupView, z: Tensor, values, shift=None, known=None) -> T
 
     ``shift``: a bound on every logit (see :func:`~mgll.backends._blockmath.logit_bound`) used
     instead of the column maximum, which then needs no pass of its own.  ``known(rows)``: the
-    known pairs of a slice of the stack's rows, when some pairs are unknown (left out).
+    known pairs of a slice of the stack's rows, when some pairs are unknown: their logits are
+    set to the most negative float in place (the row direction reads them so, too).
     """
     if v.col_mass is None:
         return None
     step = max(1, CHUNK // max(1, z.shape[0] * z.shape[2]))
-
-    def chunks():
+    if known is not None:  # the unknown logits masked in place, once for both directions
         for a in range(0, z.shape[1], step):
             rs = slice(a, a + step)
-            yield z[:, rs] if known is None else bm.mask_logits(z[:, rs], known(rs))
-
+            z[:, rs].masked_fill_(~known(rs), torch.finfo(z.dtype).min)
     if shift is not None:
         top = z.new_full((z.shape[0], 1, z.shape[2]), shift)
-    elif known is None:
-        top = z.amax(1, keepdim=True)
     else:
-        top = torch.stack([part.amax(1, keepdim=True) for part in chunks()]).amax(0)
+        top = z.amax(1, keepdim=True)
     total = torch.zeros_like(top)
-    for part in chunks():
-        total += torch.sub(part, top).exp_().sum(1, keepdim=True)
+    for a in range(0, z.shape[1], step):
+        total += torch.sub(z[:, a : a + step], top).exp_().sum(1, keepdim=True)
     clse = top + total.log_()
     values[0] += (v.col_mass * clse).sum()
     return clse
@@ -293,12 +289,13 @@ def _known_rows(plan: bm.Plan, v: bm.GroupView, blk: bm.Block):
     return known
 
 
-def _partial_kl(plan, st: bm.Stats, blk, zs, rs, rows, parts, want_grad, values):
-    """The smooth-KL share of a chunk of full rows when some labels are unknown."""
-    logits = [None] * plan.problem.num_granularities
-    for gs, z in zip(blk.groups, zs, strict=True):
-        for j, g in enumerate(gs):
-            logits[g] = z[j, rs]
+def _partial_kl(plan, st: bm.Stats, blk, xs, texts, rows, parts, want_grad, values):
+    """The smooth-KL share of a chunk of full rows when some labels are unknown.
+
+    Its logits are recomputed from the features (``xs``: the rows' scaled features): the
+    buffer's have their unknown pairs masked, and the smooth KL reads every pair it compares.
+    """
+    logits = [xs @ t.T for t in texts]
     value, grads = bm.partial_kl_strip(plan.problem, logits, rows, want_grad)
     values[2] += value * st.w_kl
     if want_grad:

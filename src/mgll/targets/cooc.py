@@ -14,7 +14,7 @@ from torch import Tensor
 
 from mgll.targets.overlap import is_binary_dtype, overlap, partial_overlap
 
-_CHUNK = 1024  # rows per block when a statistic needs every entry of C
+_ELEMENTS = 1 << 18  # entries of C per block when a statistic needs every entry
 
 
 @dataclass(frozen=True)
@@ -96,9 +96,7 @@ class CoOccurrence:
         if self.kind == "ids":  # symmetric: every annotated pair is known
             ann = self.annotated()
             return torch.where(ann, ann.sum(), 0)
-        return torch.cat(
-            [(~torch.isnan(self.block(slice(s, s + _CHUNK)))).sum(1) for s in range(0, n, _CHUNK)]
-        )
+        return self._over_sets(lambda w, known: known.to(torch.float64)).to(torch.int64)
 
     def dense(self, dtype=None) -> Tensor:
         return self.block(dtype=dtype)
@@ -114,24 +112,35 @@ class CoOccurrence:
             return torch.where(self.data >= 0, sums, 0) if self.partial else sums
         if self.data.shape[1] == 0:  # multi-hot over C_g = 0 classes: no positive anywhere
             return torch.zeros(self.data.shape[0], dtype=dtype, device=self.data.device)
-        # multi_hot: symmetric (every rule is).  Samples with the same label vector have the
-        # same sum, so count the distinct vectors once: U x U overlaps (U <= N, usually far
-        # fewer) in blocks of rows instead of N x N.
-        sets, inverse, counts = torch.unique(
-            self.data, dim=0, return_inverse=True, return_counts=True
-        )
-        sets, counts = sets.to(dtype), counts.to(dtype)
+        # multi_hot: symmetric (every rule is)
+        return self._over_sets(lambda w, known: w, dtype)
+
+    def _over_sets(self, value, dtype=torch.float64) -> Tensor:
+        """Row sums of ``value(weights, known)`` over C's columns, for paired multi-hot labels.
+
+        Samples with the same label vector have the same sums, so the distinct vectors are
+        counted once: U x U blocks (U <= N, usually far fewer), a bounded number of elements
+        at a time, instead of N x N.  NaN entries (not annotated) are one value for this.
+        """
+        x = self.data
+        if self.partial:  # torch.unique keeps every NaN apart: mark them with -1 instead
+            x = torch.where(torch.isnan(x), -1.0, x)
+        sets, inverse, counts = torch.unique(x, dim=0, return_inverse=True, return_counts=True)
+        sets = sets.to(dtype)
+        if self.partial:
+            sets = torch.where(sets < 0, torch.nan, sets)
+        counts = counts.to(dtype)
         binary = self.zero_one_labels
-
-        def weights(a: Tensor) -> Tensor:  # the known weights: 0 at the unknown pairs
+        step = max(1, _ELEMENTS // max(1, len(sets)))
+        sums = []
+        for s in range(0, len(sets), step):
+            a = sets[s : s + step]
             if self.partial:
-                return partial_overlap(a, sets, self.rule, binary)[0]
-            return overlap(a, sets, self.rule, binary)
-
-        sums = torch.cat(
-            [weights(sets[s : s + _CHUNK]) @ counts for s in range(0, len(sets), _CHUNK)]
-        )
-        return sums[inverse]
+                weights, known = partial_overlap(a, sets, self.rule, binary)
+            else:
+                weights, known = overlap(a, sets, self.rule, binary), None
+            sums.append(value(weights, known) @ counts)
+        return torch.cat(sums)[inverse]
 
     def anchor_counts(self) -> tuple[Tensor, Tensor]:
         """Numbers of rows and of columns with at least one positive (|A_r|, |A_c|)."""

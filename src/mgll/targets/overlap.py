@@ -117,16 +117,25 @@ def partial_overlap(a: Tensor, b: Tensor, rule: str, binary: bool) -> tuple[Tens
     a0, b0 = torch.where(seen_a, a, 0), torch.where(seen_b, b, 0)
     if rule == "jaccard":  # the union runs over the classes both annotate
         inter = a0 @ b0.T if binary else _pairwise(a0, b0, _sum_min, 0.0)
-        union = a0 @ seen_b.to(a.dtype).T + seen_a.to(a.dtype) @ b0.T - inter
-        weights = inter / torch.where(union > 0, union, torch.ones_like(union))
+        # sum_c seen_a seen_b max(a, b) = a0 . seen_b + seen_a . b0 - inter, in one product
+        union = torch.cat([a0, seen_a.to(a.dtype)], 1) @ torch.cat([seen_b.to(b.dtype), b0], 1).T
+        weights = inter / torch.where(union > inter, union - inter, torch.ones_like(union))
     else:  # an unannotated class adds nothing to "any" or "count": it reads as absent
         weights = overlap(a0, b0, rule, binary)
-    # negative: no class where neither is an annotated 0, i.e. nothing could be shared
-    open_a, open_b = ~(seen_a & (a == 0)), ~(seen_b & (b == 0))
-    shareable = open_a.to(a.dtype) @ open_b.to(a.dtype).T
-    known = (weights > 0) | (shareable == 0)
-    # a row with no annotation at all (no text either) is unknown to everyone
-    return weights, known & seen_a.any(1)[:, None] & seen_b.any(1)[None, :]
+    shareable = _shareable(seen_a, a, True) @ _shareable(seen_b, b, False).T
+    return weights, (weights > 0) | (shareable == 0)
+
+
+def _shareable(seen: Tensor, x: Tensor, left: bool) -> Tensor:
+    """The classes a row could share (all but its annotated 0s), as floats, plus two columns
+    that make every pair with a row annotated nowhere shareable, hence unknown, never negative.
+
+    The product of a left and a right row is 0 exactly when, for every class, one of the two
+    is an annotated 0; the extra columns add ``nowhere(a) + nowhere(b)`` to it.
+    """
+    nowhere = ~seen.any(1, keepdim=True)
+    extra = [nowhere, torch.ones_like(nowhere)] if left else [torch.ones_like(nowhere), nowhere]
+    return torch.cat([~(seen & (x == 0)), *extra], 1).to(x.dtype)
 
 
 def _sum_min(x: Tensor, y: Tensor) -> Tensor:
