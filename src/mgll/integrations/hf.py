@@ -306,9 +306,18 @@ class MultiGranularDataCollator:
         items = []
         for i, row in enumerate(rows):
             if not isinstance(row, Mapping) or self.image_key not in row:
+                hint = ""
+                if isinstance(row, Mapping):  # e.g. every field dropped before the collator
+                    hint = (
+                        "; a transformers.Trainer with `remove_unused_columns=True` (its default) "
+                        "drops the fields that are no argument of the model's forward before "
+                        "they reach the collator: pass TrainingArguments(..., "
+                        "remove_unused_columns=False) or use "
+                        "mgll.integrations.hf_trainer.MGLLTrainer, which sets it"
+                    )
                 raise ValueError(
                     f"`rows[{i}]` must be a mapping with the image under {self.image_key!r}, got "
-                    f"{sorted(row) if isinstance(row, Mapping) else type(row).__name__}"
+                    f"{sorted(row) if isinstance(row, Mapping) else type(row).__name__}{hint}"
                 )
             items.append(
                 (row[self.image_key], {k: v for k, v in row.items() if k != self.image_key})
