@@ -95,17 +95,21 @@ class ImageTableDataset(Dataset):
         Raises:
             ValueError: naming the file, its line and column, and the unknown labels.
         """
-        for gran in granularities:
-            if gran.classes is None or gran.source not in self.columns:
-                continue
-            for annotation, line in zip(self.annotations, self.lines, strict=True):
+        declared = [g for g in granularities if g.classes is not None and g.source in self.columns]
+        bad = []
+        for annotation, line in zip(self.annotations, self.lines, strict=True):
+            for gran in declared:
                 try:
                     gran.weights_of(annotation, "row")
                 except (ValueError, TypeError) as err:
-                    raise ValueError(
-                        f"{str(self.path)!r}, line {line}, column {gran.source!r}: {err}; fix the "
-                        f"row, or add the label to `classes` of granularity {gran.name!r}"
-                    ) from None
+                    bad.append((line, gran, err))
+        if bad:
+            line, gran, err = bad[0]
+            more = f" (and {len(bad) - 1} more bad cell(s))" if len(bad) > 1 else ""
+            raise ValueError(
+                f"{str(self.path)!r}, line {line}, column {gran.source!r}: {err}{more}; fix the "
+                f"rows, or add the labels to `classes` of granularity {gran.name!r}"
+            )
 
     def __len__(self) -> int:
         return len(self.images)
