@@ -301,3 +301,28 @@ def test_rank_disagreement_says_what_differs_rank_by_rank():
     other = [("digits", ("0", "1", "3")), ("parity", ("even", "odd"))]
     message = open_clip_train._differences([base, base, other])
     assert message == "rank 2, granularity 'digits': only on rank 2: ['3']; only on rank 0: ['2']"
+
+
+def test_mgll_trainer_checks_every_row_before_training(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from mgll.integrations.hf_trainer import MGLLTrainer
+
+    rows = [{"image": torch.randn(12), **ROWS[i % 4]} for i in range(9)]
+    rows[7] = {**rows[7], "digits": "1|7"}  # 7 is not a declared class
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    collator = hf.MultiGranularDataCollator(BUILDER, tokenize)
+    with pytest.raises(ValueError, match=r"`rows\[7\]\['digits'\]` holds labels not in .*'7'"):
+        MGLLTrainer(model=hf.MGLLModel(ToyHF()), args=args, train_dataset=rows,
+                    data_collator=collator)  # fmt: skip
+
+    class Columns:  # a datasets.Dataset's column access, without the datasets package
+        column_names = ("image", "digits", "parity")
+
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, column):
+            return [r[column] for r in rows]
+
+    with pytest.raises(ValueError, match=r"`rows\[7\]\['digits'\]`"):
+        collator.check(Columns())
