@@ -262,6 +262,19 @@ def _mixed_label_dtypes(rank, world, start, stop):
         raise ValueError(f"mixed label dtypes changed the loss: {got} instead of {expected}")
 
 
+def _mixed_target_dtypes(rank, world, start, stop):
+    """Bank mode: the same targets as float64 / int64 on most ranks, float32 / bool on the last."""
+    data = local_part(make_data("bank", 16), "bank", start, stop)
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    expected = mgll.MGLLLoss()(data["images"], data["texts"], scale, targets=data["targets"])
+    soft, binary = data["targets"]
+    if rank == world - 1:
+        soft, binary = soft.float(), binary.bool()
+    got = mgll.MGLLLoss()(data["images"], data["texts"], scale, targets=[soft, binary])
+    if not torch.allclose(got, expected, rtol=1e-6, atol=0):
+        raise ValueError(f"mixed target dtypes changed the loss: {got} instead of {expected}")
+
+
 def _every_rank_empty(rank, world, start, stop):
     _paired_call(rank, start, start)  # N = 0 on every rank: the global batch is empty
 
@@ -274,6 +287,7 @@ BAD_CONFIGURATIONS = {
     "wrong-world_size": _wrong_world_size,
     "mismatched-overlap": _mismatched_overlap,
     "mixed-label-dtypes": _mixed_label_dtypes,
+    "mixed-target-dtypes": _mixed_target_dtypes,
     "valid-after-errors": _valid_after_errors,
     "every-rank-empty": _every_rank_empty,
 }
@@ -285,6 +299,7 @@ EXPECTED_ERRORS = {
     "wrong-world_size": r"`world_size=\d` does not match the process group, whose world_size is \d",
     "mismatched-overlap": r"every rank must agree on the overlap rule of `labels\[0\]` \(`overlap=`\), got 'jaccard' on ranks \[0\]; 'count' on ranks \[1",
     "mixed-label-dtypes": None,
+    "mixed-target-dtypes": None,
     "valid-after-errors": None,
     "every-rank-empty": r"every rank passed an empty batch \(N=0 on all \d ranks\)",
 }

@@ -195,7 +195,10 @@ def gather_batch(
         cols = [slice(start, start + n_local)] * g_count
     else:
         image = _gather_features(image, sizes, group, rank, options)
-        values = [_gather_rows(t, sizes, group, rank) for t in values]
+        dtypes = _agree_labels(values, None, image.device, group, world)
+        values = [
+            _gather_rows(t.to(d), sizes, group, rank) for t, d in zip(values, dtypes, strict=True)
+        ]
         cols = [bank_columns(t.shape[0], rank, world) for t in texts]
     if not options.local_loss:
         return GlobalBatch(image, list(texts), values)
@@ -273,7 +276,8 @@ def _agree(image, texts, mode, values, options, group, world) -> list[int]:
 
 
 def _agree_labels(labels, rules, device, group, world) -> list[torch.dtype]:
-    """Check the overlap rules across ranks; the labels' common dtype per granularity.
+    """Check the overlap rules across ranks; the common dtype per granularity of the labels
+    (paired) or targets (bank, ``rules=None``).
 
     The same 0/1 labels may come as bool on one rank and float on another (a different
     collate): they are gathered in one promoted dtype, the same on every rank, instead of
