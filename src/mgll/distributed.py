@@ -288,9 +288,10 @@ def _agree_labels(labels, rules, device, group, world) -> list[torch.dtype]:
         rule = -1 if rules is None else _RULES.index(rules[g])
         codes += [_LABEL_DTYPES.index(x.dtype) if x.dtype in _LABEL_DTYPES else -1, rule]
     table = _all_gather_ints(codes, device, group, world).reshape(world, len(labels), 2)
+    name = "targets" if rules is None else "labels"
     for g in range(len(labels)):
         _same(table[:, g, 1], f"the overlap rule of `labels[{g}]` (`overlap=`)", _RULES)
-        _same(table[:, g, 0].clamp_max(0), f"`labels[{g}]`: a dtype mgll can gather (0)")
+        _same(table[:, g, 0].clamp_max(0), f"`{name}[{g}]`: a dtype mgll can gather (0)")
     return [
         functools.reduce(torch.promote_types, (_LABEL_DTYPES[int(c)] for c in table[:, g, 0]))
         for g in range(len(labels))
