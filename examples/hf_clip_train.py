@@ -189,7 +189,8 @@ def train_fully_shard(steps: int, workdir: Path, lr: float) -> list[float]:
             scale.grad /= world
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(out["loss"]))
+        losses.append(float(out["loss"].detach()))
+    workdir.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()  # DTensor shards: full_tensor() gathers them (on every rank)
     full = {k: getattr(v, "full_tensor", lambda v=v: v)().detach() for k, v in state.items()}
     flat = torch.cat([full[k].flatten() for k in sorted(full)])
