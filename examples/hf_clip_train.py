@@ -14,6 +14,9 @@ module in DDP.  Needs the ``[examples]`` extra:
 * ``python examples/hf_clip_train.py --check-replicas``: train under ``torchrun`` with 2
   processes (batch 8 each) and in one process (batch 16) on the same rows, and check that the
   two replicas end with identical parameters, equal to the single process's within ``--atol``.
+* ``python examples/hf_clip_train.py --check-replicas --fsdp``: the same with torch's
+  ``fully_shard`` (FSDP2) in a plain loop instead of the ``Trainer`` (accelerate runs DDP on
+  CPUs even when asked for FSDP; see the integrations guide).
 """
 
 from __future__ import annotations
@@ -148,7 +151,56 @@ def train(steps: int, workdir: Path, lr: float, optim: str = "adamw_torch") -> l
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-def check_replicas(workdir: Path, steps: int, atol: float) -> None:
+def train_fully_shard(steps: int, workdir: Path, lr: float) -> list[float]:
+    """The same rows and model with torch's ``fully_shard`` (FSDP2) and a plain loop.
+
+    Not the ``Trainer``: accelerate enables its FSDP plugin only for accelerator devices and
+    runs DDP on CPUs (docs/guide_integrations.rst, "Beyond DDP").  ``CLIPModel.logit_scale``
+    is a 0-d parameter, which ``fully_shard`` refuses: it stays replicated, its gradient
+    averaged over the ranks as DDP would.
+    """
+    import torch.distributed as dist
+    from transformers import CLIPImageProcessor
+
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    torch.manual_seed(0)
+    data = rows(GLOBAL_BATCH * steps)
+    words = ["a", "canvas", "with", "the", "digits", "and", "even", "odd", *map(str, range(10))]
+    tokenizer = WordTokenizer(words)
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    model = MGLLModel(build_model(vocab_size=len(tokenizer.ids) + 3))
+    collate = MultiGranularDataCollator(builder(), tokenizer, processor)
+    scale = model.model.logit_scale
+    if world > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        dist.init_process_group("gloo")
+        fully_shard(model, ignored_params={scale})
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    losses, local = [], GLOBAL_BATCH // world
+    for step in range(steps):
+        first = step * GLOBAL_BATCH + rank * local
+        out = model(**collate(data[first : first + local]))
+        out["loss"].backward()
+        if world > 1:
+            dist.all_reduce(scale.grad)
+            scale.grad /= world
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(out["loss"].detach()))
+    workdir.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()  # DTensor shards: full_tensor() gathers them (on every rank)
+    full = {k: getattr(v, "full_tensor", lambda v=v: v)().detach() for k, v in state.items()}
+    flat = torch.cat([full[k].flatten() for k in sorted(full)])
+    torch.save(flat, workdir / f"params_world{world}_rank{rank}.pt")
+    if world > 1:
+        dist.destroy_process_group()
+    return losses
+
+
+def check_replicas(workdir: Path, steps: int, atol: float, fsdp: bool = False) -> None:
     """torchrun 2 processes vs 1 process on the concatenated batch: compare the parameters."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     # plain SGD: Adam's first steps (g / (|g| + eps)) would blow float rounding up to ~lr
@@ -162,9 +214,12 @@ def check_replicas(workdir: Path, steps: int, atol: float) -> None:
         "sgd",
         "--lr",
         "0.05",
+        *(["--fsdp"] if fsdp else []),
     ]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    for cmd in ([*torchrun, *me], [sys.executable, *me, "--smoke"]):
+    # the smoke checks need the Trainer's gradient clipping, which the fully_shard loop lacks
+    single = [sys.executable, *me] if fsdp else [sys.executable, *me, "--smoke"]
+    for cmd in ([*torchrun, *me], single):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -181,7 +236,8 @@ def check_replicas(workdir: Path, steps: int, atol: float) -> None:
         raise SystemExit(f"the replicas drifted apart: max difference {between}")
     if not to_single <= atol:
         raise SystemExit(f"2 processes differ from 1 process by {to_single} > atol {atol}")
-    print(f"replicas: ok (identical; equal to one process within atol={atol:g})")
+    kind = "fully_shard" if fsdp else "replicas"
+    print(f"{kind}: ok (identical on both ranks; equal to one process within atol={atol:g})")
 
 
 def main(argv: list[str] | None = None) -> list[float]:
@@ -192,14 +248,18 @@ def main(argv: list[str] | None = None) -> list[float]:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--optim", default="adamw_torch", help="a TrainingArguments optim")
     parser.add_argument("--atol", type=float, default=1e-5)
+    parser.add_argument("--fsdp", action="store_true", help="torch's fully_shard, a plain loop")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args(argv)
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="mgll_hf_"))).resolve()
     if args.check_replicas:
-        check_replicas(workdir, steps=4, atol=args.atol)
+        check_replicas(workdir, steps=4, atol=args.atol, fsdp=args.fsdp)
         return []
     steps = args.steps if args.steps is not None else (8 if args.smoke else 60)
-    losses = train(steps, workdir, args.lr, args.optim)
+    if args.fsdp:
+        losses = train_fully_shard(steps, workdir, args.lr)
+    else:
+        losses = train(steps, workdir, args.lr, args.optim)
     if int(os.environ.get("RANK", "0")) == 0:
         print("losses:", " ".join(f"{x:.4f}" for x in losses))
     if args.smoke:

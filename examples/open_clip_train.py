@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     log = (folder / "logs" / "run" / "out.log").read_text() if proc.returncode == 0 else ""
     if proc.returncode != 0:
         raise SystemExit(f"the trainer failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    print("\n".join(x for x in proc.stdout.splitlines() if x.startswith("mgll: granularity")))
     for line in log.splitlines():
         if "Train Epoch" in line or "zero-shot" in line or "Eval Epoch" in line:
             print(line.split(" | ")[-1])
@@ -167,6 +168,8 @@ def main(argv: list[str] | None = None) -> list[float]:
         means = {e: m for e, _, m in steps}  # the last running mean of each epoch
         if not means[max(means)] < means[min(means)]:
             raise SystemExit(f"smoke: the epoch-mean loss did not fall: {means}")
+        if "mgll: granularity 'digits': 10 classes (declared)" not in proc.stdout:
+            raise SystemExit(f"smoke: the class counts were not printed:\n{proc.stdout[-2000:]}")
         missing = [t for t in LOSS_TERMS if f"{t}: " not in log]
         if missing or "mgll_zeroshot_auroc_digits" not in log:
             raise SystemExit(f"smoke: the log lacks {missing or 'the zero-shot AUROC'}")

@@ -262,6 +262,37 @@ def _valid_after_errors(rank, world, start, stop):
     _paired_call(rank, start, stop, local_loss=True, gather_with_grad=True)
 
 
+def _mismatched_overlap(rank, world, start, stop):
+    _paired_call(rank, start, stop, overlap="jaccard" if rank == 0 else "count")
+
+
+def _mixed_label_dtypes(rank, world, start, stop):
+    """The same 0/1 labels, bool / int64 on most ranks and float / int32 on the last one."""
+    data = local_part(make_data("paired", 16), "paired", start, stop)
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    loss_fn = mgll.MGLLLoss(overlap="jaccard")
+    expected = loss_fn(data["images"], data["texts"], scale, labels=data["labels"])
+    ids, multi_hot = data["labels"]
+    if rank == world - 1:
+        ids, multi_hot = ids.int(), multi_hot.float()
+    got = loss_fn(data["images"], data["texts"], scale, labels=[ids, multi_hot])
+    if not torch.allclose(got, expected, rtol=1e-12, atol=0):
+        raise ValueError(f"mixed label dtypes changed the loss: {got} instead of {expected}")
+
+
+def _mixed_target_dtypes(rank, world, start, stop):
+    """Bank mode: the same targets as float64 / int64 on most ranks, float32 / bool on the last."""
+    data = local_part(make_data("bank", 16), "bank", start, stop)
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    expected = mgll.MGLLLoss()(data["images"], data["texts"], scale, targets=data["targets"])
+    soft, binary = data["targets"]
+    if rank == world - 1:
+        soft, binary = soft.float(), binary.bool()
+    got = mgll.MGLLLoss()(data["images"], data["texts"], scale, targets=[soft, binary])
+    if not torch.allclose(got, expected, rtol=1e-6, atol=0):
+        raise ValueError(f"mixed target dtypes changed the loss: {got} instead of {expected}")
+
+
 def _every_rank_empty(rank, world, start, stop):
     _paired_call(rank, start, start)  # N = 0 on every rank: the global batch is empty
 
@@ -272,6 +303,9 @@ BAD_CONFIGURATIONS = {
     "mismatched-bank": _mismatched_bank,
     "mismatched-local_loss": _mismatched_local_loss,
     "wrong-world_size": _wrong_world_size,
+    "mismatched-overlap": _mismatched_overlap,
+    "mixed-label-dtypes": _mixed_label_dtypes,
+    "mixed-target-dtypes": _mixed_target_dtypes,
     "valid-after-errors": _valid_after_errors,
     "every-rank-empty": _every_rank_empty,
 }
@@ -281,6 +315,9 @@ EXPECTED_ERRORS = {
     "mismatched-bank": r"every rank must agree on the text bank `text_features\[0\]` \(K_0 texts",
     "mismatched-local_loss": r"every rank must agree on `local_loss`, got 1 on ranks \[0\]; 0 on",
     "wrong-world_size": r"`world_size=\d` does not match the process group, whose world_size is \d",
+    "mismatched-overlap": r"every rank must agree on the overlap rule of `labels\[0\]` \(`overlap=`\), got 'jaccard' on ranks \[0\]; 'count' on ranks \[1",
+    "mixed-label-dtypes": None,
+    "mixed-target-dtypes": None,
     "valid-after-errors": None,
     "every-rank-empty": r"every rank passed an empty batch \(N=0 on all \d ranks\)",
 }

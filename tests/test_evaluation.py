@@ -230,3 +230,66 @@ def test_ridge_probe_ranks_like_the_logistic_one_on_easy_data():
     assert ridge > 0.95 and logistic > 0.95
     with pytest.raises(ValueError, match="solver"):
         linear_probe(x, y, x, solver="svm")
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("bad", [NAN, INF, -INF], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize(
+    ("metric", "arg"),
+    [
+        (lambda s, g: mean_average_precision(s, g), "scores"),
+        (lambda s, g: ndcg(s, g), "scores"),
+        (lambda s, g: macro_auroc(s, g), "scores"),
+        (lambda s, g: mean_average_precision(g, s.abs()), "relevant"),
+        (lambda s, g: ndcg(g, s.abs()), "gains"),
+    ],
+    ids=["map", "ndcg", "auroc", "map-relevant", "ndcg-gains"],
+)
+def test_every_metric_rejects_non_finite_scores(metric, arg, bad):
+    scores = torch.tensor([[0.9, 0.2, 0.4], [0.1, 0.8, 0.3]])
+    scores[1, 2] = bad
+    truth = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    with pytest.raises(ValueError, match=rf"`{arg}` must be finite .* at index \(1, 2\)"):
+        metric(scores, truth)
+
+
+def test_retrieval_ignores_non_finite_scores_it_excludes():
+    scores = torch.tensor([[INF, 0.9, 0.1]])  # the query itself, excluded
+    exclude = torch.tensor([[True, False, False]])
+    assert mean_average_precision(scores, torch.tensor([[1, 1, 0]]), exclude) == 1.0
+
+
+@pytest.mark.parametrize("where", ["train_features", "test_features"])
+@pytest.mark.parametrize("bad", [NAN, INF], ids=["nan", "inf"])
+@pytest.mark.parametrize("solver", ["logistic", "ridge"])
+def test_probe_rejects_non_finite_features(where, bad, solver):
+    x = torch.randn(12, 3, generator=torch.Generator().manual_seed(0))
+    y = (x[:, :1] > 0).float()
+    xt = x[:4].clone()
+    (x if where == "train_features" else xt)[2, 1] = bad
+    with pytest.raises(ValueError, match=rf"`{where}` must be finite .* at index \(2, 1\)"):
+        linear_probe(x, y, xt, folds=2, solver=solver)
+
+
+@pytest.mark.parametrize(
+    ("where", "match"),
+    [
+        ("image_features", r"`image_features` must be finite"),
+        ("caption_features", r"`caption_features` must be finite"),
+        ("caption_labels", r"`caption_labels` must be finite"),
+        ("negative", r"`caption_labels` must be non-negative .* -1\.0"),
+    ],
+)
+def test_caption_marginal_scores_never_return_nan_or_negative_scores(where, match):
+    images, captions = torch.eye(2), torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    names = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    if where == "negative":
+        names[2, 0] = -1.0
+    else:
+        {"image_features": images, "caption_features": captions, "caption_labels": names}[where][
+            1, 0
+        ] = NAN
+    with pytest.raises(ValueError, match=match):
+        caption_marginal_scores(images, captions, names, logit_scale=1.0)

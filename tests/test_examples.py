@@ -58,13 +58,16 @@ def test_open_clip_train_example(tmp_path, flags):
     assert (tmp_path / "w" / "logs" / "run" / "checkpoints" / "epoch_3.pt").is_file()
 
 
-def test_hf_trainer_example_replicas_stay_identical(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp-trainer", "fully-shard"])
+def test_hf_trainer_example_replicas_stay_identical(tmp_path, fsdp):
     """torchrun 2 gloo processes: identical replicas, equal to one process on the full batch;
-    the one-process run is the smoke run (finite, falling loss)."""
+    the one-process run is the smoke run (finite, falling loss).  With ``--fsdp``: torch's
+    ``fully_shard`` in a plain loop (accelerate runs DDP on CPUs), gathered parameters alike."""
     pytest.importorskip("accelerate")
     pytest.importorskip("mlxtend")
-    out = run([str(EXAMPLES / "hf_clip_train.py"), "--check-replicas", "--workdir", "w"], tmp_path)
-    assert "replicas: ok" in out.stdout
+    flags = ["--check-replicas", "--workdir", "w", *(["--fsdp"] if fsdp else [])]
+    out = run([str(EXAMPLES / "hf_clip_train.py"), *flags], tmp_path)
+    assert ("fully_shard: ok" if fsdp else "replicas: ok") in out.stdout
 
 
 def test_demo_quick(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -216,3 +217,112 @@ def test_hf_model_output_points_ddp_users_to_mgll_model():
 
     with pytest.raises(TypeError, match="Wrap `MGLLModel"):
         hf.model_output(FakeDDP(ToyHF()), torch.randn(2, 12), [torch.zeros(2, 3).long()])
+
+
+def test_hf_collator_points_plain_trainer_users_to_remove_unused_columns():
+    """A plain Trainer with default arguments hands the collator rows without their fields."""
+    transformers = pytest.importorskip("transformers")
+    args = transformers.TrainingArguments(output_dir="unused", report_to=[], use_cpu=True)
+    trainer = transformers.Trainer(
+        model=hf.MGLLModel(ToyHF()),
+        args=args,
+        train_dataset=[{"image": torch.randn(12), **ROWS[i]} for i in range(4)],
+        data_collator=hf.MultiGranularDataCollator(BUILDER, tokenize),
+    )
+    with pytest.raises(ValueError, match=r"got \[\]; .*remove_unused_columns=False.*MGLLTrainer"):
+        next(iter(trainer.get_train_dataloader()))
+
+
+def test_parse_mgll_args_names_an_underscored_option():
+    with pytest.raises(SystemExit, match=r"unknown argument `--mgll_config`.*`--mgll-config`"):
+        open_clip_train.parse_mgll_args(["--mgll_config", "mgll.json"])
+    with pytest.raises(SystemExit, match=r"`--mgll_smooth_kl_weight`.*`--mgll-smooth-kl-weight`"):
+        open_clip_train.parse_mgll_args(["--mgll_smooth_kl_weight=0.5"])
+
+
+def _table(tmp_path, rows, name="train.csv"):
+    (tmp_path / name).write_text("filepath,shapes\n" + "".join(f"a.png,{r}\n" for r in rows))
+    return tmp_path / name
+
+
+def test_image_table_check_names_file_and_line_of_an_unknown_label(tmp_path):
+    path = _table(tmp_path, ["circle", "cross|circle", "square", "circle"])
+    data = image_table.ImageTableDataset(path)
+    declared = Granularity("shapes", separator="|", classes=["circle", "cross"])
+    with pytest.raises(ValueError, match=r"train\.csv', line 4, column 'shapes': .*'square'"):
+        data.check([declared])
+    data.check([Granularity("shapes", separator="|")])  # undeclared: any label
+
+
+def test_launcher_checks_the_whole_table_when_the_dataset_is_built(tmp_path):
+    pytest.importorskip("open_clip_train.main")
+    from types import SimpleNamespace
+
+    path = _table(tmp_path, ["circle"] * 20 + ["square"])  # the bad row is the last one
+    cfg = {"granularities": [Granularity("shapes", separator="|", classes=["circle"])]}
+    args = SimpleNamespace(train_data=str(path), val_data=None, csv_img_key="filepath",
+                           csv_separator=",", distributed=False, batch_size=4, workers=0)  # fmt: skip
+    with pytest.raises(SystemExit, match=r"train\.csv', line 22, column 'shapes'.*'square'"):
+        open_clip_train._Hooks(cfg).csv_data(args, None, is_train=True)
+
+
+@pytest.mark.parametrize(
+    ("rows", "match"),
+    [
+        (
+            ["circle;cross", "square", "circle"],
+            r"1 class name\(s\) contain ';', e\.g\. 'circle;cross'",
+        ),
+        (["Red", "red|blue", "blue"], r"differ only in case: 'Red' / 'red'"),
+    ],
+    ids=["separator", "case"],
+)
+def test_undeclared_classes_that_look_wrong_warn_loudly(tmp_path, caplog, rows, match):
+    path = _table(tmp_path, rows)
+    with caplog.at_level("WARNING"):
+        grans = open_clip_train._classes_from_files([Granularity("shapes", separator="|")], [path])
+    assert len(grans[0].classes) == 3
+    assert any(r.levelname == "WARNING" and re.search(match, r.message) for r in caplog.records)
+
+
+def test_announce_prints_the_class_count_with_examples(capsys):
+    grans = [
+        Granularity("digits", classes=[str(d) for d in range(10)]),
+        Granularity("p", classes=["a"]),
+    ]
+    open_clip_train._announce(grans, declared={"digits"})
+    out = capsys.readouterr().out
+    assert "granularity 'digits': 10 classes (declared): '0', '1', '2', '3', '4', ..." in out
+    assert "granularity 'p': 1 class (read from the data files): 'a'" in out
+
+
+def test_rank_disagreement_says_what_differs_rank_by_rank():
+    base = [("digits", ("0", "1", "2")), ("parity", ("even", "odd"))]
+    other = [("digits", ("0", "1", "3")), ("parity", ("even", "odd"))]
+    message = open_clip_train._differences([base, base, other])
+    assert message == "rank 2, granularity 'digits': only on rank 2: ['3']; only on rank 0: ['2']"
+
+
+def test_mgll_trainer_checks_every_row_before_training(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from mgll.integrations.hf_trainer import MGLLTrainer
+
+    rows = [{"image": torch.randn(12), **ROWS[i % 4]} for i in range(9)]
+    rows[7] = {**rows[7], "digits": "1|7"}  # 7 is not a declared class
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    collator = hf.MultiGranularDataCollator(BUILDER, tokenize)
+    with pytest.raises(ValueError, match=r"`rows\[7\]\['digits'\]` holds labels not in .*'7'"):
+        MGLLTrainer(model=hf.MGLLModel(ToyHF()), args=args, train_dataset=rows,
+                    data_collator=collator)  # fmt: skip
+
+    class Columns:  # a datasets.Dataset's column access, without the datasets package
+        column_names = ("image", "digits", "parity")
+
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, column):
+            return [r[column] for r in rows]
+
+    with pytest.raises(ValueError, match=r"`rows\[7\]\['digits'\]`"):
+        collator.check(Columns())

@@ -100,7 +100,7 @@ def test_auroc_against_sklearn():
             torch.tensor([0.1, float("nan")]),
             torch.tensor([0, 1]),
             ValueError,
-            r"`scores` must be real and finite",
+            r"`scores` must be finite \(no NaN or infinite values\)",
         ),
         (
             torch.rand(2),

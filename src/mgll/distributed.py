@@ -33,6 +33,7 @@ on the concatenated batch.  The mean over ranks of the returned loss (and of eac
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,9 +42,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from mgll.targets.overlap import RULES as _RULES
+
 __all__ = ["global_loss"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_LABEL_DTYPES = _INT_DTYPES + _FLOAT_DTYPES
 
 
 @dataclass(frozen=True)
@@ -147,6 +152,7 @@ def gather_batch(
     mode: str,
     values: Sequence[Tensor],
     options: DistributedOptions,
+    rules: Sequence[str] | None = None,
 ) -> GlobalBatch:
     """The global batch behind this rank's (validated) batch, and what this rank owns.
 
@@ -156,6 +162,7 @@ def gather_batch(
         mode: ``"paired"`` or ``"bank"``.
         values: labels (paired) or targets (bank) per granularity.
         options: from :func:`check_options`.
+        rules: the overlap rule of each granularity (paired mode), checked across ranks.
 
     Shape:
         - image: (N_r, D) on rank r; the result's image: (N, D), N = sum of the N_r
@@ -164,7 +171,7 @@ def gather_batch(
 
     Raises:
         ValueError: on every rank alike when the ranks disagree on G, D, the mode, the dtype,
-            the label widths, K_g or the distributed options (never a hang).
+            the label widths, K_g, the overlap rules or the distributed options (never a hang).
     """
     resolved = resolve_group(options)
     if resolved is None:
@@ -183,11 +190,15 @@ def gather_batch(
         feats = _gather_features(torch.cat([image, *texts], dim=1), sizes, group, rank, options)
         image = feats[:, :width]
         texts = [feats[:, (g + 1) * width : (g + 2) * width].contiguous() for g in range(g_count)]
-        values = _gather_labels(values, sizes, group, rank)
+        dtypes = _agree_labels(values, rules, image.device, group, world)
+        values = _gather_labels(values, sizes, group, rank, dtypes)
         cols = [slice(start, start + n_local)] * g_count
     else:
         image = _gather_features(image, sizes, group, rank, options)
-        values = [_gather_rows(t, sizes, group, rank) for t in values]
+        dtypes = _agree_labels(values, None, image.device, group, world)
+        values = [
+            _gather_rows(t.to(d), sizes, group, rank) for t, d in zip(values, dtypes, strict=True)
+        ]
         cols = [bank_columns(t.shape[0], rank, world) for t in texts]
     if not options.local_loss:
         return GlobalBatch(image, list(texts), values)
@@ -264,6 +275,29 @@ def _agree(image, texts, mode, values, options, group, world) -> list[int]:
     return table[:, 0].tolist()
 
 
+def _agree_labels(labels, rules, device, group, world) -> list[torch.dtype]:
+    """Check the overlap rules across ranks; the common dtype per granularity of the labels
+    (paired) or targets (bank, ``rules=None``).
+
+    The same 0/1 labels may come as bool on one rank and float on another (a different
+    collate): they are gathered in one promoted dtype, the same on every rank, instead of
+    collectives of different sizes (which abort gloo).
+    """
+    codes = []
+    for g, x in enumerate(labels):
+        rule = -1 if rules is None else _RULES.index(rules[g])
+        codes += [_LABEL_DTYPES.index(x.dtype) if x.dtype in _LABEL_DTYPES else -1, rule]
+    table = _all_gather_ints(codes, device, group, world).reshape(world, len(labels), 2)
+    name = "targets" if rules is None else "labels"
+    for g in range(len(labels)):
+        _same(table[:, g, 1], f"the overlap rule of `labels[{g}]` (`overlap=`)", _RULES)
+        _same(table[:, g, 0].clamp_max(0), f"`{name}[{g}]`: a dtype mgll can gather (0)")
+    return [
+        functools.reduce(torch.promote_types, (_LABEL_DTYPES[int(c)] for c in table[:, g, 0]))
+        for g in range(len(labels))
+    ]
+
+
 def _describe(name: str) -> str:
     return {
         "D": "the feature width D",
@@ -273,11 +307,12 @@ def _describe(name: str) -> str:
     }.get(name, f"`{name}`")
 
 
-def _same(column: Tensor, what: str) -> None:
+def _same(column: Tensor, what: str, names: Sequence[str] | None = None) -> None:
     values = column.tolist()
     if len(set(values)) > 1:
         by_value = {v: [r for r, x in enumerate(values) if x == v] for v in dict.fromkeys(values)}
-        got = "; ".join(f"{v} on ranks {ranks}" for v, ranks in by_value.items())
+        shown = (lambda v: repr(names[v])) if names else str
+        got = "; ".join(f"{shown(v)} on ranks {ranks}" for v, ranks in by_value.items())
         raise ValueError(f"every rank must agree on {what}, got {got}")
 
 
@@ -304,12 +339,13 @@ def _gather_features(x: Tensor, sizes, group, rank, options) -> Tensor:
     return torch.cat([gathered[:start], local, gathered[start + sizes[rank] :]])
 
 
-def _gather_labels(labels: Sequence[Tensor], sizes, group, rank) -> list[Tensor]:
-    """Paired labels of every granularity, restored to their dtypes: integer and bool labels in
-    one int64 gather, float label probabilities (multi-hot) in one float64 gather (exact)."""
+def _gather_labels(labels: Sequence[Tensor], sizes, group, rank, dtypes) -> list[Tensor]:
+    """Paired labels of every granularity in their common dtypes (from :func:`_agree_labels`):
+    integer and bool labels in one int64 gather, float label probabilities (multi-hot) in one
+    float64 gather (exact), so every rank takes part in the same collectives."""
     out: list[Tensor | None] = [None] * len(labels)
     for floating, dtype in ((False, torch.int64), (True, torch.float64)):
-        which = [g for g, x in enumerate(labels) if x.is_floating_point() == floating]
+        which = [g for g, d in enumerate(dtypes) if d.is_floating_point == floating]
         if not which:
             continue
         columns = [
@@ -320,7 +356,7 @@ def _gather_labels(labels: Sequence[Tensor], sizes, group, rank) -> list[Tensor]
         for g, c in zip(which, columns, strict=True):
             block = gathered[:, start : start + c.shape[1]]
             start += c.shape[1]
-            out[g] = (block[:, 0] if labels[g].dim() == 1 else block).to(labels[g].dtype)
+            out[g] = (block[:, 0] if labels[g].dim() == 1 else block).to(dtypes[g])
     return out
 
 

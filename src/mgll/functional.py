@@ -273,7 +273,7 @@ def mgll_loss(
                 image_features, texts, logit_scale, logit_bias, mode, values, normalize
             )
         )
-    batch = distributed.gather_batch(image_features, texts, mode, values, dist_options)
+    batch = distributed.gather_batch(image_features, texts, mode, values, dist_options, rules)
     cooc = [
         cooccurrence_from_labels(x, rule, validate)
         if mode == "paired"

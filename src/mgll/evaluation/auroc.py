@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mgll.evaluation._checks import finite
+
 __all__ = ["macro_auroc", "multilabel_auroc"]
 
 
@@ -93,9 +95,8 @@ def _check_auroc(scores: object, targets: object) -> tuple[Tensor, Tensor]:
             f"`scores` and `targets` must have one shape, (M, C) or (M,) with M >= 1, got "
             f"{tuple(scores.shape)} and {tuple(targets.shape)}"
         )
-    if scores.is_complex() or not bool(torch.isfinite(scores.double()).all()):
-        raise ValueError("`scores` must be real and finite (no NaN or infinite values)")
+    s = finite("scores", scores)
     y = targets.detach().double()
     if bool(((y != 0) & (y != 1)).any()):
         raise ValueError(f"`targets` must be 0/1, got values {torch.unique(y).tolist()[:5]}")
-    return scores.detach().double(), y
+    return s, y

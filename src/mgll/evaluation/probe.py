@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mgll.evaluation._checks import finite
 from mgll.evaluation.auroc import macro_auroc
 from mgll.evaluation.retrieval import label_sets
 
@@ -79,8 +80,8 @@ def linear_probe(
         out-of-fold macro AUROC}}``.
 
     Raises:
-        ValueError: mismatched shapes, fewer than 2 probe samples, an empty or non-positive
-            grid, ``folds < 2`` or an unknown ``solver``.
+        ValueError: mismatched shapes, fewer than 2 probe samples, non-finite features, an
+            empty or non-positive grid, ``folds < 2`` or an unknown ``solver``.
         TypeError: non-tensor input.
 
     Example:
@@ -184,7 +185,8 @@ def _check_probe(x: object, y: object, xt: object) -> tuple[Tensor, Tensor, Tens
             f"`test_features` must be (M, D={x.shape[1]}) like `train_features`, got "
             f"{tuple(xt.shape)}"
         )
-    return x.detach().double(), label_sets("train_targets", y), xt.detach().double()
+    y = label_sets("train_targets", y)
+    return finite("train_features", x), y, finite("test_features", xt)
 
 
 def _check_grid(grid: object) -> tuple[float, ...]:

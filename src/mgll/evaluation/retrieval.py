@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from mgll.evaluation._checks import finite
+
 __all__ = ["mean_average_precision", "ndcg", "relevance"]
 
 _RULES = ("jaccard", "superset", "exact", "shares")
@@ -90,6 +92,10 @@ def mean_average_precision(
         - scores, relevant, exclude: (Q, N)
         - Output: a Python float
 
+    Raises:
+        ValueError: mismatched shapes, or a NaN / inf score or relevance outside ``exclude``
+            (it would be ranked first or last and give a normal-looking number).
+
     Example:
         >>> scores = torch.tensor([[0.9, 0.8, 0.7, 0.1]])
         >>> mean_average_precision(scores, torch.tensor([[1, 0, 1, 0]]))  # (1/1 + 2/3) / 2
@@ -130,6 +136,10 @@ def ndcg(
         - scores, gains, exclude: (Q, N)
         - Output: a Python float
 
+    Raises:
+        ValueError: mismatched shapes, negative gains, a bad ``k``, or a NaN / inf score or
+            gain outside ``exclude``.
+
     Example:
         >>> scores = torch.tensor([[0.9, 0.5, 0.1]])
         >>> gains = torch.tensor([[0.5, 0.0, 1.0]])  # DCG = 0.5 + 1/2, IDCG = 1 + 0.5/log2(3)
@@ -161,12 +171,15 @@ def _ranking(name: str, scores: object, values: object, exclude: object) -> tupl
             f"`scores` and `{name}` must have one (Q, N) shape with N >= 1, got "
             f"{tuple(scores.shape)} and {tuple(values.shape)}"
         )
-    s, v = scores.detach().double(), values.detach().double()
+    mask = None
     if exclude is not None:
         if not isinstance(exclude, Tensor) or exclude.shape != scores.shape:
             got = tuple(exclude.shape) if isinstance(exclude, Tensor) else type(exclude).__name__
             raise ValueError(f"`exclude` must be a (Q, N) bool tensor like `scores`, got {got}")
         mask = exclude.bool()
+    kept = None if mask is None else ~mask  # excluded entries are never ranked
+    s, v = finite("scores", scores, kept), finite(name, values, kept)
+    if mask is not None:
         s = s.masked_fill(mask, -math.inf)
         v = v.masked_fill(mask, 0.0)
     return s, v

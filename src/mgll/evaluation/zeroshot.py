@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mgll.evaluation._checks import finite
 from mgll.evaluation.auroc import multilabel_auroc
 from mgll.text import Granularity, encode_unique
 from mgll.text.hierarchy import Label
@@ -259,6 +260,10 @@ def caption_marginal_scores(
         - image_features: (M, D); caption_features: (K, D); caption_labels: (K, C)
         - Output: (M, C) float64 scores in [0, 1]
 
+    Raises:
+        ValueError: mismatched D or K, a NaN / inf feature or label, a negative label weight,
+            or a non-positive ``logit_scale``.
+
     Example:
         >>> images = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
         >>> captions = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # "3", "5", "3 and 5"
@@ -278,8 +283,13 @@ def caption_marginal_scores(
         if not isinstance(t, Tensor) or t.dim() != 2:
             got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise TypeError(f"`{name}` must be a 2-D tensor, got {got}")
-    x, t = image_features.detach().double(), caption_features.detach().double()
-    labels = caption_labels.detach().double()
+    x, t = finite("image_features", image_features), finite("caption_features", caption_features)
+    labels = finite("caption_labels", caption_labels)
+    if bool((labels < 0).any()):
+        raise ValueError(
+            "`caption_labels` must be non-negative (0/1, or weights), got a minimum of "
+            f"{labels.min().item()}; a negative weight would give a negative class score"
+        )
     if x.shape[1] != t.shape[1] or labels.shape[0] != t.shape[0]:
         raise ValueError(
             "`image_features` (M, D), `caption_features` (K, D) and `caption_labels` (K, C) "

@@ -289,6 +289,33 @@ class MultiGranularDataCollator:
         self.collate = MultiGranularCollate(builder, mode="paired", image_collate=list)
         self.tokenizer, self.image_processor, self.image_key = tokenizer, image_processor, image_key
 
+    def check(self, rows: object) -> None:
+        """Check every row's labels against the declared ``classes`` before training starts
+        (the collator alone sees a bad row only when its batch is drawn).
+
+        Args:
+            rows: a sequence of row mappings, or a ``datasets.Dataset`` (its annotation
+                columns are read; the images are not decoded).
+
+        Raises:
+            ValueError: naming the first bad row, its field and the unknown labels.
+        """
+        grans = self.collate.builder.granularities
+        if hasattr(rows, "column_names"):  # a datasets.Dataset: columns, not decoded rows
+            sources = [g.source for g in grans if g.source in rows.column_names]
+            columns = {c: rows[c] for c in sources}
+            rows = [{c: columns[c][i] for c in sources} for i in range(len(rows))]
+        for i, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                continue  # reported with its own message by __call__
+            for gran in grans:
+                try:
+                    gran.weights_of(row, f"rows[{i}]")
+                except (ValueError, TypeError) as err:
+                    raise type(err)(
+                        f"{err}; fix row {i} of the data set, or add the label"
+                    ) from None
+
     def _pixels(self, images: list) -> Tensor:
         proc = self.image_processor
         if proc is not None and callable(getattr(proc, "preprocess", None)):
@@ -306,9 +333,18 @@ class MultiGranularDataCollator:
         items = []
         for i, row in enumerate(rows):
             if not isinstance(row, Mapping) or self.image_key not in row:
+                hint = ""
+                if isinstance(row, Mapping):  # e.g. every field dropped before the collator
+                    hint = (
+                        "; a transformers.Trainer with `remove_unused_columns=True` (its default) "
+                        "drops the fields that are no argument of the model's forward before "
+                        "they reach the collator: pass TrainingArguments(..., "
+                        "remove_unused_columns=False) or use "
+                        "mgll.integrations.hf_trainer.MGLLTrainer, which sets it"
+                    )
                 raise ValueError(
                     f"`rows[{i}]` must be a mapping with the image under {self.image_key!r}, got "
-                    f"{sorted(row) if isinstance(row, Mapping) else type(row).__name__}"
+                    f"{sorted(row) if isinstance(row, Mapping) else type(row).__name__}{hint}"
                 )
             items.append(
                 (row[self.image_key], {k: v for k, v in row.items() if k != self.image_key})

@@ -36,6 +36,7 @@ averaged over the logging interval) beside ``loss``.  transformers is imported w
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 __all__ = ["MGLLTrainer"]  # noqa: F822 (defined on first access: see __getattr__)
 
@@ -57,12 +58,25 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _check_rows(collator, *datasets) -> None:
+    """Every labelled row checked when the trainer is built, not when its batch is drawn."""
+    from mgll.integrations.hf import MultiGranularDataCollator
+
+    if not isinstance(collator, MultiGranularDataCollator):
+        return
+    for data in datasets:
+        for part in data.values() if isinstance(data, dict) else [data]:
+            if isinstance(part, Sequence) or hasattr(part, "column_names"):
+                collator.check(part)
+
+
 def _define(Trainer: type) -> type:
     class MGLLTrainer(Trainer):
         """``transformers.Trainer`` for :class:`~mgll.integrations.hf.MGLLModel`.
 
         Sets ``args.remove_unused_columns = False`` and ``args.label_names = ["labels"]`` (both
-        logged when they change what you passed), and adds the mean of each MGLL term since the
+        logged when they change what you passed), checks every row of a sequence or
+        ``datasets.Dataset`` against the collator's declared classes at once, and adds the mean of each MGLL term since the
         last log to the ``Trainer``'s logs.  Takes exactly ``Trainer``'s arguments.
 
         Example:
@@ -86,6 +100,7 @@ def _define(Trainer: type) -> type:
                     log.info(f"MGLLTrainer: label_names {training_args.label_names} -> ['labels']")
                 training_args.label_names = ["labels"]
             super().__init__(*args, **kwargs)
+            _check_rows(self.data_collator, self.train_dataset, self.eval_dataset)
             if training_args is None:  # the Trainer made default arguments
                 self.args.remove_unused_columns = False
                 self.args.label_names = self.label_names = ["labels"]

@@ -62,7 +62,10 @@ class ImageTableDataset(Dataset):
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f, delimiter=sep)
             header = list(reader.fieldnames or [])
-            rows = list(reader)
+            rows, lines = [], []
+            for row in reader:  # the line each row ends on, for messages naming the row
+                rows.append(row)
+                lines.append(reader.line_num)
         if not rows:
             raise ValueError(f"`path` {str(path)!r} has no data rows; expected a header and rows")
         if columns is None:
@@ -74,12 +77,39 @@ class ImageTableDataset(Dataset):
                 f"{header}. Pass the right `image_key`/`columns` (open_clip: --csv-img-key, "
                 "--csv-separator)"
             )
-        self.path, self.transform, self.root = path, transform, root
+        self.path, self.transform, self.root, self.lines = path, transform, root, lines
         self.images = [row[image_key] for row in rows]
         self.columns = tuple(columns)
         self.annotations = [
             {c: (row[c] if row[c] != "" else None) for c in columns} for row in rows
         ]
+
+    def check(self, granularities: Sequence) -> None:
+        """Check every row against the granularities' declared ``classes`` now, not when its
+        batch is first drawn (after training has started, at a shuffled position).
+
+        Args:
+            granularities: :class:`~mgll.Granularity` objects; those without ``classes``
+                accept any label.
+
+        Raises:
+            ValueError: naming the file, its line and column, and the unknown labels.
+        """
+        declared = [g for g in granularities if g.classes is not None and g.source in self.columns]
+        bad = []
+        for annotation, line in zip(self.annotations, self.lines, strict=True):
+            for gran in declared:
+                try:
+                    gran.weights_of(annotation, "row")
+                except (ValueError, TypeError) as err:
+                    bad.append((line, gran, err))
+        if bad:
+            line, gran, err = bad[0]
+            more = f" (and {len(bad) - 1} more bad cell(s))" if len(bad) > 1 else ""
+            raise ValueError(
+                f"{str(self.path)!r}, line {line}, column {gran.source!r}: {err}{more}; fix the "
+                f"rows, or add the labels to `classes` of granularity {gran.name!r}"
+            )
 
     def __len__(self) -> int:
         return len(self.images)

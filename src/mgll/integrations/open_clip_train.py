@@ -76,6 +76,12 @@ def parse_mgll_args(argv: Sequence[str]) -> tuple[list[str], dict]:
     argv = list(argv)
     while i < len(argv):
         arg = argv[i]
+        if arg.startswith("--mgll_"):
+            fixed = "--mgll-" + arg[len("--mgll_") :].split("=")[0].replace("_", "-")
+            raise SystemExit(
+                f"mgll: unknown argument `{arg.split('=')[0]}`: mgll's options are spelled with "
+                f"dashes, e.g. `{fixed}`"
+            )
         if not arg.startswith("--mgll-"):
             rest.append(arg)
             i += 1
@@ -153,7 +159,8 @@ def _classes_from_files(grans: Sequence[Granularity], files: Sequence, **table) 
     """Each granularity with ``classes`` declared; undeclared ones get every label in ``files``.
 
     Every rank reads the same files, so derived class lists (hence label ids) agree on every
-    rank and every batch; declaring ``classes`` in the config is still the safer path.
+    rank and every batch; declaring ``classes`` in the config is still the safer path.  A
+    derived list that looks wrong (see :func:`_suspicious`) is a loud warning.
     """
     from mgll.integrations.image_table import ImageTableDataset
 
@@ -163,9 +170,51 @@ def _classes_from_files(grans: Sequence[Granularity], files: Sequence, **table) 
         if g.classes is None:
             labels = {x for t in tables for a in t.annotations for x in g.labels_of(a)}
             g = dataclasses.replace(g, classes=g.canonical(labels))
-            logging.info(f"mgll: granularity {g.name!r}: classes from the data files {g.classes}")
+            for problem in _suspicious(g):
+                logging.warning(
+                    f"mgll: WARNING: granularity {g.name!r} declares no `classes` and its "
+                    f"{len(g.classes)} classes read from the data files look wrong: {problem}. "
+                    "Each distinct string is its own class (exact-set matching instead of "
+                    "overlaps); declare `classes` in --mgll-config to make this an error"
+                )
         out.append(g)
     return out
+
+
+_SEPARATORS = "|;,/+&"
+
+
+def _suspicious(gran: Granularity) -> list[str]:
+    """Why a class list read from data files may be wrong: a likely separator inside a class
+    name (``circle;cross`` read with ``|``), or names that differ only in case."""
+    names = [c for c in gran.classes if isinstance(c, str)]
+    out = []
+    for sep in _SEPARATORS.replace(gran.separator or "", ""):
+        joined = [c for c in names if sep in c]
+        if joined:
+            out.append(
+                f"{len(joined)} class name(s) contain {sep!r}, e.g. {joined[0]!r}, but the "
+                f"separator is {gran.separator!r} (--mgll-separator, or `separator` in the config)"
+            )
+    by_case: dict[str, list[str]] = {}
+    for c in names:
+        by_case.setdefault(c.casefold(), []).append(c)
+    clashes = [group for group in by_case.values() if len(group) > 1]
+    if clashes:
+        shown = "; ".join(" / ".join(map(repr, group)) for group in clashes[:3])
+        out.append(f"{len(clashes)} class name(s) differ only in case: {shown}")
+    return out
+
+
+def _announce(grans: Sequence[Granularity], declared: set[str]) -> None:
+    """The class count and a few examples of each granularity, printed (not only logged)."""
+    for g in grans:
+        shown = ", ".join(map(repr, g.classes[:5])) + (", ..." if len(g.classes) > 5 else "")
+        how = "declared" if g.name in declared else "read from the data files"
+        count = f"{len(g.classes)} class" + ("es" if len(g.classes) != 1 else "")
+        message = f"mgll: granularity {g.name!r}: {count} ({how}): {shown}"
+        print(message, flush=True)
+        logging.info(message)
 
 
 @contextlib.contextmanager
@@ -246,9 +295,15 @@ class _Hooks:
         every = [None] * args.world_size
         dist.all_gather_object(every, mine)
         if any(other != mine for other in every):
+            declared = all(g.classes is not None for g in self.cfg["granularities"])
+            fix = (
+                "every rank must read the same --mgll-config (its `classes`) and data files"
+                if declared
+                else "declare `classes` in --mgll-config (the ranks read different data files)"
+            )
             raise SystemExit(
                 "mgll: the ranks disagree on the class lists, so one label id would mean "
-                "different classes on different ranks; declare `classes` in --mgll-config"
+                f"different classes on different ranks: {_differences(every)}; {fix}"
             )
 
     def get_dataset_fn(self, data_path, dataset_type):
@@ -275,6 +330,9 @@ class _Hooks:
                     "are not scanned, so declare them in --mgll-config"
                 )
             self.builder = MultiGranularTextBuilder(grans)
+            if getattr(args, "rank", 0) == 0:
+                declared = {g.name for g in self.cfg["granularities"] if g.classes is not None}
+                _announce(grans, declared)
         return self.builder
 
     def csv_data(self, args, preprocess_fn, is_train, epoch=0, tokenizer=None):
@@ -289,6 +347,10 @@ class _Hooks:
         dataset = ImageTableDataset(
             path, preprocess_fn, columns=columns, image_key=args.csv_img_key, sep=args.csv_separator
         )
+        try:  # the whole table now: not when a bad row's batch is first drawn
+            dataset.check(builder.granularities)
+        except ValueError as err:
+            raise SystemExit(f"mgll: {err}") from None
         sampler = DistributedSampler(dataset) if args.distributed and is_train else None
         loader = DataLoader(
             dataset,
@@ -379,6 +441,27 @@ def _zero_shot_auroc(model, loader, grans, args) -> dict[str, float]:
             out[f"mgll_zeroshot_auroc_{gran.name}"] = clf.evaluate(features, truth)["macro"]
     logging.info(f"mgll: zero-shot multi-label AUROC on the validation set: {out}")
     return out
+
+
+def _differences(every: Sequence[list]) -> str:
+    """What each rank's class lists differ in from rank 0's, rank by rank."""
+    base = dict(every[0])
+    parts = []
+    for rank, lists in enumerate(every[1:], start=1):
+        mine = dict(lists)
+        if list(mine) != list(base):
+            parts.append(f"rank {rank} has granularities {list(mine)}, rank 0 {list(base)}")
+            continue
+        for name, classes in mine.items():
+            if classes == base[name]:
+                continue
+            extra = [c for c in classes if c not in base[name]]
+            missing = [c for c in base[name] if c not in classes]
+            detail = f"only on rank {rank}: {extra}; only on rank 0: {missing}"
+            if not extra and not missing:
+                detail = f"the same {len(classes)} classes in another order"
+            parts.append(f"rank {rank}, granularity {name!r}: {detail}")
+    return "; ".join(parts)
 
 
 def _unwrap(model):
