@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mgll.evaluation._checks import finite
+from mgll.evaluation._finite import finite
 
 __all__ = ["macro_auroc", "multilabel_auroc"]
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mgll.evaluation._checks import finite
+from mgll.evaluation._finite import finite
 from mgll.evaluation.auroc import macro_auroc
 from mgll.evaluation.retrieval import label_sets
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from mgll.evaluation._checks import finite
+from mgll.evaluation._finite import finite
 
 __all__ = ["mean_average_precision", "ndcg", "relevance"]
 

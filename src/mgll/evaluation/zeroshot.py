@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mgll.evaluation._checks import finite
+from mgll.evaluation._finite import finite
 from mgll.evaluation.auroc import multilabel_auroc
 from mgll.text import Granularity, encode_unique
 from mgll.text.hierarchy import Label
