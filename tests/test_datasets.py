@@ -98,7 +98,7 @@ def test_chestxray14_through_builder_and_collate(tmp_path):
     items = [(torch.zeros(3), a) for a in read_chestxray14(path)]
     _, batch = MultiGranularCollate(chestxray14_builder())(items)
     finding = batch["finding"]
-    assert finding.labels.shape == (4, 14) and finding.labels.dtype == torch.bool
+    assert finding.labels.shape == (4, 14) and finding.labels.dtype == torch.float32
     assert finding.labels[2].sum() == 0  # No Finding: a pure negative
     assert finding.texts[2] == "a chest X-ray with no finding"
     features = batch.encode(lambda s: torch.randn(len(s), 8))
@@ -403,15 +403,17 @@ def test_generic_reader_streams_lazily():
         next(rows)
 
 
-def test_a_field_absent_from_the_whole_batch_is_an_error():
-    builder = MultiGranularTextBuilder([Granularity("finding", key="findings")])
+def test_a_required_field_absent_from_the_whole_batch_is_an_error():
+    builder = MultiGranularTextBuilder([Granularity("finding", key="findings", required=True)])
     with pytest.raises(
         ValueError,
         match=r"granularity 'finding' reads the field 'findings', which no annotation .* fields present: \['finding', 'image'\]",
     ):
         builder.build([{"image": "a", "finding": ["Edema"]}, {"image": "b", "finding": []}])
-    batch = builder.build([{"findings": ["Edema"]}, {}])  # one sample without it: allowed
+    optional = MultiGranularTextBuilder([Granularity("finding", key="findings")])
+    batch = optional.build([{"findings": ["Edema"]}, {}])  # not required: not annotated
     assert batch["finding"].texts == ("Edema", "")
+    assert batch["finding"].labels[1].isnan().all()
 
 
 def test_soft_weights_expand_to_ancestors_with_the_largest_weight():
@@ -419,7 +421,7 @@ def test_soft_weights_expand_to_ancestors_with_the_largest_weight():
         [Granularity("finding", classes=CHEXPERT_OBSERVATIONS[1:])],
         {"finding": CHEXPERT_HIERARCHY},
     )
-    batch = builder.build([{"finding": {"Pneumonia": 0.5, "Edema": 1.0}}])
+    batch = builder.build([{"finding": {"Pneumonia": 0.5, "Edema": 1.0}}], label_format="soft")
     labels = dict(zip(batch["finding"].classes, batch["finding"].labels[0].tolist(), strict=True))
     assert labels["Pneumonia"] == labels["Consolidation"] == 0.5
     assert labels["Lung Opacity"] == 1.0 and labels["Edema"] == 1.0

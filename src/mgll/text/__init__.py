@@ -21,9 +21,9 @@ Example:
     >>> batch["disease"].unique_texts, batch["disease"].inverse
     (('This is a fundus image of DME, DR.', 'This is a fundus image of AMD.'), tensor([0, 0, 1]))
     >>> batch["disease"].labels  # multi-hot over classes ('AMD', 'DME', 'DR')
-    tensor([[False,  True,  True],
-            [False,  True,  True],
-            [ True, False, False]])
+    tensor([[0., 1., 1.],
+            [0., 1., 1.],
+            [1., 0., 0.]])
     >>> encode = lambda strings: torch.randn(len(strings), 16)  # a toy text encoder
     >>> image = torch.randn(3, 16, requires_grad=True)
     >>> loss = mgll.MGLLLoss()(image, batch.encode(encode), torch.tensor(10.0), **batch.loss_kwargs())
