@@ -646,7 +646,9 @@ def test_per_class_unknowns_from_the_unknown_key_and_nan_weights():
     torch.testing.assert_close(part.labels, want, equal_nan=True)
     assert part.texts[0] == "Edema"  # the text shows the positives only
     with pytest.raises(ValueError, match=r"needs exactly one label .* sample 0 has unknown class"):
-        builder.build([{"finding": ["Edema"], "unknown": {"finding": ["Fracture"]}}], label_format="ids")
+        builder.build(
+            [{"finding": ["Edema"], "unknown": {"finding": ["Fracture"]}}], label_format="ids"
+        )
     with pytest.raises(ValueError, match=r"holds labels not in `classes`.*'Cough'"):
         builder.build([{"finding": [], "unknown": {"finding": ["Cough"]}}])
 

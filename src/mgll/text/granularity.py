@@ -147,9 +147,7 @@ class Granularity:
                 )
         return {x: 1.0 if weights is None else weights[x] for x in self.canonical(items)}
 
-    def values_of(
-        self, annotation: Mapping[str, object], where: str = "annotation"
-    ) -> dict | None:
+    def values_of(self, annotation: Mapping[str, object], where: str = "annotation") -> dict | None:
         """The sample's known and unknown labels here, or ``None`` when it is not annotated.
 
         Positive labels map to their weight in (0, 1], explicit negatives (``0.0`` in a
