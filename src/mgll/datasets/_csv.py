@@ -137,7 +137,11 @@ class Table:
         self.name = source_name(source)
         if isinstance(source, (str, os.PathLike)):
             with open(source, encoding="utf-8-sig", newline="") as f:
-                self.header = self._header(csv.reader(f))
+                reader = csv.reader(f)
+                try:
+                    self.header = self._header(reader)
+                except UnicodeDecodeError as err:
+                    raise self._not_utf8(err, reader) from None
             self._stream = None
         else:
             self._stream = csv.reader(source)
@@ -182,14 +186,17 @@ class Table:
         try:
             yield from self._rows(reader)
         except UnicodeDecodeError as err:
-            line = _bad_utf8_line(self.source)
-            where = f"line {line}" if line is not None else f"after line {reader.line_num}"
-            raise ValueError(
-                f"{self.name}: {where} is not UTF-8 text ({err.reason}, byte "
-                f"{err.object[err.start : err.start + 1]!r}); re-save the file as UTF-8"
-            ) from None
+            raise self._not_utf8(err, reader) from None
         except csv.Error as err:
             raise ValueError(f"{self.name}: line {reader.line_num + 1}: {err}") from None
+
+    def _not_utf8(self, err: UnicodeDecodeError, reader) -> ValueError:
+        line = _bad_utf8_line(self.source)
+        where = f"line {line}" if line is not None else f"after line {reader.line_num}"
+        return ValueError(
+            f"{self.name}: {where} is not UTF-8 text ({err.reason}, byte "
+            f"{err.object[err.start : err.start + 1]!r}); re-save the file as UTF-8"
+        )
 
     def _rows(self, reader) -> Iterator[tuple[int, dict[str, str]]]:
         width = len(self.header)

@@ -14,7 +14,7 @@ Example:
     >>> batch = builder.build([
     ...     {"disease": ["DR", "DME"], "explanation": "hard exudates near the macula"},
     ...     {"disease": ["DME", "DR"], "explanation": "microaneurysms"},
-    ...     {"disease": "AMD"},
+    ...     {"disease": "AMD", "explanation": "drusen"},
     ... ])
     >>> batch["disease"].texts
     ('This is a fundus image of DME, DR.', 'This is a fundus image of DME, DR.', 'This is a fundus image of AMD.')
