@@ -625,12 +625,14 @@ def test_u_ignore_masks_uncertain_findings_in_the_builder(tmp_path):
         "category": ["Lung Opacity", "Pleural Effusion"],
     }
     _, batch = MultiGranularCollate(chexpert_builder())([(torch.zeros(1), a) for a in annotations])
-    finding = dict(zip(batch["finding"].classes, batch["finding"].labels[1].tolist()))
+    finding = dict(zip(batch["finding"].classes, batch["finding"].labels[1].tolist(), strict=True))
     assert finding["Cardiomegaly"] == 1 and finding["Enlarged Cardiomediastinum"] == 1
     for x in ("Edema", "Pleural Effusion", "Lung Opacity"):  # Lung Opacity: up from Edema
         assert finding[x] != finding[x], x  # NaN
     assert finding["Fracture"] == 0 and finding["Pneumonia"] == 0
-    category = dict(zip(batch["category"].classes, batch["category"].labels[1].tolist()))
+    category = dict(
+        zip(batch["category"].classes, batch["category"].labels[1].tolist(), strict=True)
+    )
     assert category["Enlarged Cardiomediastinum"] == 1 and category["Fracture"] == 0
     assert category["Lung Opacity"] != category["Lung Opacity"]
     assert not batch["finding"].labels[[0, 2]].isnan().any()  # no uncertain finding there
