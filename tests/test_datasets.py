@@ -641,3 +641,12 @@ def test_u_ignore_masks_uncertain_findings_in_the_builder(tmp_path):
     torch.testing.assert_close(
         torch.tensor([finding["Edema"]]), torch.tensor([nan]), equal_nan=True
     )
+
+
+def test_no_finding_descriptions_are_not_positives_of_each_other(tmp_path):
+    nih = list(read_chestxray14(write(tmp_path, "Data_Entry_2017.csv", NIH_HEADER, NIH_ROWS * 1)))
+    healthy = [nih[2], {**nih[2], "image": "other.png"}, nih[0]]
+    description = chestxray14_builder().build(healthy)["description"]
+    assert description.texts[:2] == ("A chest X-ray with no finding.",) * 2
+    assert description.labels[:2].sum() == 0  # annotated, no positive: a pure negative
+    assert description.labels[2].sum() == 1

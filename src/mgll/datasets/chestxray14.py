@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 
 from mgll.datasets._csv import Annotations, ImagePaths, Source
-from mgll.datasets._describe import phrase, sentence
+from mgll.datasets._describe import NO_FINDING, phrase, sentence
 from mgll.datasets.generic import patient_column, read_rows
 from mgll.text import Granularity, MultiGranularTextBuilder
 
@@ -125,6 +125,13 @@ def chestxray14_builder(
     :data:`CHESTXRAY14_FINDINGS`, lower-case phrases, ``"a chest X-ray with no finding"``
     for an image without a finding) and ``"description"`` (the sentence, verbatim).
 
+    The description is free text: two images are positives there when their sentences are
+    equal (the same set of findings), and its label columns are the distinct sentences of
+    each batch, so they mean different sentences in different batches (fine for one
+    process; under distributed training with gathered labels, leave it out or build it in
+    bank mode).  Its "no finding" sentence is a null label: healthy images are not
+    positives of each other, as at the finding level.
+
     Args:
         levels: the granularities to use, in order.
         null_labels: as given to :func:`read_chestxray14`; ``No Finding`` becomes a class
@@ -144,9 +151,14 @@ def chestxray14_builder(
     findings = CHESTXRAY14_FINDINGS + (() if "No Finding" in null_labels else ("No Finding",))
     table = {
         "finding": _xray_labels("finding", findings),
-        "description": Granularity("description"),
+        "description": description_granularity(),
     }
     return MultiGranularTextBuilder(_levels(levels, table))
+
+
+def description_granularity() -> Granularity:
+    """The verbatim sentence; the "no finding" sentence is a null label (see the presets)."""
+    return Granularity("description", null_labels=(NO_FINDING,), missing_text=NO_FINDING)
 
 
 def _xray_labels(name: str, classes: tuple[str, ...]) -> Granularity:

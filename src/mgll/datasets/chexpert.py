@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 
 from mgll.datasets._csv import Annotations, ImagePaths, Source
 from mgll.datasets._describe import sentence
-from mgll.datasets.chestxray14 import _levels, _xray_labels
+from mgll.datasets.chestxray14 import _levels, _xray_labels, description_granularity
 from mgll.datasets.generic import read_rows
-from mgll.text import Granularity, MultiGranularTextBuilder
+from mgll.text import MultiGranularTextBuilder
 from mgll.text.granularity import UNKNOWN_KEY
 from mgll.text.hierarchy import LabelHierarchy
 
@@ -241,7 +241,8 @@ def chexpert_builder(
     * ``"finding"``: the same template over the observations (without ``null_labels``),
       with :data:`CHEXPERT_HIERARCHY` applied when ``hierarchy`` (a Pneumonia image is also
       a positive of Consolidation and Lung Opacity texts);
-    * ``"description"``: the sentence, verbatim.
+    * ``"description"``: the sentence, verbatim (free text: see
+      :func:`~mgll.datasets.chestxray14_builder`; its "no finding" sentence is a null label).
 
     An image without a finding reads ``"a chest X-ray with no finding"``.  The files hold
     no location or severity words, so the finding texts have none.  Collate U-Soft
@@ -268,7 +269,7 @@ def chexpert_builder(
     table = {
         "category": _xray_labels("category", categories),
         "finding": _xray_labels("finding", findings),
-        "description": Granularity("description"),
+        "description": description_granularity(),
     }
     grans = _levels(levels, table)
     use = hierarchy and "finding" in levels

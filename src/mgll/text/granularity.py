@@ -57,6 +57,10 @@ class Granularity:
         unannotated_text: the paired-mode text of a sample not annotated here; the loss
             ignores that text row (its labels are unknown), so it only has to be a valid
             input of the text encoder.
+        null_labels: labels that mean "nothing here" (``"No Finding"``, or a free-text
+            granularity's "no finding" sentence): dropped, so such a sample is annotated
+            with no positive (its text is ``missing_text``) instead of sharing a class with
+            every other sample that says the same.
         coarse: the name of a coarser granularity of the same builder whose classes are also
             classes here (the roots of the hierarchy, say): where a sample's own value of such
             a class is unknown, the coarse annotation gives it (its labels positive, its other
@@ -81,6 +85,7 @@ class Granularity:
     required: bool = field(default=False, kw_only=True)
     unannotated_text: str = field(default="", kw_only=True)
     coarse: str | None = field(default=None, kw_only=True)
+    null_labels: tuple = field(default=(), kw_only=True)
 
     def __post_init__(self) -> None:
         if not isinstance(self.required, bool):
@@ -94,6 +99,11 @@ class Granularity:
         object.__setattr__(self, "descriptions", _check_descriptions(self.descriptions))
         if self.classes is not None:
             object.__setattr__(self, "classes", _check_classes(self.classes))
+        if isinstance(self.null_labels, str) or not isinstance(self.null_labels, Sequence):
+            raise TypeError(
+                f"`null_labels` must be a sequence of labels, got {type(self.null_labels).__name__}"
+            )
+        object.__setattr__(self, "null_labels", tuple(self.null_labels))
 
     @property
     def source(self) -> str:
@@ -132,6 +142,8 @@ class Granularity:
                 value = [part.strip() for part in value.split(self.separator) if part.strip()]
             items = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
             weights = None
+        if self.null_labels:
+            items = [x for x in items if x not in self.null_labels]
         for j, x in enumerate(items):
             if isinstance(x, bool) or not isinstance(x, (str, int)):
                 raise TypeError(
