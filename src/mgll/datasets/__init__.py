@@ -24,7 +24,7 @@ from mgll.datasets.chexpert import (
     read_chexpert,
 )
 from mgll.datasets.collate import MultiGranularCollate
-from mgll.datasets.generic import UNCERTAINTY_POLICIES, apply_uncertainty, read_label_table
+from mgll.datasets.generic import UNCERTAINTY_POLICIES, VIEWS, apply_uncertainty, read_label_table
 from mgll.datasets.mimic_cxr import MIMIC_IMAGE_TEMPLATE, read_mimic_cxr
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "CHEXPERT_OBSERVATIONS",
     "MIMIC_IMAGE_TEMPLATE",
     "UNCERTAINTY_POLICIES",
+    "VIEWS",
     "MultiGranularCollate",
     "apply_uncertainty",
     "chestxray14_builder",

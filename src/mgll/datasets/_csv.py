@@ -11,35 +11,9 @@ from typing import TextIO, Union
 
 Source = Union[str, "os.PathLike[str]", TextIO]
 
-#: The view vocabulary of every reader's ``views=`` (and of ``annotation["view"]``):
-#: posterior-anterior, anterior-posterior, lateral, and any other projection;
-#: ``"frontal"`` in ``views=`` stands for PA and AP.
-VIEWS = ("PA", "AP", "LATERAL", "OTHER")
-
 # Report fields can be long (the csv module's default limit is 128 KiB); the largest limit
 # a C long holds on every platform.
 _FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
-
-
-def check_views(views: object) -> frozenset | None:
-    """The canonical views of a reader's ``views=`` argument (``None``: every view)."""
-    if views is None:
-        return None
-    if isinstance(views, str) or not isinstance(views, (Sequence, set, frozenset)):
-        raise TypeError(f"`views` must be a list of views from {VIEWS}, got {views!r}")
-    out = set()
-    for v in views:
-        key = v.upper() if isinstance(v, str) else v
-        if key == "FRONTAL":
-            out.update(("PA", "AP"))
-        elif key in VIEWS:
-            out.add(key)
-        else:
-            raise ValueError(
-                f"`views` holds the unknown view {v!r}; expected views from {VIEWS} or "
-                "'frontal' (PA and AP), the same names for every reader"
-            )
-    return frozenset(out)
 
 
 class Annotations(Iterator[dict]):

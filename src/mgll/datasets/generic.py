@@ -11,14 +11,41 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from mgll.datasets._csv import Annotations, ImagePaths, Source, Table, check_views
+from mgll.datasets._csv import Annotations, ImagePaths, Source, Table
 from mgll.text.granularity import UNKNOWN_KEY
 
-__all__ = ["UNCERTAINTY_POLICIES", "apply_uncertainty", "read_label_table"]
+__all__ = ["UNCERTAINTY_POLICIES", "VIEWS", "apply_uncertainty", "read_label_table"]
 
 #: The uncertainty policies of Irvin et al. (2019, CheXpert, section "Uncertainty approaches")
 #: plus U-Soft; see :func:`apply_uncertainty`.
 UNCERTAINTY_POLICIES = ("U-Ignore", "U-Zeros", "U-Ones", "U-Soft")
+
+#: The view vocabulary of every reader's ``views=`` (and of ``annotation["view"]``):
+#: posterior-anterior, anterior-posterior, lateral, and any other projection;
+#: ``"frontal"`` in ``views=`` stands for PA and AP.
+VIEWS = ("PA", "AP", "LATERAL", "OTHER")
+
+
+def check_views(views: object) -> frozenset | None:
+    """The canonical views of a reader's ``views=`` argument (``None``: every view)."""
+    if views is None:
+        return None
+    if isinstance(views, str) or not isinstance(views, (Sequence, set, frozenset)):
+        raise TypeError(f"`views` must be a list of views from {VIEWS}, got {views!r}")
+    out = set()
+    for v in views:
+        key = v.upper() if isinstance(v, str) else v
+        if key == "FRONTAL":
+            out.update(("PA", "AP"))
+        elif key in VIEWS:
+            out.add(key)
+        else:
+            raise ValueError(
+                f"`views` holds the unknown view {v!r}; expected views from {VIEWS} or "
+                "'frontal' (PA and AP), the same names for every reader"
+            )
+    return frozenset(out)
+
 
 _VALUES = {"1.0": 1, "1": 1, "0.0": 0, "0": 0, "-1.0": -1, "-1": -1, "": None}
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 
-from mgll.datasets._csv import Annotations, ImagePaths, Source, Table, check_views
+from mgll.datasets._csv import Annotations, ImagePaths, Source, Table
 from mgll.datasets.chexpert import (  # CHEXPERT_OBSERVATIONS: the examples use it
     CHEXPERT_OBSERVATIONS,  # noqa: F401
     _read_observations,
     with_levels,
 )
-from mgll.datasets.generic import integer_id
+from mgll.datasets.generic import check_views, integer_id
 
 __all__ = ["MIMIC_IMAGE_TEMPLATE", "read_mimic_cxr"]
 

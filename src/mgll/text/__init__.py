@@ -32,10 +32,11 @@ Example:
 
 from mgll.text.batch import GranularityTexts, TextBatch, encode_unique
 from mgll.text.builder import MultiGranularTextBuilder
-from mgll.text.granularity import Granularity
+from mgll.text.granularity import UNKNOWN_KEY, Granularity
 from mgll.text.hierarchy import LabelHierarchy
 
 __all__ = [
+    "UNKNOWN_KEY",
     "Granularity",
     "GranularityTexts",
     "LabelHierarchy",
