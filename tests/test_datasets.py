@@ -98,7 +98,7 @@ def test_chestxray14_through_builder_and_collate(tmp_path):
     items = [(torch.zeros(3), a) for a in read_chestxray14(path)]
     _, batch = MultiGranularCollate(chestxray14_builder())(items)
     finding = batch["finding"]
-    assert finding.labels.shape == (4, 14) and finding.labels.dtype == torch.bool
+    assert finding.labels.shape == (4, 14) and finding.labels.dtype == torch.float32
     assert finding.labels[2].sum() == 0  # No Finding: a pure negative
     assert finding.texts[2] == "a chest X-ray with no finding"
     features = batch.encode(lambda s: torch.randn(len(s), 8))
@@ -403,15 +403,17 @@ def test_generic_reader_streams_lazily():
         next(rows)
 
 
-def test_a_field_absent_from_the_whole_batch_is_an_error():
-    builder = MultiGranularTextBuilder([Granularity("finding", key="findings")])
+def test_a_required_field_absent_from_the_whole_batch_is_an_error():
+    builder = MultiGranularTextBuilder([Granularity("finding", key="findings", required=True)])
     with pytest.raises(
         ValueError,
         match=r"granularity 'finding' reads the field 'findings', which no annotation .* fields present: \['finding', 'image'\]",
     ):
         builder.build([{"image": "a", "finding": ["Edema"]}, {"image": "b", "finding": []}])
-    batch = builder.build([{"findings": ["Edema"]}, {}])  # one sample without it: allowed
+    optional = MultiGranularTextBuilder([Granularity("finding", key="findings")])
+    batch = optional.build([{"findings": ["Edema"]}, {}])  # not required: not annotated
     assert batch["finding"].texts == ("Edema", "")
+    assert batch["finding"].labels[1].isnan().all()
 
 
 def test_soft_weights_expand_to_ancestors_with_the_largest_weight():
@@ -419,7 +421,7 @@ def test_soft_weights_expand_to_ancestors_with_the_largest_weight():
         [Granularity("finding", classes=CHEXPERT_OBSERVATIONS[1:])],
         {"finding": CHEXPERT_HIERARCHY},
     )
-    batch = builder.build([{"finding": {"Pneumonia": 0.5, "Edema": 1.0}}])
+    batch = builder.build([{"finding": {"Pneumonia": 0.5, "Edema": 1.0}}], label_format="soft")
     labels = dict(zip(batch["finding"].classes, batch["finding"].labels[0].tolist(), strict=True))
     assert labels["Pneumonia"] == labels["Consolidation"] == 0.5
     assert labels["Lung Opacity"] == 1.0 and labels["Edema"] == 1.0
@@ -494,3 +496,157 @@ def test_datasets_import_nothing_from_the_loss_layers():
                 names = [node.module or ""]
             bad = [n for n in names if n.startswith(forbidden)]
             assert not bad, f"{source.name} imports {bad}"
+
+
+# ---------------------------------------------------------------- views, patients, defects
+
+
+def test_views_and_patient_ids_on_every_reader(tmp_path):
+    nih = write(tmp_path, "Data_Entry_2017.csv", NIH_HEADER, NIH_ROWS)
+    assert [(a["view"], a["patient_id"]) for a in read_chestxray14(nih)] == [
+        ("PA", "1"),
+        ("PA", "1"),
+        ("PA", "2"),
+        ("AP", "3"),
+    ]
+    assert [a["image"] for a in read_chestxray14(nih, views=["AP"])] == ["00000003_000.png"]
+    chex = write(tmp_path, "train.csv", CHEXPERT_HEADER, CHEXPERT_ROWS)
+    assert [(a["view"], a["patient_id"]) for a in read_chexpert(chex)] == [
+        ("AP", "00001"),
+        ("LATERAL", "00002"),
+        ("PA", "00003"),
+    ]
+    frontal = read_chexpert(chex, views=["frontal"])
+    assert [a["patient_id"] for a in frontal] == ["00001", "00003"]
+    assert frontal.counts["skipped_view"] == 1
+    labels = write(tmp_path, "mimic-cxr-2.0.0-chexpert.csv", MIMIC_LABELS, MIMIC_LABEL_ROWS)
+    meta = write(tmp_path, "mimic-cxr-2.0.0-metadata.csv", MIMIC_META, MIMIC_META_ROWS)
+    images = list(read_mimic_cxr(labels, meta, views=["lateral"]))
+    assert [(a["view"], a["patient_id"]) for a in images] == [("LATERAL", "10000032")]
+    for call in (
+        lambda: read_chestxray14(nih, views=["Frontal/PA"]),
+        lambda: read_chexpert(chex, views=["side"]),
+        lambda: read_mimic_cxr(labels, meta, views=["LL"]),
+    ):
+        with pytest.raises(ValueError, match=r"`views` holds the unknown view .* expected views"):
+            call()
+    with pytest.raises(ValueError, match=r"`views` needs `metadata_path`"):
+        read_mimic_cxr(labels, views=["PA"])
+
+
+def test_chestxray14_unquoted_comma_in_finding_labels_names_the_line(tmp_path):
+    shifted = "00000004_000.png,Effusion,Mass,0,4,60,F,PA,2048,2500,0.168,0.168,"
+    path = write(tmp_path, "Data_Entry_2017.csv", NIH_HEADER, [NIH_ROWS[0], shifted])
+    with pytest.raises(ValueError, match=r"Data_Entry_2017\.csv: line 3 .* unnamed column 12"):
+        list(read_chestxray14(path))
+
+
+def test_non_utf8_bytes_name_file_and_line_and_long_fields_read(tmp_path):
+    path = tmp_path / "table.csv"
+    path.write_bytes(b"img,report\na.png,fine\nb.png,caf\xe9\n")
+    with pytest.raises(ValueError, match=r"table\.csv: line 3 is not UTF-8 text"):
+        list(read_label_table(path, image="img", labels="report"))
+    report = "x" * (200 * 1024)  # over the csv module's 128 KiB default field limit
+    path.write_text(f"img,report\na.png,{report}\n", encoding="utf-8")
+    (row,) = read_label_table(path, image="img", labels=[], texts=["report"])
+    assert row["report"] == report
+
+
+def test_mimic_join_counts_and_an_empty_join_is_an_error(tmp_path):
+    rows = [*MIMIC_LABEL_ROWS, "10000033,59999999,,,,,,,,,1.0,,,,,"]  # a study without image
+    labels = write(tmp_path, "mimic-cxr-2.0.0-chexpert.csv", MIMIC_LABELS, rows)
+    meta = write(tmp_path, "mimic-cxr-2.0.0-metadata.csv", MIMIC_META, MIMIC_META_ROWS)
+    joined = read_mimic_cxr(labels, meta)
+    assert len(list(joined)) == 3
+    assert joined.counts["unmatched_images"] == 1 and joined.counts["unmatched_studies"] == 1
+    none = write(tmp_path, "meta-none.csv", MIMIC_META, MIMIC_META_ROWS[3:])
+    with pytest.raises(ValueError, match=r"meta-none\.csv: none of its 1 images belongs to one"):
+        list(read_mimic_cxr(labels, none))
+
+
+def test_mimic_float_formatted_ids_are_normalised_or_rejected(tmp_path):
+    rows = [r.replace("10000032,5", "10000032.0,5", 1) for r in MIMIC_LABEL_ROWS]
+    labels = write(tmp_path, "mimic-cxr-2.0.0-chexpert.csv", MIMIC_LABELS, rows)
+    meta_rows = [
+        r.replace(",10000032,50414267,", ",10000032.0,50414267.0,") for r in MIMIC_META_ROWS
+    ]
+    meta = write(tmp_path, "mimic-cxr-2.0.0-metadata.csv", MIMIC_META, meta_rows)
+    images = list(read_mimic_cxr(labels, meta))
+    assert images[0]["image"].startswith("files/p10/p10000032/s50414267/")
+    assert images[0]["study_id"] == "50414267" and images[0]["patient_id"] == "10000032"
+    bad = write(tmp_path, "bad.csv", MIMIC_LABELS, ["1e7,50414267,,,,,,,,,1.0,,,,,"])
+    with pytest.raises(ValueError, match=r"line 2, column 'subject_id': expected an integer id"):
+        list(read_mimic_cxr(bad))
+
+
+def test_chexpert_root_inside_the_release_folder_is_not_doubled(tmp_path):
+    chex = write(tmp_path, "train.csv", CHEXPERT_HEADER, CHEXPERT_ROWS)
+    inside = [a["image"] for a in read_chexpert(chex, root="/data/CheXpert-v1.0")]
+    above = [a["image"] for a in read_chexpert(chex, root="/data")]
+    assert inside == above
+    assert inside[0] == "/data/CheXpert-v1.0/train/patient00001/study1/view1_frontal.jpg"
+
+
+@pytest.mark.parametrize("image", ["../../outside/x.png", "/etc/x.png", "a/../../x.png"])
+def test_image_paths_stay_inside_root(tmp_path, image):
+    path = write(tmp_path, "t.csv", "img,y", ["ok.png,1", f"{image},1"])
+    with pytest.raises(ValueError, match=r"t\.csv: line 3, column 'img': the image path .*root"):
+        list(read_label_table(path, image="img", labels="y", root="images"))
+    kept = list(
+        read_label_table(path, image="img", labels="y", root="images", allow_outside_root=True)
+    )
+    assert len(kept) == 2
+    assert [a["image"] for a in read_label_table(path, image="img", labels="y")][1] == image
+
+
+def test_contradictory_rows_are_counted(tmp_path):
+    nih_rows = [*NIH_ROWS, "00000005_000.png,No Finding|Mass,0,5,60,F,PA,2048,2500,0.168,0.168,"]
+    nih = read_chestxray14(write(tmp_path, "Data_Entry_2017.csv", NIH_HEADER, nih_rows))
+    assert list(nih)[-1]["finding"] == ["Mass"] and nih.counts["contradictions"] == 1
+    rows = [
+        *CHEXPERT_ROWS,  # the first: No Finding with Support Devices only, allowed
+        # No Finding 1.0 with Edema 1.0; then Pneumonia 1.0 under Lung Opacity 0.0
+        "CheXpert-v1.0/train/patient00004/study1/view1_frontal.jpg,Male,41,Frontal,PA,"
+        "1.0,,,,,1.0,,,,,,,,",
+        "CheXpert-v1.0/train/patient00005/study1/view1_frontal.jpg,Male,41,Frontal,PA,"
+        ",,,0.0,,,,1.0,,,,,,",
+    ]
+    chex = read_chexpert(write(tmp_path, "train.csv", CHEXPERT_HEADER, rows))
+    assert len(list(chex)) == 5 and chex.counts["contradictions"] == 2
+    assert chex.counts["rows"] == chex.counts["kept"] == 5
+
+
+def test_u_ignore_masks_uncertain_findings_in_the_builder(tmp_path):
+    nan = float("nan")
+    chex = write(tmp_path, "train.csv", CHEXPERT_HEADER, CHEXPERT_ROWS)
+    annotations = list(read_chexpert(chex))  # U-Ignore
+    assert annotations[1]["unknown"] == {
+        "finding": ["Edema", "Pleural Effusion"],
+        "category": ["Lung Opacity", "Pleural Effusion"],
+    }
+    _, batch = MultiGranularCollate(chexpert_builder())([(torch.zeros(1), a) for a in annotations])
+    finding = dict(zip(batch["finding"].classes, batch["finding"].labels[1].tolist(), strict=True))
+    assert finding["Cardiomegaly"] == 1 and finding["Enlarged Cardiomediastinum"] == 1
+    for x in ("Edema", "Pleural Effusion", "Lung Opacity"):  # Lung Opacity: up from Edema
+        assert finding[x] != finding[x], x  # NaN
+    assert finding["Fracture"] == 0 and finding["Pneumonia"] == 0
+    category = dict(
+        zip(batch["category"].classes, batch["category"].labels[1].tolist(), strict=True)
+    )
+    assert category["Enlarged Cardiomediastinum"] == 1 and category["Fracture"] == 0
+    assert category["Lung Opacity"] != category["Lung Opacity"]
+    assert not batch["finding"].labels[[0, 2]].isnan().any()  # no uncertain finding there
+    ones = list(read_chexpert(chex, uncertainty="U-Ones"))
+    assert "unknown" not in ones[1]  # the other policies resolve uncertainty themselves
+    torch.testing.assert_close(
+        torch.tensor([finding["Edema"]]), torch.tensor([nan]), equal_nan=True
+    )
+
+
+def test_no_finding_descriptions_are_not_positives_of_each_other(tmp_path):
+    nih = list(read_chestxray14(write(tmp_path, "Data_Entry_2017.csv", NIH_HEADER, NIH_ROWS * 1)))
+    healthy = [nih[2], {**nih[2], "image": "other.png"}, nih[0]]
+    description = chestxray14_builder().build(healthy)["description"]
+    assert description.texts[:2] == ("A chest X-ray with no finding.",) * 2
+    assert description.labels[:2].sum() == 0  # annotated, no positive: a pure negative
+    assert description.labels[2].sum() == 1

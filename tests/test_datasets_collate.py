@@ -40,21 +40,17 @@ def test_collate_stacks_images_and_builds_texts():
     assert images[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
     finding = batch["finding"]
     assert finding.texts[0] == "no finding"
-    assert finding.labels.dtype == torch.bool and finding.labels.shape == (4, 3)
-    assert finding.labels.tolist() == [
-        [False, False, False],
-        [False, True, False],
-        [False, False, True],
-        [True, False, False],
-    ]
+    assert finding.labels.dtype == torch.float32 and finding.labels.shape == (4, 3)
+    assert finding.labels.tolist() == [[0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]]
 
 
 def test_label_shapes_do_not_switch_between_batches():
     collate = MultiGranularCollate(builder())
     _, single = collate(items(4)[1:])  # every sample has exactly one label
     assert single["finding"].labels.shape == (3, 3)
-    assert single["finding"].labels.dtype == torch.bool
-    assert builder().build([a for _, a in items(4)[1:]])["finding"].labels.dim() == 1  # 'auto'
+    assert single["finding"].labels.dtype == torch.float32
+    auto = builder().build([a for _, a in items(4)[1:]], label_format="auto")
+    assert auto["finding"].labels.dim() == 1  # 'auto' (opt-in) switches to ids
 
 
 def test_label_format_per_granularity_and_soft():
@@ -62,7 +58,7 @@ def test_label_format_per_granularity_and_soft():
     _, batch = collate([(torch.zeros(2), {"finding": {"Edema": 0.5}, "report": "x"})])
     assert batch["finding"].labels.dtype == torch.float32
     assert batch["finding"].labels.tolist() == [[0.0, 0.5, 0.0]]
-    assert batch["report"].labels.dtype == torch.bool  # unnamed: multi_hot
+    assert batch["report"].labels.tolist() == [[1.0]]  # unnamed: multi_hot
     with pytest.raises(ValueError, match=r"label_format='multi_hot'.* use 'soft'"):
         MultiGranularCollate(builder())(
             [(torch.zeros(2), {"finding": {"Edema": 0.5}, "report": ""})]
@@ -90,7 +86,7 @@ def test_pickle_round_trip_and_to_device():
     moved = batch.to("cpu", non_blocking=True)
     assert isinstance(moved, mgll.text.TextBatch) and moved is not batch
     assert moved.names == batch.names
-    assert moved["finding"].labels.dtype == torch.bool
+    assert moved["finding"].labels.dtype == torch.float32
     assert torch.equal(moved["finding"].inverse, batch["finding"].inverse)
     features = moved.encode(lambda s: torch.randn(len(s), 8))
     image = torch.randn(3, 8, requires_grad=True)

@@ -32,9 +32,9 @@ FUNDUS = [
         "description": "severe DME",
         "explanation": "lots of hard exudates near the macula",
     },
-    {"disease": "glaucoma", "description": "large cup-to-disc ratio"},
-    {"disease": [], "description": None, "explanation": "a healthy fundus"},
-    {"disease": "diabetic retinopathy", "description": ["moderate NPDR"]},
+    {"disease": "glaucoma", "description": "large cup-to-disc ratio", "explanation": []},
+    {"disease": [], "description": [], "explanation": "a healthy fundus"},
+    {"disease": "diabetic retinopathy", "description": ["moderate NPDR"], "explanation": []},
 ]
 
 
@@ -235,10 +235,10 @@ def test_paired_fundus_texts_unique_inverse_and_labels():
     assert disease.unique_texts == disease.texts[:1] + disease.texts[2:]
     assert disease.inverse.tolist() == [0, 0, 1, 2, 3]
     assert disease.classes == ("diabetic macular edema", "diabetic retinopathy", "glaucoma")
-    assert disease.labels.dtype == torch.bool
+    assert disease.labels.dtype == torch.float32
     assert disease.labels.int().tolist() == [[1, 1, 0], [1, 1, 0], [0, 0, 1], [0, 0, 0], [0, 1, 0]]
     assert batch["description"].texts[0] == "moderate NPDR and severe DME"
-    explanation = batch["explanation"]  # free text: one label per string; two samples lack it
+    explanation = batch["explanation"]  # free text: one label per string; two samples have none
     assert explanation.labels.shape == (5, 2) and explanation.labels.sum(1).tolist() == [
         1,
         1,
@@ -248,16 +248,21 @@ def test_paired_fundus_texts_unique_inverse_and_labels():
     ]
 
 
-def test_paired_single_labels_give_ids():
+def test_paired_single_labels_give_ids_when_asked():
     builder = MultiGranularTextBuilder([Granularity("dx", "a {} image")])
-    batch = builder.build([{"dx": "DR"}, {"dx": "AMD"}, {"dx": "DR"}])
+    anns = [{"dx": "DR"}, {"dx": "AMD"}, {"dx": "DR"}]
+    batch = builder.build(anns, label_format="ids")
     assert batch[0].labels.dtype == torch.long and batch[0].labels.tolist() == [1, 0, 1]
-    forced = builder.build([{"dx": "DR"}, {"dx": "AMD"}], label_format="multi_hot")
-    assert forced[0].labels.tolist() == [[False, True], [True, False]]
-    with pytest.raises(ValueError, match=r"needs exactly one label per sample .* sample 1 has 0"):
-        builder.build([{"dx": "DR"}, {}], label_format="ids")
-    missing = builder.build([{"dx": "DR"}, {}])  # a missing label forces multi-hot: no negatives
-    assert missing[0].labels.tolist() == [[True], [False]]
+    assert builder.build(anns, label_format="auto")[0].labels.tolist() == [1, 0, 1]
+    default = builder.build(anns)  # multi_hot: the same shape and dtype whatever the batch
+    assert default[0].labels.dtype == torch.float32
+    assert default[0].labels.tolist() == [[0, 1], [1, 0], [0, 1]]
+    with pytest.raises(ValueError, match=r"one label per annotated sample .* sample 1 has 0 lab"):
+        builder.build([{"dx": "DR"}, {"dx": []}], label_format="ids")
+    none = builder.build([{"dx": "DR"}, {"dx": []}], label_format="auto")  # no label: multi-hot
+    assert none[0].labels.tolist() == [[True], [False]]
+    unannotated = builder.build([{"dx": "DR"}, {}, {"dx": "AMD"}], label_format="ids")
+    assert unannotated[0].labels.tolist() == [1, -1, 0]  # -1: not annotated
 
 
 @st.composite
@@ -311,10 +316,11 @@ def test_bank_targets_and_declared_classes():
     builder = MultiGranularTextBuilder(
         [Granularity("dx", "a fundus image of {}.", classes=["AMD", "DR", "DME", "normal"])]
     )
-    part = builder.build([{"dx": ["DR", "DME"]}, {"dx": "AMD"}, {}], "bank")[0]
+    part = builder.build([{"dx": ["DR", "DME"]}, {"dx": "AMD"}, {"dx": []}, {}], "bank")[0]
     assert part.texts == tuple(f"a fundus image of {c}." for c in ("AMD", "DR", "DME", "normal"))
     assert part.labels is None and part.targets.dtype == torch.float32
-    assert part.targets.tolist() == [[0, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+    assert part.targets[:3].tolist() == [[0, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+    assert part.targets[3].isnan().all()  # not annotated: every pair unknown
     present = MultiGranularTextBuilder([Granularity("dx")]).build(
         [{"dx": "DR"}, {"dx": "AMD"}], "bank"
     )
@@ -362,7 +368,7 @@ def test_random_descriptions_and_multi_hot_view():
     drawn = builder.build(anns, rng=random.Random(1))[0]
     assert set(drawn.texts) == {"a", "b", "c"}
     assert drawn.texts == builder.build(anns, rng=random.Random(1))[0].texts
-    assert drawn.labels.tolist() == [0] * 30  # the label, not the text, decides co-occurrence
+    assert drawn.labels.tolist() == [[1.0]] * 30  # the label, not the text, decides co-occurrence
     bank = builder.build([{"dx": "DR"}, {}], "bank")[0]
     assert bank.multi_hot().tolist() == [[True], [False]]
     assert hash(g) == hash(Granularity("dx", "{}", {"DR": "x"}))  # hashable despite the dict
@@ -509,7 +515,7 @@ def test_mgll_fundus_records():
         "This is a fundus image of glaucoma",
     )
     assert batch["description"].texts == ("NPDR", "cupping")
-    assert batch["disease"].labels.tolist() == [0, 1]
+    assert batch["disease"].labels.tolist() == [[1, 0], [0, 1]]
     kw = MultiGranularTextBuilder.mgll_fundus(["keyword"]).build(records)
     assert kw[0].texts == ("This is a fundus image of DR", "This is a fundus image of GL")
     split = MultiGranularTextBuilder.mgll_fundus(["disease"], separator=",")
@@ -528,7 +534,7 @@ def test_midrc_records():
     batch = MultiGranularTextBuilder.midrc().build(records)
     assert batch.names == ["modality", "study_description", "series_description"]
     assert batch["modality"].texts == ("This is a CR image.", "This is a DX image.")
-    assert batch["study_description"].labels.tolist() == [0, 0]
+    assert batch["study_description"].labels.tolist() == [[1], [1]]
     assert batch["study_description"].unique_texts == ("XR CHEST 1 VIEW",)
 
 
@@ -596,3 +602,134 @@ def test_builder_bad_construction(args, error, match):
 def test_builder_bad_annotations(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         MultiGranularTextBuilder([Granularity("a")]).build(*args, **kwargs)
+
+
+# ---------------------------------------------------------------- partial annotation
+
+
+def test_a_missing_field_is_unannotated_and_none_is_too():
+    builder = MultiGranularTextBuilder(
+        [Granularity("dx", "a {} image", classes=["AMD", "DR"], missing_text="normal")]
+    )
+    part = builder.build([{"dx": "DR"}, {"dx": []}, {}, {"dx": None}])[0]
+    assert part.texts == ("a DR image", "normal", "", "")  # "": the unannotated placeholder
+    labels = part.labels
+    assert labels.dtype == torch.float32
+    assert labels[:2].tolist() == [[0, 1], [0, 0]]
+    assert labels[2:].isnan().all()
+    assert part.label_sets == (("DR",), (), (), ())
+    assert builder.build([{}, {}])[0].labels.isnan().all()  # a whole batch without it: allowed
+
+
+def test_required_granularity_keeps_the_error():
+    builder = MultiGranularTextBuilder([Granularity("dx", key="dxs", required=True)])
+    with pytest.raises(ValueError, match=r"reads the field 'dxs', which no annotation"):
+        builder.build([{"dx": "DR"}])
+    with pytest.raises(ValueError, match=r"required, but `annotations\[1\]` has no field 'dxs'"):
+        builder.build([{"dxs": "DR"}, {"dx": "DR"}])
+    with pytest.raises(TypeError, match=r"`required` must be a bool"):
+        Granularity("dx", required="yes")
+
+
+def test_per_class_unknowns_from_the_unknown_key_and_nan_weights():
+    nan = float("nan")
+    g = Granularity("finding", classes=["Edema", "Effusion", "Fracture"])
+    builder = MultiGranularTextBuilder([g])
+    part = builder.build(
+        [
+            {"finding": ["Edema"], "unknown": {"finding": ["Fracture"]}},
+            {"finding": {"Effusion": nan, "Edema": 0.0}},
+            {"finding": [], "unknown": {"other": ["Edema"]}},  # another field's unknowns
+        ]
+    )[0]
+    want = torch.tensor([[1, 0, nan], [0, nan, 0], [0, 0, 0]])
+    torch.testing.assert_close(part.labels, want, equal_nan=True)
+    assert part.texts[0] == "Edema"  # the text shows the positives only
+    with pytest.raises(ValueError, match=r"needs exactly one label .* sample 0 has unknown class"):
+        builder.build(
+            [{"finding": ["Edema"], "unknown": {"finding": ["Fracture"]}}], label_format="ids"
+        )
+    with pytest.raises(ValueError, match=r"holds labels not in `classes`.*'Cough'"):
+        builder.build([{"finding": [], "unknown": {"finding": ["Cough"]}}])
+
+
+def test_auto_gives_float_when_a_label_is_unknown():
+    builder = MultiGranularTextBuilder([Granularity("dx")])
+    labels = builder.build([{"dx": ["a", "b"]}, {}], label_format="auto")[0].labels
+    assert labels.dtype == torch.float32 and labels[1].isnan().all()
+    assert builder.build([{"dx": "a"}, {}], label_format="auto")[0].labels.tolist() == [0, -1]
+
+
+H = LabelHierarchy({"NPDR": "DR", "PDR": "DR", "mild": "NPDR", "AMD": None})
+DX = ["DR", "NPDR", "PDR", "mild", "AMD"]
+
+
+def hierarchical(**kwargs) -> MultiGranularTextBuilder:
+    return MultiGranularTextBuilder(
+        [
+            Granularity("category", classes=["DR", "AMD"]),
+            Granularity("dx", classes=DX, **kwargs),
+        ],
+        hierarchy={"dx": H},
+    )
+
+
+def test_hierarchy_positives_up_unknowns_up_negatives_down():
+    nan = float("nan")
+    part = hierarchical().build(
+        [
+            {"category": [], "dx": ["mild"]},  # positive up: NPDR and DR
+            {"category": [], "dx": [], "unknown": {"dx": ["mild"]}},  # unknown up: NPDR, DR
+            {"category": [], "dx": {"DR": 0.0}, "unknown": {"dx": ["mild", "PDR"]}},  # down
+            {"category": [], "dx": {"NPDR": 0.0, "PDR": 1.0}, "unknown": {"dx": ["mild"]}},
+        ]
+    )["dx"]
+    want = torch.tensor(
+        [
+            [1, 1, 0, 1, 0],
+            [nan, nan, 0, nan, 0],
+            [0, 0, 0, 0, 0],
+            [1, 0, 1, 0, 0],
+        ]
+    )
+    torch.testing.assert_close(part.labels, want, equal_nan=True)
+    assert part.conflicts == 0
+
+
+def test_hierarchy_conflicts_are_counted_and_the_hierarchy_wins():
+    batch = hierarchical().build(
+        [
+            {"category": [], "dx": {"mild": 1.0, "NPDR": 0.0, "DR": 0.0}},  # two overridden
+            {"category": [], "dx": {"PDR": 1.0, "AMD": 0.0}},  # AMD is no ancestor: fine
+        ]
+    )
+    torch.testing.assert_close(
+        batch["dx"].labels, torch.tensor([[1.0, 1, 0, 1, 0], [1, 0, 1, 0, 0]])
+    )
+    assert batch["dx"].conflicts == 2 and batch.conflicts == {"category": 0, "dx": 2}
+
+
+def test_a_coarse_only_annotation_gives_negatives_outside_its_groups():
+    """Category DR only: DR positive, AMD a known negative, the DR subtree unknown."""
+    nan = float("nan")
+    builder = hierarchical(coarse="category")
+    batch = builder.build([{"category": ["DR"]}, {"category": ["AMD"]}, {"dx": ["PDR"]}])
+    want = torch.tensor(
+        [
+            [1, nan, nan, nan, 0],
+            [0, 0, 0, 0, 1],  # a negative DR makes its whole subtree negative
+            [1, 0, 1, 0, 0],
+        ]
+    )
+    torch.testing.assert_close(batch["dx"].labels, want, equal_nan=True)
+    assert batch["dx"].texts == ("", "", "PDR")  # no fine text for the coarse-only images
+    assert batch["category"].labels[2].isnan().all()
+    contradicted = builder.build([{"category": ["AMD"], "dx": ["mild"], "unknown": {"dx": ["DR"]}}])
+    assert contradicted["dx"].conflicts == 1  # the coarse negative DR, overridden by "mild"
+
+
+def test_builder_bad_coarse():
+    with pytest.raises(ValueError, match=r"`coarse='b'`, which is not a granularity"):
+        MultiGranularTextBuilder([Granularity("a", coarse="b")])
+    with pytest.raises(ValueError, match=r"`coarse` granularities form a cycle: 'a' -> 'b' -> 'a'"):
+        MultiGranularTextBuilder([Granularity("a", coarse="b"), Granularity("b", coarse="a")])

@@ -47,7 +47,9 @@ def attach_texts(canvases: Canvases, seed: int) -> None:
     when they share a digit); ``summary`` gets (N,) ids (positives when the summaries match).
     """
     builder = mgll.MultiGranularTextBuilder(granularities())
-    batch = builder.build(annotations(canvases), mode="paired", rng=random.Random(seed))
+    batch = builder.build(  # the whole set at once, so "auto" is stable: summary ids, bool hots
+        annotations(canvases), mode="paired", label_format="auto", rng=random.Random(seed)
+    )
     canvases.texts = {name: list(batch[name].texts) for name in GRANULARITIES}
     canvases.labels = {name: batch[name].labels for name in GRANULARITIES}
 

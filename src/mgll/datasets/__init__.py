@@ -30,7 +30,7 @@ from mgll.datasets.chexpert import (
 )
 from mgll.datasets.collate import MultiGranularCollate
 from mgll.datasets.export import open_clip_config, write_csv, write_webdataset
-from mgll.datasets.generic import UNCERTAINTY_POLICIES, apply_uncertainty, read_label_table
+from mgll.datasets.generic import UNCERTAINTY_POLICIES, VIEWS, apply_uncertainty, read_label_table
 from mgll.datasets.harmonise import CHEST_X_RAY_LABEL_MAP, LabelMap, SourceLabels
 from mgll.datasets.merge import MergedAnnotations, MergeSummary, merge_sources
 from mgll.datasets.mimic_cxr import MIMIC_IMAGE_TEMPLATE, read_mimic_cxr
@@ -50,6 +50,7 @@ __all__ = [
     "CHEXPERT_OBSERVATIONS",
     "MIMIC_IMAGE_TEMPLATE",
     "UNCERTAINTY_POLICIES",
+    "VIEWS",
     "LabelMap",
     "MergeSummary",
     "MergedAnnotations",

@@ -5,10 +5,85 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from typing import TextIO, Union
 
 Source = Union[str, "os.PathLike[str]", TextIO]
+
+# Report fields can be long (the csv module's default limit is 128 KiB); the largest limit
+# a C long holds on every platform.
+_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
+
+
+class Annotations(Iterator[dict]):
+    """A reader's lazy iterator of annotation dicts, with ``counts`` of what it read.
+
+    ``counts`` grows as the iterator is consumed (complete once exhausted): ``rows`` (data
+    rows read), ``kept`` (annotations yielded), ``skipped_view`` (rows outside ``views=``),
+    ``contradictions`` (rows whose labels contradict themselves, e.g. "No Finding" together
+    with a finding; they are kept as read) and, for joins, ``unmatched_images`` and
+    ``unmatched_studies``.
+    """
+
+    def __init__(self, make: Callable[[dict], Iterator[dict]]) -> None:
+        self.counts = {"rows": 0, "kept": 0, "skipped_view": 0, "contradictions": 0}
+        self._it = make(self.counts)
+
+    def __next__(self) -> dict:
+        return next(self._it)
+
+    def map(self, fn: Callable[[dict], dict]) -> Annotations:
+        """The same rows passed through ``fn``, sharing ``counts``."""
+        out = Annotations.__new__(Annotations)
+        out.counts, out._it = self.counts, map(fn, self._it)
+        return out
+
+
+class ImagePaths:
+    """Joins a label file's image paths to ``root`` and keeps them inside it.
+
+    The check is lexical (``..`` and absolute paths; no file is opened, so a symbolic link
+    inside ``root`` is the user's own choice).  ``strip`` names a leading directory that the
+    paths carry and ``root`` may already end with (CheXpert's ``CheXpert-v1.0-small``).
+    """
+
+    def __init__(
+        self, root: object, allow_outside: bool = False, strip: Sequence[str] = ()
+    ) -> None:
+        if root is not None and not isinstance(root, (str, os.PathLike)):
+            raise TypeError(f"`root` must be a directory path or None, got {type(root).__name__}")
+        if not isinstance(allow_outside, bool):
+            raise TypeError(
+                f"`allow_outside_root` must be a bool, got {type(allow_outside).__name__}"
+            )
+        self.root = None if root is None else os.fspath(root)
+        self.allow_outside = allow_outside
+        base = "" if self.root is None else os.path.basename(os.path.normpath(self.root))
+        self._strip = base if base in strip else None
+
+    def join(self, path: str, table: Table, line: int, column: str) -> str:
+        if self.root is None:
+            return path
+        if self._strip is not None:
+            head, sep, rest = path.replace("\\", "/").partition("/")
+            if head == self._strip and sep:
+                path = rest  # root already ends with the paths' first directory
+        if os.path.isabs(path) or os.path.splitdrive(path)[0]:
+            if self.allow_outside:
+                return path
+            raise table.error(
+                line, column, f"the image path {path!r} is absolute, so it would ignore `root` "
+                f"{self.root!r}; pass allow_outside_root=True if that is intended",
+            )  # fmt: skip
+        joined = os.path.join(self.root, path)
+        inside = os.path.relpath(os.path.normpath(joined), os.path.normpath(self.root))
+        if not self.allow_outside and (inside == "." or inside.split(os.sep)[0] == os.pardir):
+            raise table.error(
+                line, column, f"the image path {path!r} leads outside `root` {self.root!r}; "
+                "pass allow_outside_root=True if that is intended",
+            )  # fmt: skip
+        return joined
 
 
 def source_name(source: Source) -> str:
@@ -36,7 +111,11 @@ class Table:
         self.name = source_name(source)
         if isinstance(source, (str, os.PathLike)):
             with open(source, encoding="utf-8-sig", newline="") as f:
-                self.header = self._header(csv.reader(f))
+                reader = csv.reader(f)
+                try:
+                    self.header = self._header(reader)
+                except UnicodeDecodeError as err:
+                    raise self._not_utf8(err, reader) from None
             self._stream = None
         else:
             self._stream = csv.reader(source)
@@ -63,19 +142,39 @@ class Table:
 
     def rows(self) -> Iterator[tuple[int, dict[str, str]]]:
         """``(line, {column: stripped value})`` for each non-blank data row."""
+        if csv.field_size_limit() < _FIELD_LIMIT:
+            csv.field_size_limit(_FIELD_LIMIT)
         if self._stream is not None:
             stream, self._stream = self._stream, None
-            yield from self._rows(stream)
+            yield from self._located(stream)
             return
         if not isinstance(self.source, (str, os.PathLike)):
             raise ValueError(f"{self.name}: a text stream can be read only once; pass a path")
         with open(self.source, encoding="utf-8-sig", newline="") as f:
             reader = csv.reader(f)
             next(reader)
+            yield from self._located(reader)
+
+    def _located(self, reader) -> Iterator[tuple[int, dict[str, str]]]:
+        """:meth:`_rows`, with decoding and csv errors turned into errors naming the line."""
+        try:
             yield from self._rows(reader)
+        except UnicodeDecodeError as err:
+            raise self._not_utf8(err, reader) from None
+        except csv.Error as err:
+            raise ValueError(f"{self.name}: line {reader.line_num + 1}: {err}") from None
+
+    def _not_utf8(self, err: UnicodeDecodeError, reader) -> ValueError:
+        line = _bad_utf8_line(self.source)
+        where = f"line {line}" if line is not None else f"after line {reader.line_num}"
+        return ValueError(
+            f"{self.name}: {where} is not UTF-8 text ({err.reason}, byte "
+            f"{err.object[err.start : err.start + 1]!r}); re-save the file as UTF-8"
+        )
 
     def _rows(self, reader) -> Iterator[tuple[int, dict[str, str]]]:
         width = len(self.header)
+        unnamed = [j for j, h in enumerate(self.header) if not h]
         for cells in reader:
             if not any(c.strip() for c in cells):
                 continue  # a blank line (e.g. at the end of the file)
@@ -91,9 +190,29 @@ class Table:
                     f"{self.name}: line {line} has {len(cells)} fields but the header has "
                     f"{self._named_width}; is the row truncated?"
                 )
+            filled = [j for j in unnamed if j < len(cells) and cells[j].strip()]
+            if filled:
+                raise ValueError(
+                    f"{self.name}: line {line} has the value {cells[filled[0]]!r} in the "
+                    f"unnamed column {filled[0] + 1}, so its fields are shifted; quote fields "
+                    "that contain a comma (e.g. a label list)"
+                )
             cells = cells + [""] * (width - len(cells))
             yield line, {h: c.strip() for h, c in zip(self.header, cells, strict=False) if h}
 
     def error(self, line: int, column: str, message: str) -> ValueError:
         """A ValueError naming the file, line and column."""
         return ValueError(f"{self.name}: line {line}, column {column!r}: {message}")
+
+
+def _bad_utf8_line(source: object) -> int | None:
+    """The first line of a file that is not UTF-8 (only on the error path: reads it again)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    with open(source, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return None

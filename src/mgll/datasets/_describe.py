@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import lru_cache
 
+#: The sentence of an image without a finding (a null label of the description presets).
+NO_FINDING = "A chest X-ray with no finding."
+
 
 @lru_cache(maxsize=1024)
 def phrase(label: str) -> str:
@@ -23,7 +26,7 @@ def sentence(positives: Sequence[str], uncertain: Sequence[str] = ()) -> str:
     certain = [phrase(x) for x in positives if x not in uncertain]
     maybe = [phrase(x) for x in uncertain]
     if not certain and not maybe:
-        return "A chest X-ray with no finding."
+        return NO_FINDING
     if not certain:
         return f"A chest X-ray possibly showing {join(maybe)}."
     tail = f"; possibly {join(maybe)}" if maybe else ""

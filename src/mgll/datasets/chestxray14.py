@@ -11,11 +11,11 @@ comma: an unnamed empty column, ignored).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
-from mgll.datasets._csv import Source
-from mgll.datasets._describe import phrase, sentence
-from mgll.datasets.generic import read_label_table
+from mgll.datasets._csv import Annotations, ImagePaths, Source
+from mgll.datasets._describe import NO_FINDING, phrase, sentence
+from mgll.datasets.generic import patient_column, read_rows
 from mgll.text import Granularity, MultiGranularTextBuilder
 
 __all__ = ["CHESTXRAY14_FINDINGS", "chestxray14_builder", "read_chestxray14"]
@@ -45,14 +45,19 @@ def read_chestxray14(
     root: str | os.PathLike[str] | None = None,
     null_labels: Sequence[str] = ("No Finding",),
     classes: Sequence[str] | None = CHESTXRAY14_FINDINGS,
-) -> Iterator[dict[str, object]]:
+    views: Sequence[str] | None = None,
+    allow_outside_root: bool = False,
+) -> Annotations:
     r"""Annotations from ChestX-ray14's ``Data_Entry_2017.csv``, parsed lazily.
 
     Each annotation holds ``"image"`` (``Image Index``, joined to ``root``), ``"finding"``
     (the findings of ``Finding Labels``, in file order; ``No Finding`` gives ``[]``, no
     positive, unless ``null_labels=()`` makes it a class), ``"description"`` (a sentence,
     ``"A chest X-ray showing atelectasis and effusion."``), ``"uncertain"`` (always ``[]``:
-    the file has no uncertain labels) and every other column under its own name (strings).
+    the file has no uncertain labels), ``"view"`` (``View Position``: ``"PA"``, ``"AP"``),
+    ``"patient_id"`` (``Patient ID``, its digits) and every other column under its own name
+    (strings).  A row whose ``Finding Labels`` has ``No Finding`` together with a finding is
+    kept with its findings and counted in ``counts["contradictions"]``.
 
     Args:
         path: the CSV file, or a text stream.
@@ -60,13 +65,16 @@ def read_chestxray14(
         null_labels: labels meaning "no finding".
         classes: the allowed findings (``No Finding`` is always allowed); an unknown one is
             an error naming the line.  ``None`` accepts any.
+        views: keep only these views (from :data:`~mgll.datasets.VIEWS`, or ``"frontal"``).
+        allow_outside_root: accept image paths that lead outside ``root``.
 
     Returns:
         An iterator of annotation dicts, one per image, in file order.
 
     Raises:
         ValueError: a missing column, an unknown finding, a blank or repeated
-            ``Image Index`` (naming the file, line and column).
+            ``Image Index``, a row whose fields are shifted by an unquoted comma (naming the
+            file, line and column); an unknown view.
 
     Example:
         >>> import io
@@ -82,7 +90,7 @@ def read_chestxray14(
         >>> second["finding"], second["View Position"]
         ([], 'PA')
     """
-    rows = read_label_table(
+    rows = read_rows(
         path,
         image="Image Index",
         labels="Finding Labels",
@@ -90,10 +98,20 @@ def read_chestxray14(
         separator="|",
         classes=None if classes is None else (*classes, "No Finding"),
         null_labels=null_labels,
-        root=root,
+        paths=ImagePaths(root, allow_outside_root),
         what="ChestX-ray14 Data_Entry_2017.csv",
+        views=views,
+        view_of=_view,
+        needs=["Patient ID", "View Position"],
+        patient_of=patient_column("Patient ID"),
+        contradicts=lambda found: "No Finding" in found and len(found) > 1,
     )
-    return ({**a, "description": sentence(a["finding"])} for a in rows)
+    return rows.map(lambda a: {**a, "description": sentence(a["finding"])})
+
+
+def _view(row: dict[str, str]) -> str:
+    view = row.get("View Position", "").upper()
+    return view if view in ("PA", "AP") else "OTHER"
 
 
 def chestxray14_builder(
@@ -106,6 +124,13 @@ def chestxray14_builder(
     Granularities: ``"finding"`` (``"a chest X-ray showing {}"`` over
     :data:`CHESTXRAY14_FINDINGS`, lower-case phrases, ``"a chest X-ray with no finding"``
     for an image without a finding) and ``"description"`` (the sentence, verbatim).
+
+    The description is free text: two images are positives there when their sentences are
+    equal (the same set of findings), and its label columns are the distinct sentences of
+    each batch, so they mean different sentences in different batches (fine for one
+    process; under distributed training with gathered labels, leave it out or build it in
+    bank mode).  Its "no finding" sentence is a null label: healthy images are not
+    positives of each other, as at the finding level.
 
     Args:
         levels: the granularities to use, in order.
@@ -126,9 +151,14 @@ def chestxray14_builder(
     findings = CHESTXRAY14_FINDINGS + (() if "No Finding" in null_labels else ("No Finding",))
     table = {
         "finding": _xray_labels("finding", findings),
-        "description": Granularity("description"),
+        "description": description_granularity(),
     }
     return MultiGranularTextBuilder(_levels(levels, table))
+
+
+def description_granularity() -> Granularity:
+    """The verbatim sentence; the "no finding" sentence is a null label (see the presets)."""
+    return Granularity("description", null_labels=(NO_FINDING,), missing_text=NO_FINDING)
 
 
 def _xray_labels(name: str, classes: tuple[str, ...]) -> Granularity:

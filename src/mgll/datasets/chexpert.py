@@ -12,13 +12,15 @@ labels) holds 1.0 and 0.0 only.  MIMIC-CXR's label files use the same 14 observa
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import re
+from collections.abc import Mapping, Sequence
 
-from mgll.datasets._csv import Source
+from mgll.datasets._csv import Annotations, ImagePaths, Source
 from mgll.datasets._describe import sentence
-from mgll.datasets.chestxray14 import _levels, _xray_labels
-from mgll.datasets.generic import read_label_table
-from mgll.text import Granularity, MultiGranularTextBuilder
+from mgll.datasets.chestxray14 import _levels, _xray_labels, description_granularity
+from mgll.datasets.generic import read_rows
+from mgll.text import MultiGranularTextBuilder
+from mgll.text.granularity import UNKNOWN_KEY
 from mgll.text.hierarchy import LabelHierarchy
 
 __all__ = [
@@ -88,7 +90,9 @@ def read_chexpert(
     soft_weight: float = 0.5,
     null_labels: Sequence[str] = ("No Finding",),
     root: str | os.PathLike[str] | None = None,
-) -> Iterator[dict[str, object]]:
+    views: Sequence[str] | None = None,
+    allow_outside_root: bool = False,
+) -> Annotations:
     r"""Annotations from CheXpert's ``train.csv`` or ``valid.csv``, parsed lazily.
 
     Each annotation holds ``"image"`` (``Path``, joined to ``root``), ``"finding"`` (the
@@ -96,23 +100,34 @@ def read_chexpert(
     a list, or ``{observation: weight}`` under U-Soft), ``"uncertain"`` (the observations
     marked -1.0), ``"category"`` (the roots of :data:`CHEXPERT_HIERARCHY` above the
     findings, with the largest weight under U-Soft), ``"description"`` (a sentence that
-    names uncertain observations as "possibly ...", whatever the policy) and ``Sex``,
-    ``Age``, ``Frontal/Lateral``, ``AP/PA`` (strings).  ``No Finding`` is a null label by
-    default: such an image has no positive instead of a class of its own.
+    names uncertain observations as "possibly ...", whatever the policy), ``"view"``
+    (``"LATERAL"`` for a lateral image, else ``AP/PA``: ``"AP"``, ``"PA"`` or ``"OTHER"``),
+    ``"patient_id"`` (the digits of the path's ``patientNNNNN``) and ``Sex``, ``Age``,
+    ``Frontal/Lateral``, ``AP/PA`` (strings).  Under U-Ignore the uncertain observations, and
+    the categories they could make positive, are listed under ``"unknown"`` (NaN labels in
+    the builder).  ``No Finding`` is a null label by default: such an image has no positive
+    instead of a class of its own.  Rows that contradict themselves (``No Finding`` 1.0 with
+    a positive finding other than Support Devices, or a positive finding whose ancestor in
+    :data:`CHEXPERT_HIERARCHY` is 0.0) are kept as read and counted in
+    ``counts["contradictions"]``.
 
     Args:
         path: the CSV file, or a text stream.
         uncertainty: ``"U-Ignore"`` (default), ``"U-Zeros"``, ``"U-Ones"`` or ``"U-Soft"``.
         soft_weight: an uncertain observation's weight under U-Soft.
         null_labels: observations meaning "nothing here".
-        root: the directory that holds ``CheXpert-v1.0/`` (the paths' first part).
+        root: the directory that holds ``CheXpert-v1.0/`` (the paths' first part); a root
+            that is that directory itself (``.../CheXpert-v1.0-small``) works too.
+        views: keep only these views (from :data:`~mgll.datasets.VIEWS`, or ``"frontal"``).
+        allow_outside_root: accept image paths that lead outside ``root``.
 
     Returns:
         An iterator of annotation dicts, one per image, in file order.
 
     Raises:
         ValueError: a missing column, an unknown value (``2.0``), a blank or repeated
-            ``Path`` (naming the file, line and column), an unknown policy.
+            ``Path``, a path without ``patientNNNNN`` or outside ``root`` (naming the file,
+            line and column), an unknown policy or view.
 
     Example:
         >>> import io
@@ -133,20 +148,58 @@ def read_chexpert(
         null_labels=null_labels,
         uncertainty=uncertainty,
         soft_weight=soft_weight,
-        root=root,
+        paths=ImagePaths(root, allow_outside_root, strip=_RELEASES),
         what="CheXpert train.csv/valid.csv",
+        views=views,
+        view_of=_view,
+        needs=["Frontal/Lateral", "AP/PA"],
+        patient_of=_patient,
     )
-    return (with_levels(a) for a in rows)
+    return rows.map(with_levels)
 
 
-def _read_observations(path: Source, **options: object) -> Iterator[dict[str, object]]:
+_RELEASES = ("CheXpert-v1.0", "CheXpert-v1.0-small")
+_PATIENT = re.compile(r"(?:^|/)patient(\d+)(?:/|$)")
+
+
+def _view(row: dict[str, str]) -> str:
+    if row.get("Frontal/Lateral", "").upper() == "LATERAL":
+        return "LATERAL"
+    view = row.get("AP/PA", "").upper()
+    return view if view in ("AP", "PA") else "OTHER"
+
+
+def _patient(table, line: int, row: dict[str, str]) -> str:
+    found = _PATIENT.search(row["Path"].replace("\\", "/"))
+    if found is None:
+        raise table.error(line, "Path", f"no 'patientNNNNN' directory in {row['Path']!r}")
+    return found.group(1)
+
+
+def contradicts(values: Mapping[str, int | None]) -> bool:
+    """A CheXpert-labeller row that contradicts itself: No Finding with a finding (Support
+    Devices aside, as the labeller allows), or a positive finding under a 0.0 ancestor."""
+    positive = [x for x, v in values.items() if v == 1 and x != "No Finding"]
+    if values.get("No Finding") == 1 and any(x != "Support Devices" for x in positive):
+        return True
+    return any(
+        values.get(a) == 0 for x in positive if x in CHEXPERT_HIERARCHY
+        for a in CHEXPERT_HIERARCHY.ancestors(x)
+    )  # fmt: skip
+
+
+def _read_observations(path: Source, **options: object) -> Annotations:
     """Rows of a CheXpert-labeller table: the 14 observations under ``"finding"``.
 
-    ``options`` go to :func:`~mgll.datasets.generic.read_label_table` (``image``, ``what``, the
+    ``options`` go to :func:`~mgll.datasets.generic.read_rows` (``image``, ``what``, the
     uncertainty policy, ...); CheXpert's ``train.csv`` and MIMIC-CXR's label files share this.
     """
-    return read_label_table(
-        path, labels=list(CHEXPERT_OBSERVATIONS), label_key="finding", **options
+    return read_rows(
+        path,
+        labels=list(CHEXPERT_OBSERVATIONS),
+        label_key="finding",
+        contradicts=contradicts,
+        **options,
     )
 
 
@@ -160,11 +213,17 @@ def with_levels(annotation: dict[str, object]) -> dict[str, object]:
         top = _TOP.get(x, x)
         category[top] = max(category.get(top, 0.0), w)
     ordered = dict(sorted(category.items(), key=lambda item: _ORDER.get(item[0], len(_ORDER))))
-    return {
+    out = {
         **annotation,
         "category": ordered if isinstance(finding, Mapping) else list(ordered),
         "description": sentence(positives, uncertain),
     }
+    unknown = annotation.get(UNKNOWN_KEY)
+    if isinstance(unknown, Mapping) and unknown.get("finding"):
+        maybe = dict.fromkeys(_TOP.get(x, x) for x in unknown["finding"])
+        categories = [x for x in maybe if x not in category and x in CHEXPERT_CATEGORIES]
+        out[UNKNOWN_KEY] = {**unknown, "category": categories}
+    return out
 
 
 def chexpert_builder(
@@ -182,7 +241,8 @@ def chexpert_builder(
     * ``"finding"``: the same template over the observations (without ``null_labels``),
       with :data:`CHEXPERT_HIERARCHY` applied when ``hierarchy`` (a Pneumonia image is also
       a positive of Consolidation and Lung Opacity texts);
-    * ``"description"``: the sentence, verbatim.
+    * ``"description"``: the sentence, verbatim (free text: see
+      :func:`~mgll.datasets.chestxray14_builder`; its "no finding" sentence is a null label).
 
     An image without a finding reads ``"a chest X-ray with no finding"``.  The files hold
     no location or severity words, so the finding texts have none.  Collate U-Soft
@@ -209,7 +269,7 @@ def chexpert_builder(
     table = {
         "category": _xray_labels("category", categories),
         "finding": _xray_labels("finding", findings),
-        "description": Granularity("description"),
+        "description": description_granularity(),
     }
     grans = _levels(levels, table)
     use = hierarchy and "finding" in levels

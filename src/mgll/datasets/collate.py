@@ -66,8 +66,8 @@ class MultiGranularCollate:
         >>> loader = DataLoader(items, batch_size=2, collate_fn=MultiGranularCollate(builder))
         >>> images, texts = next(iter(loader))
         >>> images.shape, texts["finding"].labels
-        (torch.Size([2, 1, 4, 4]), tensor([[ True, False],
-                [ True,  True]]))
+        (torch.Size([2, 1, 4, 4]), tensor([[1., 0.],
+                [1., 1.]]))
         >>> features = texts.encode(lambda strings: torch.randn(len(strings), 8))
         >>> image_features = torch.randn(2, 8, requires_grad=True)
         >>> loss = mgll.MGLLLoss()(image_features, features, torch.tensor(10.0),

@@ -8,15 +8,44 @@ The provider-specific readers (:func:`~mgll.datasets.read_chestxray14`,
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
-from mgll.datasets._csv import Source, Table
+from mgll.datasets._csv import Annotations, ImagePaths, Source, Table
+from mgll.text.granularity import UNKNOWN_KEY
 
-__all__ = ["UNCERTAINTY_POLICIES", "apply_uncertainty", "read_label_table"]
+__all__ = ["UNCERTAINTY_POLICIES", "VIEWS", "apply_uncertainty", "read_label_table"]
 
 #: The uncertainty policies of Irvin et al. (2019, CheXpert, section "Uncertainty approaches")
 #: plus U-Soft; see :func:`apply_uncertainty`.
 UNCERTAINTY_POLICIES = ("U-Ignore", "U-Zeros", "U-Ones", "U-Soft")
+
+#: The view vocabulary of every reader's ``views=`` (and of ``annotation["view"]``):
+#: posterior-anterior, anterior-posterior, lateral, and any other projection;
+#: ``"frontal"`` in ``views=`` stands for PA and AP.
+VIEWS = ("PA", "AP", "LATERAL", "OTHER")
+
+
+def check_views(views: object) -> frozenset | None:
+    """The canonical views of a reader's ``views=`` argument (``None``: every view)."""
+    if views is None:
+        return None
+    if isinstance(views, str) or not isinstance(views, (Sequence, set, frozenset)):
+        raise TypeError(f"`views` must be a list of views from {VIEWS}, got {views!r}")
+    out = set()
+    for v in views:
+        key = v.upper() if isinstance(v, str) else v
+        if key == "FRONTAL":
+            out.update(("PA", "AP"))
+        elif key in VIEWS:
+            out.add(key)
+        else:
+            raise ValueError(
+                f"`views` holds the unknown view {v!r}; expected views from {VIEWS} or "
+                "'frontal' (PA and AP), the same names for every reader"
+            )
+    return frozenset(out)
+
 
 _VALUES = {"1.0": 1, "1": 1, "0.0": 0, "0": 0, "-1.0": -1, "-1": -1, "": None}
 
@@ -100,6 +129,28 @@ def check_policy(policy: object, soft_weight: object) -> str:
     return names[policy.lower()]
 
 
+@dataclass(frozen=True)
+class _Spec:
+    """How the rows of one table become annotations (one object, not a dozen positionals)."""
+
+    image: str
+    label_columns: list[str]
+    one_column: bool
+    label_key: str
+    separator: str | None
+    allowed: frozenset | None
+    null: frozenset
+    policy: str
+    soft_weight: float
+    text_map: dict[str, str]
+    meta: list[str]
+    paths: ImagePaths
+    views: frozenset | None = None
+    view_of: Callable[[dict[str, str]], str] | None = None
+    patient_of: Callable[[dict[str, str]], str] | None = None
+    contradicts: Callable[[dict], bool] | None = None
+
+
 def read_label_table(
     path: Source,
     *,
@@ -114,8 +165,9 @@ def read_label_table(
     texts: Sequence[str] | Mapping[str, str] = (),
     metadata: Sequence[str] | None = None,
     root: str | os.PathLike[str] | None = None,
+    allow_outside_root: bool = False,
     what: str = "label table",
-) -> Iterator[dict[str, object]]:
+) -> Annotations:
     r"""Annotations from a CSV file with one row per image, parsed lazily.
 
     The labels come either from **one label column** (``labels="Finding Labels"``, a cell
@@ -129,8 +181,10 @@ def read_label_table(
     when given), ``label_key`` (the labels: a list, or ``{label: weight}`` under U-Soft),
     ``"uncertain"`` (the uncertain labels, ``[]`` for a label column), one key per text
     column and per metadata column (the values as strings, by column name unless ``texts``
-    maps annotation keys to columns).  The header is checked when the function is called;
-    rows are parsed as the iterator is consumed (``list(...)`` for a map-style dataset).
+    maps annotation keys to columns).  Under U-Ignore an image with uncertain labels also
+    has ``"unknown": {label_key: [...]}``, which the builder turns into NaN (unknown)
+    labels.  The header is checked when the function is called; rows are parsed as the
+    iterator is consumed (``list(...)`` for a map-style dataset).
 
     Args:
         path: the CSV file, or a text stream (read once).
@@ -147,15 +201,20 @@ def read_label_table(
         soft_weight: the weight of an uncertain label under U-Soft.
         texts: free-text columns to keep (a list of columns, or ``{key: column}``).
         metadata: further columns to keep; default every column not used otherwise.
-        root: a directory prepended to the image paths.
+        root: a directory prepended to the image paths.  A path that leaves it (``..``, an
+            absolute path) is an error naming the line: a label file must not point the
+            loader anywhere else.
+        allow_outside_root: accept such paths (absolute ones are then kept as they are).
         what: the kind of file, for error messages.
 
     Returns:
-        An iterator of annotation dicts, one per row, in file order.
+        An iterator of annotation dicts, one per row, in file order; its ``counts`` (see
+        :class:`Annotations`) say how many rows were read, kept and skipped.
 
     Raises:
         ValueError: (naming the file, line and column) a missing column, an unknown value
-            (``2.0``) or label, a blank or repeated image id.
+            (``2.0``) or label, a blank or repeated image id, an image path outside
+            ``root``, bytes that are not UTF-8.
 
     Example:
         >>> import io
@@ -172,6 +231,38 @@ def read_label_table(
         {'image': 'a.jpg', 'Disease': ['DR', 'DME'], 'uncertain': [], 'Description': 'hard exudates near the macula'}
         {'image': 'b.jpg', 'Disease': [], 'uncertain': [], 'Description': 'a healthy fundus'}
     """
+    return read_rows(
+        path, image=image, labels=labels, label_key=label_key, separator=separator,
+        classes=classes, null_labels=null_labels, uncertainty=uncertainty,
+        soft_weight=soft_weight, texts=texts, metadata=metadata,
+        paths=ImagePaths(root, allow_outside_root), what=what,
+    )  # fmt: skip
+
+
+def read_rows(
+    path: Source,
+    *,
+    image: str,
+    labels: str | Sequence[str],
+    paths: ImagePaths,
+    what: str,
+    label_key: str | None = None,
+    separator: str | None = None,
+    classes: Sequence[str] | None = None,
+    null_labels: Sequence[str] = (),
+    uncertainty: str = "U-Ignore",
+    soft_weight: float = 0.5,
+    texts: Sequence[str] | Mapping[str, str] = (),
+    metadata: Sequence[str] | None = None,
+    views: Sequence[str] | None = None,
+    view_of: Callable[[dict[str, str]], str] | None = None,
+    needs: Sequence[str] = (),
+    patient_of: Callable | None = None,
+    contradicts: Callable[[object], bool] | None = None,
+) -> Annotations:
+    """:func:`read_label_table` with the providers' hooks: a view and a patient id per row
+    (from the columns ``needs``), a check that counts contradictory rows; the header is
+    checked now, rows read lazily."""
     policy = check_policy(uncertainty, soft_weight)
     one_column = isinstance(labels, str)
     label_columns = [labels] if one_column else _names("labels", labels)
@@ -181,42 +272,87 @@ def read_label_table(
     null = frozenset(_names("null_labels", null_labels))
     allowed = None if classes is None else frozenset(_names("classes", classes)) | null
     used = {image, *label_columns, *text_map.values()}
-    table = Table(path, [image, *label_columns, *text_map.values(), *(metadata or ())], what)
+    required = [image, *label_columns, *text_map.values(), *(metadata or ())]
+    chosen = check_views(views)
+    table = Table(path, [*required, *needs], what)
     meta = [c for c in table.header if c and c not in used] if metadata is None else metadata
-    return _annotations(
-        table, image, label_columns, one_column, label_key, separator, allowed, null, policy,
-        soft_weight, text_map, list(meta), root,
-    )  # fmt: skip
+    spec = _Spec(
+        image=image,
+        label_columns=label_columns,
+        one_column=one_column,
+        label_key=label_key,
+        separator=separator,
+        allowed=allowed,
+        null=null,
+        policy=policy,
+        soft_weight=soft_weight,
+        text_map=text_map,
+        meta=list(meta),
+        paths=paths,
+        views=chosen,
+        view_of=view_of,
+        patient_of=patient_of,
+        contradicts=contradicts,
+    )
+    return Annotations(lambda counts: _annotations(table, spec, counts))
 
 
-def _annotations(
-    table, image, label_columns, one_column, label_key, separator, allowed, null, policy,
-    soft_weight, text_map, meta, root,
-) -> Iterator[dict[str, object]]:  # fmt: skip
+def _annotations(table: Table, spec: _Spec, counts: dict) -> Iterator[dict[str, object]]:
     seen: dict[str, int] = {}
     for line, row in table.rows():
-        ident = row[image]
+        counts["rows"] += 1
+        ident = row[spec.image]
         if not ident:
-            raise table.error(line, image, "the id is blank")
+            raise table.error(line, spec.image, "the id is blank")
         if ident in seen:
             raise table.error(
-                line, image, f"{ident!r} repeats line {seen[ident]}; each row needs its own id"
+                line, spec.image, f"{ident!r} repeats line {seen[ident]}; each row needs its own id"
             )
         seen[ident] = line
-        if one_column:
-            found = _split(table, line, label_columns[0], row[label_columns[0]], separator, allowed)
-            labels, uncertain = [x for x in found if x not in null], []
+        view = spec.view_of(row) if spec.view_of is not None else None
+        if spec.views is not None and view not in spec.views:
+            counts["skipped_view"] += 1
+            continue
+        if spec.one_column:
+            column = spec.label_columns[0]
+            found = _split(table, line, column, row[column], spec.separator, spec.allowed)
+            labels, uncertain = [x for x in found if x not in spec.null], []
+            evidence: object = found
         else:
-            values = {c: _value(table, line, c, row[c]) for c in label_columns}
-            labels, uncertain = _resolve(values, policy, soft_weight, null)
+            values = {c: _value(table, line, c, row[c]) for c in spec.label_columns}
+            labels, uncertain = _resolve(values, spec.policy, spec.soft_weight, spec.null)
+            evidence = values
+        if spec.contradicts is not None and spec.contradicts(evidence):
+            counts["contradictions"] += 1
         out: dict[str, object] = {
-            "image": os.path.join(root, ident) if root is not None else ident,
-            label_key: labels,
+            "image": spec.paths.join(ident, table, line, spec.image),
+            spec.label_key: labels,
             "uncertain": uncertain,
         }
-        out.update({key: row[column] for key, column in text_map.items()})
-        out.update({column: row[column] for column in meta})
+        if uncertain and spec.policy == "U-Ignore":
+            out[UNKNOWN_KEY] = {spec.label_key: list(uncertain)}
+        out.update({key: row[column] for key, column in spec.text_map.items()})
+        out.update({column: row[column] for column in spec.meta})
+        if spec.view_of is not None:
+            out["view"] = view
+        if spec.patient_of is not None:
+            out["patient_id"] = spec.patient_of(table, line, row)
+        counts["kept"] += 1
         yield out
+
+
+def integer_id(table: Table, line: int, column: str, value: str) -> str:
+    """An integer id as its digits: ``"10000032"``, and ``"10000032.0"`` (a spreadsheet or
+    pandas export of an integer column) normalised to it; anything else is an error."""
+    digits, dot, zeros = value.partition(".")
+    if digits.isdigit() and digits.isascii() and (not dot or (zeros and set(zeros) == {"0"})):
+        return digits
+    raise table.error(line, column, f"expected an integer id, got {value!r}")
+
+
+def patient_column(column: str) -> Callable[[Table, int, dict], str]:
+    """A ``patient_of`` hook: the integer id of ``column``."""
+    return lambda table, line, row: integer_id(table, line, column, row[column])
 
 
 def _split(table, line, column, cell, separator, allowed) -> list[str]:

@@ -14,12 +14,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 
-from mgll.datasets._csv import Source, Table
+from mgll.datasets._csv import Annotations, ImagePaths, Source, Table
 from mgll.datasets.chexpert import (  # CHEXPERT_OBSERVATIONS: the examples use it
     CHEXPERT_OBSERVATIONS,  # noqa: F401
     _read_observations,
     with_levels,
 )
+from mgll.datasets.generic import check_views, integer_id
 
 __all__ = ["MIMIC_IMAGE_TEMPLATE", "read_mimic_cxr"]
 
@@ -38,18 +39,24 @@ def read_mimic_cxr(
     views: Sequence[str] | None = None,
     root: str | os.PathLike[str] | None = None,
     image_template: str = MIMIC_IMAGE_TEMPLATE,
-) -> Iterator[dict[str, object]]:
+    allow_outside_root: bool = False,
+) -> Annotations:
     r"""Annotations from MIMIC-CXR's CheXpert or NegBio label file, per image or per study.
 
     Without ``metadata_path``: one annotation per study (``"image"`` is ``None``). With it:
     one per image of the metadata file, joined to its study's labels on ``study_id`` (the
     label file is read first, into memory; the metadata file is then parsed lazily), with
     ``"image"`` from ``image_template`` (joined to ``root``) and the metadata columns
-    (``dicom_id``, ``ViewPosition``, ...); images of studies without a label row are
-    skipped (MIMIC labels only studies whose report has a findings or impression section).
-    The label fields are those of :func:`~mgll.datasets.read_chexpert`: ``"finding"``,
-    ``"uncertain"``, ``"category"``, ``"description"``, plus ``subject_id`` and
-    ``study_id``.
+    (``dicom_id``, ``ViewPosition``, ...) and ``"view"`` (``ViewPosition`` in the readers'
+    vocabulary: ``"PA"``, ``"AP"``, ``"LATERAL"`` for LATERAL and LL, else ``"OTHER"``).
+    Images of studies without a label row are skipped (MIMIC labels only studies whose
+    report has a findings or impression section) and counted, as are labelled studies
+    without an image: ``counts["unmatched_images"]`` and ``counts["unmatched_studies"]``
+    once the iterator is exhausted; a join that matches nothing is an error.  The label
+    fields are those of :func:`~mgll.datasets.read_chexpert`: ``"finding"``,
+    ``"uncertain"``, ``"category"``, ``"description"``, plus ``subject_id``, ``study_id``
+    and ``"patient_id"`` (the ``subject_id``).  Ids written as ``10000032.0`` (a
+    spreadsheet export) are read as ``10000032``; other non-integer ids are errors.
 
     Args:
         labels_path: ``mimic-cxr-2.0.0-chexpert.csv`` or ``mimic-cxr-2.0.0-negbio.csv``.
@@ -57,18 +64,20 @@ def read_mimic_cxr(
         uncertainty: the policy for -1.0 (see :func:`~mgll.datasets.apply_uncertainty`).
         soft_weight: an uncertain observation's weight under U-Soft.
         null_labels: observations meaning "nothing here".
-        views: keep only images whose ``ViewPosition`` is listed (e.g. ``["PA", "AP"]``).
+        views: keep only these views (from :data:`~mgll.datasets.VIEWS`, or
+            ``"frontal"``); needs ``metadata_path``.
         root: the MIMIC-CXR-JPG directory.
         image_template: the image path, formatted with ``group``, ``subject_id``,
             ``study_id`` and ``dicom_id``.
+        allow_outside_root: accept image paths that lead outside ``root``.
 
     Returns:
         An iterator of annotation dicts.
 
     Raises:
         ValueError: a missing column, an unknown value, a repeated ``study_id`` or
-            ``dicom_id``, or a ``subject_id`` that differs between the two files (naming the
-            file, line and column).
+            ``dicom_id``, a non-integer id, or a ``subject_id`` that differs between the two
+            files (naming the file, line and column); a join that matches no image.
 
     Example:
         >>> import io
@@ -95,31 +104,62 @@ def read_mimic_cxr(
         uncertainty=uncertainty,
         soft_weight=soft_weight,
         metadata=["subject_id"],
+        paths=ImagePaths(None),
         what="MIMIC-CXR mimic-cxr-2.0.0-chexpert.csv/-negbio.csv",
+        patient_of=lambda table, line, row: integer_id(
+            table, line, "subject_id", row["subject_id"]
+        ),
     )
+    studies = studies.map(_study)
+    chosen = check_views(views)
     if metadata_path is None:
-        return ({**with_levels(a), "image": None, "study_id": a["image"]} for a in studies)
-    required = ["dicom_id", "subject_id", "study_id"] + (["ViewPosition"] if views else [])
+        if chosen is not None:
+            raise ValueError("`views` needs `metadata_path`: the label file has no view column")
+        return studies.map(lambda a: {**a, "image": None})
+    required = ["dicom_id", "subject_id", "study_id"] + (["ViewPosition"] if chosen else [])
     table = Table(metadata_path, required, "MIMIC-CXR mimic-cxr-2.0.0-metadata.csv")
-    if views is not None and (isinstance(views, str) or not isinstance(views, Sequence)):
-        raise TypeError(f"`views` must be a list of ViewPosition values, got {views!r}")
-    return _join(studies, table, views, root, image_template)
+    paths = ImagePaths(root, allow_outside_root)
+    out = Annotations(lambda counts: _join(studies, table, chosen, paths, image_template, counts))
+    return out
 
 
-def _join(studies, table, views, root, template) -> Iterator[dict[str, object]]:
-    by_study = {}
-    for a in studies:
-        by_study[a.pop("image")] = with_levels(a)
+def _study(a: dict) -> dict:
+    """A study's annotation keyed by its normalised ids (``subject_id`` is the patient)."""
+    return {**with_levels(a), "study_id": _digits(a.pop("image")), "subject_id": a["patient_id"]}
+
+
+def _digits(value: str) -> str:
+    """A study id as its digits (``"50414267.0"`` -> ``"50414267"``)."""
+    head, dot, tail = value.partition(".")
+    if head.isdigit() and head.isascii() and (not dot or (tail and set(tail) == {"0"})):
+        return head
+    raise ValueError(f"MIMIC-CXR label file: `study_id` {value!r} is not an integer id")
+
+
+def _join(studies, table, views, paths, template, counts) -> Iterator[dict[str, object]]:
+    by_study = {a["study_id"]: a for a in studies}
+    counts.update(studies.counts, unmatched_images=0, unmatched_studies=0)
+    counts["rows"] = counts["kept"] = 0
+    matched: set[str] = set()
     seen: dict[str, int] = {}
     for line, row in table.rows():
+        counts["rows"] += 1
         dicom = row["dicom_id"]
         if not dicom:
             raise table.error(line, "dicom_id", "the image id is blank")
         if dicom in seen:
             raise table.error(line, "dicom_id", f"{dicom!r} repeats line {seen[dicom]}")
         seen[dicom] = line
+        row["study_id"] = integer_id(table, line, "study_id", row["study_id"])
+        row["subject_id"] = integer_id(table, line, "subject_id", row["subject_id"])
         study = by_study.get(row["study_id"])
-        if study is None or (views is not None and row.get("ViewPosition") not in views):
+        if study is None:
+            counts["unmatched_images"] += 1
+            continue
+        matched.add(row["study_id"])
+        view = _view(row.get("ViewPosition", ""))
+        if views is not None and view not in views:
+            counts["skipped_view"] += 1
             continue
         if study["subject_id"] != row["subject_id"]:
             raise table.error(
@@ -129,6 +169,20 @@ def _join(studies, table, views, root, template) -> Iterator[dict[str, object]]:
                 f"label file, not {row['subject_id']}",
             )
         fields = {**row, "group": row["subject_id"][:2]}
-        path = template.format(**fields)
-        image = os.path.join(root, path) if root is not None else path
-        yield {**study, **row, "image": image}
+        image = paths.join(template.format(**fields), table, line, "dicom_id")
+        counts["kept"] += 1
+        yield {**study, **row, "image": image, "view": view}
+    counts["unmatched_studies"] = len(by_study) - len(matched)
+    if not matched:
+        raise ValueError(
+            f"{table.name}: none of its {counts['rows']} images belongs to one of the "
+            f"{len(by_study)} labelled studies (joined on study_id); are the label and "
+            "metadata files from the same MIMIC-CXR-JPG release?"
+        )
+
+
+def _view(position: str) -> str:
+    position = position.strip().upper()
+    if position in ("PA", "AP"):
+        return position
+    return "LATERAL" if position in ("LATERAL", "LL") else "OTHER"

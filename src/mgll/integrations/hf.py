@@ -269,9 +269,9 @@ class MultiGranularDataCollator:
         >>> batch["pixel_values"].shape, [t.shape[0] for t in batch["input_ids"]]  # U_g distinct
         (torch.Size([3, 3, 2, 2]), [2, 2])
         >>> batch["text_index"][0], batch["labels"][1]
-        (tensor([0, 1, 0]), tensor([[ True,  True],
-                [ True, False],
-                [ True,  True]]))
+        (tensor([0, 1, 0]), tensor([[1., 1.],
+                [1., 0.],
+                [1., 1.]]))
     """
 
     def __init__(self, builder, tokenizer, image_processor=None, *, image_key: str = "image"):

@@ -14,16 +14,16 @@ Example:
     >>> batch = builder.build([
     ...     {"disease": ["DR", "DME"], "explanation": "hard exudates near the macula"},
     ...     {"disease": ["DME", "DR"], "explanation": "microaneurysms"},
-    ...     {"disease": "AMD"},
+    ...     {"disease": "AMD", "explanation": "drusen"},
     ... ])
     >>> batch["disease"].texts
     ('This is a fundus image of DME, DR.', 'This is a fundus image of DME, DR.', 'This is a fundus image of AMD.')
     >>> batch["disease"].unique_texts, batch["disease"].inverse
     (('This is a fundus image of DME, DR.', 'This is a fundus image of AMD.'), tensor([0, 0, 1]))
     >>> batch["disease"].labels  # multi-hot over classes ('AMD', 'DME', 'DR')
-    tensor([[False,  True,  True],
-            [False,  True,  True],
-            [ True, False, False]])
+    tensor([[0., 1., 1.],
+            [0., 1., 1.],
+            [1., 0., 0.]])
     >>> encode = lambda strings: torch.randn(len(strings), 16)  # a toy text encoder
     >>> image = torch.randn(3, 16, requires_grad=True)
     >>> loss = mgll.MGLLLoss()(image, batch.encode(encode), torch.tensor(10.0), **batch.loss_kwargs())
@@ -32,10 +32,11 @@ Example:
 
 from mgll.text.batch import GranularityTexts, TextBatch, encode_unique
 from mgll.text.builder import MultiGranularTextBuilder
-from mgll.text.granularity import Granularity
+from mgll.text.granularity import UNKNOWN_KEY, Granularity
 from mgll.text.hierarchy import LabelHierarchy
 
 __all__ = [
+    "UNKNOWN_KEY",
     "Granularity",
     "GranularityTexts",
     "LabelHierarchy",

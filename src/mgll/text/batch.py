@@ -79,11 +79,15 @@ class GranularityTexts:
         inverse: (K_g,) long, ``texts[k] == unique_texts[inverse[k]]``.
         classes: the C_g classes, indexing the ids / multi-hot columns / bank columns.
         label_sets: each sample's labels (weight > 0) after hierarchy expansion, canonical
-            order.
-        labels: paired mode: (N,) long class ids, (N, C_g) bool multi-hot or (N, C_g)
-            float32 soft labels in [0, 1] (see ``label_format``); else None.
+            order (``()`` for a sample not annotated here).
+        labels: paired mode: (N, C_g) float32 multi-hot (0/1, or weights in [0, 1] with
+            ``label_format="soft"``; NaN where a label is unknown, a whole NaN row for a
+            sample not annotated here), or (N,) long class ids (-1: not annotated); else None.
         targets: bank mode: (N, K_g) float32 co-occurrence (``targets[:, k]`` is
-            ``classes[k]``; a label's weight, 1.0 unless the annotation gave one); else None.
+            ``classes[k]``; a label's weight, 1.0 unless the annotation gave one; NaN:
+            unknown); else None.
+        conflicts: how many explicit negatives (``{label: 0.0}``, or a coarse granularity's
+            negatives) the hierarchy overrode because a descendant is positive.
 
     Example:
         >>> from mgll.text import Granularity, MultiGranularTextBuilder
@@ -92,7 +96,9 @@ class GranularityTexts:
         >>> part.texts, part.inverse
         (('an image of DR', 'an image of AMD', 'an image of DR'), tensor([0, 1, 0]))
         >>> part.classes, part.labels
-        (('AMD', 'DR'), tensor([1, 0, 1]))
+        (('AMD', 'DR'), tensor([[0., 1.],
+                [1., 0.],
+                [0., 1.]]))
     """
 
     name: str
@@ -104,6 +110,7 @@ class GranularityTexts:
     label_sets: tuple[tuple, ...]
     labels: Tensor | None
     targets: Tensor | None
+    conflicts: int = 0
 
     @property
     def loss_input(self) -> Tensor:
@@ -181,6 +188,11 @@ class TextBatch(Sequence[GranularityTexts]):
         return [p.name for p in self._parts]
 
     @property
+    def conflicts(self) -> dict[str, int]:
+        """``{granularity name: conflicts}``: explicit negatives the hierarchy overrode."""
+        return {p.name: p.conflicts for p in self._parts}
+
+    @property
     def unique_texts(self) -> tuple[str, ...]:
         """Every distinct string across all granularities (what :meth:`encode` encodes)."""
         return unique_inverse([t for p in self._parts for t in p.unique_texts])[0]
@@ -194,7 +206,7 @@ class TextBatch(Sequence[GranularityTexts]):
         """A new batch with its tensors (labels, targets, inverse indices) on ``device``.
 
         open_clip's train loop calls ``texts.to(device=device, non_blocking=True)`` on what
-        the loader yields; dtypes are kept (bool multi-hot stays bool).
+        the loader yields; dtypes are kept.
 
         Example:
             >>> from mgll.text import Granularity, MultiGranularTextBuilder

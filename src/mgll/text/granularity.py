@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import random
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from mgll.text.hierarchy import Label, label_key
+
+#: The annotation key of the labels whose value is unknown (not annotated, or uncertain under
+#: U-Ignore): ``{"unknown": {field: [labels]}}``, keyed by the field a granularity reads.
+UNKNOWN_KEY = "unknown"
 
 
 @dataclass(frozen=True)
@@ -17,8 +22,13 @@ class Granularity:
     A sample's labels at this granularity are read from ``annotation[key]`` (default: ``name``):
     a string or integer is one label, a list/tuple/set is a label set, a mapping
     ``{label: weight}`` is a label set with weights in [0, 1] (uncertain labels, see
-    :meth:`weights_of`), ``None``, an empty list or a missing key means "no label here" (but a
-    field missing from *every* annotation of a batch is an error: a misspelt ``key``).  The sample's text is
+    :meth:`weights_of`), an empty list means "annotated, no label here" (a negative of every
+    class), and a missing key or ``None`` means **not annotated at this granularity** (every
+    class unknown: a NaN row in float labels, id -1, the text ``unannotated_text``), unless
+    ``required`` makes it an error.  Single classes are unknown when the annotation lists them
+    under ``annotation["unknown"][field]`` (see :data:`UNKNOWN_KEY`; the readers do so for
+    uncertain findings under U-Ignore) or maps them to ``nan``; a mapping's ``0.0`` is an
+    explicit negative.  The sample's text is
     ``template.format(phrases)`` where the phrases of its labels, in canonical order (the order
     of ``classes`` when given, else sorted), are joined with ``joiner`` (and ``last_joiner``
     between the last two), so equal label sets always give equal strings.  A label's phrase is
@@ -41,6 +51,21 @@ class Granularity:
             its column has no positive, so it is never an anchor).  The default ``""`` is
             sent to the text encoder as an empty string; give a sentence (``"no finding"``)
             or make sure your tokenizer handles empty strings.
+        required: every annotation must have the field (a missing one is an error naming the
+            sample; a field absent from the whole batch is reported as a misspelt ``key``).
+            Default: a missing field means "not annotated here".
+        unannotated_text: the paired-mode text of a sample not annotated here; the loss
+            ignores that text row (its labels are unknown), so it only has to be a valid
+            input of the text encoder.
+        null_labels: labels that mean "nothing here" (``"No Finding"``, or a free-text
+            granularity's "no finding" sentence): dropped, so such a sample is annotated
+            with no positive (its text is ``missing_text``) instead of sharing a class with
+            every other sample that says the same.
+        coarse: the name of a coarser granularity of the same builder whose classes are also
+            classes here (the roots of the hierarchy, say): where a sample's own value of such
+            a class is unknown, the coarse annotation gives it (its labels positive, its other
+            classes known negatives), and the builder's hierarchy then carries the negatives
+            down to their descendants.
 
     Example:
         >>> g = Granularity("digits", "digits {}", last_joiner=" and ")
@@ -57,17 +82,28 @@ class Granularity:
     last_joiner: str | None = field(default=None, kw_only=True)
     separator: str | None = field(default=None, kw_only=True)
     missing_text: str = field(default="", kw_only=True)
+    required: bool = field(default=False, kw_only=True)
+    unannotated_text: str = field(default="", kw_only=True)
+    coarse: str | None = field(default=None, kw_only=True)
+    null_labels: tuple = field(default=(), kw_only=True)
 
     def __post_init__(self) -> None:
-        for attr in ("name", "template", "joiner", "missing_text"):
+        if not isinstance(self.required, bool):
+            raise TypeError(f"`required` must be a bool, got {type(self.required).__name__}")
+        for attr in ("name", "template", "joiner", "missing_text", "unannotated_text"):
             _check_str(attr, getattr(self, attr))
-        for attr in ("key", "last_joiner", "separator"):
+        for attr in ("key", "last_joiner", "separator", "coarse"):
             if getattr(self, attr) is not None:
                 _check_str(attr, getattr(self, attr))
         _check_template(self.template)
         object.__setattr__(self, "descriptions", _check_descriptions(self.descriptions))
         if self.classes is not None:
             object.__setattr__(self, "classes", _check_classes(self.classes))
+        if isinstance(self.null_labels, str) or not isinstance(self.null_labels, Sequence):
+            raise TypeError(
+                f"`null_labels` must be a sequence of labels, got {type(self.null_labels).__name__}"
+            )
+        object.__setattr__(self, "null_labels", tuple(self.null_labels))
 
     @property
     def source(self) -> str:
@@ -78,12 +114,15 @@ class Granularity:
         """The sample's labels here, de-duplicated, in canonical order (``()`` if none)."""
         return tuple(self.weights_of(annotation, where))
 
-    def weights_of(self, annotation: Mapping[str, object], where: str = "annotation") -> dict:
+    def weights_of(
+        self, annotation: Mapping[str, object], where: str = "annotation", keep_zeros: bool = False
+    ) -> dict:
         """The sample's labels here with their weights, in canonical order (``{}`` if none).
 
         A plain label or label list gives weight 1.0 to each label; a mapping
         ``{label: weight}`` (weights in [0, 1], e.g. 0.5 for an uncertain finding under
-        U-Soft) gives its own weights, and a label of weight 0 is dropped (absent).
+        U-Soft) gives its own weights, and a label of weight 0 is dropped (absent) unless
+        ``keep_zeros`` (a weight ``nan``, unknown, is dropped too unless ``keep_zeros``).
 
         Example:
             >>> g = Granularity("finding")
@@ -97,12 +136,14 @@ class Granularity:
             return {}
         if isinstance(value, Mapping):
             weights = {x: _check_weight(where, self.source, x, w) for x, w in value.items()}
-            items = [x for x, w in weights.items() if w > 0]
+            items = [x for x, w in weights.items() if keep_zeros or w > 0]
         else:
             if isinstance(value, str) and self.separator is not None:
                 value = [part.strip() for part in value.split(self.separator) if part.strip()]
             items = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
             weights = None
+        if self.null_labels:
+            items = [x for x in items if x not in self.null_labels]
         for j, x in enumerate(items):
             if isinstance(x, bool) or not isinstance(x, (str, int)):
                 raise TypeError(
@@ -117,6 +158,31 @@ class Granularity:
                     f"{self.name!r}: {', '.join(map(repr, unknown))}"
                 )
         return {x: 1.0 if weights is None else weights[x] for x in self.canonical(items)}
+
+    def values_of(self, annotation: Mapping[str, object], where: str = "annotation") -> dict | None:
+        """The sample's known and unknown labels here, or ``None`` when it is not annotated.
+
+        Positive labels map to their weight in (0, 1], explicit negatives (``0.0`` in a
+        mapping) to 0.0, unknown labels (``nan`` in a mapping, or listed under
+        ``annotation["unknown"][field]``) to ``nan``; every other class is a negative.
+
+        Example:
+            >>> g = Granularity("finding")
+            >>> g.values_of({"finding": ["Edema"], "unknown": {"finding": ["Effusion"]}})
+            {'Edema': 1.0, 'Effusion': nan}
+            >>> g.values_of({"image": "a.png"}) is None  # no field: not annotated here
+            True
+        """
+        value = annotation.get(self.source)
+        if value is None:
+            return None
+        values = dict(self.weights_of(annotation, where, keep_zeros=True))
+        unknown = annotation.get(UNKNOWN_KEY)
+        unknown = unknown.get(self.source, ()) if isinstance(unknown, Mapping) else ()
+        if unknown:
+            listed = self.weights_of({self.source: list(unknown)}, f"{where}[{UNKNOWN_KEY!r}]")
+            values.update(dict.fromkeys(listed, math.nan))
+        return {x: values[x] for x in self.canonical(values)}
 
     def canonical(self, labels: Sequence[Label]) -> tuple:
         """``labels`` de-duplicated in canonical order (``classes`` order, else sorted)."""
@@ -150,10 +216,12 @@ class Granularity:
 
 
 def _check_weight(where: str, source: str, label: object, weight: object) -> float:
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+    number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+    if not number or not (0 <= weight <= 1 or math.isnan(weight)):
         raise ValueError(
             f"`{where}[{source!r}]` maps label {label!r} to weight {weight!r}; a label weight "
-            "must be a number in [0, 1] (1 positive, 0 absent, e.g. 0.5 uncertain)"
+            "must be a number in [0, 1] (1 positive, 0 negative, e.g. 0.5 uncertain) or nan "
+            "(unknown)"
         )
     return float(weight)
 
