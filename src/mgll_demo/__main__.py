@@ -60,9 +60,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def select_methods(args: argparse.Namespace):
-    from mgll_demo.training import ABLATION, COMPARISON, EXTRA, FAIR, MERGED
+    from mgll_demo.training import ABLATION, COMPARISON, EXTRA, FAIR, MERGED, PARTIAL
 
-    known = {m.name: m for m in (*COMPARISON, *ABLATION, *FAIR, *EXTRA, *MERGED)}
+    known = {m.name: m for m in (*COMPARISON, *ABLATION, *FAIR, *EXTRA, *MERGED, *PARTIAL)}
     if args.methods:
         names = [n.strip() for n in args.methods.split(",") if n.strip()]
         unknown = [n for n in names if n not in known]
@@ -70,7 +70,7 @@ def select_methods(args: argparse.Namespace):
             raise SystemExit(f"unknown method(s) {unknown}; known: {sorted(known)}")
         return [known[n] for n in names]
     if getattr(args, "merged", False):
-        return list(MERGED)
+        return list(MERGED) + list(PARTIAL)
     return list(COMPARISON) + (list(ABLATION) + list(FAIR) if args.ablation else [])
 
 
@@ -181,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     require_demo_extra()
     from mgll_demo import report
+    from mgll_demo.training import PARTIAL_CONTRASTS
 
     start = time.perf_counter()
     if args.merge:
@@ -197,12 +198,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     diffs = report.table(paired, seconds=False)
     (out / "table.txt").write_text(text + "\n\npaired differences:\n" + diffs + "\n")
     rst = report.table(summary, fmt="rst") + "\n\n" + report.table(paired, fmt="rst")
+    between = report.contrasts(runs, PARTIAL_CONTRASTS)
+    if between:  # merged task: the ways of keeping the coarse-only canvases, seed by seed
+        extra = report.table(between, seconds=False)
+        (out / "table.txt").write_text(f"{text}\n\npaired differences:\n{diffs}\n\n{extra}\n")
+        rst += "\n\n" + report.table(between, fmt="rst")
     (out / "table.rst").write_text(rst + "\n")
     report.save_json(out / "results.json", config, runs, summary)
     report.save_png(out / "results.png", runs, summary)
     print("\nheld-out metrics (mean ± std over seeds):\n" + text)
     if paired:
         print("\ndifference to the baseline (CLIP) of the same seed (mean ± std, wins):\n" + diffs)
+    if between:
+        print("\npaired differences between methods, same seed (mean ± std, wins):\n" + extra)
     print(
         f"\nsaved {out / 'results.json'}, {out / 'results.png'}, {out / 'table.txt'} "
         f"in {time.perf_counter() - start:.0f} s"

@@ -72,7 +72,7 @@ def embed_images(model: DualEncoder, canvases: Canvases, chunk: int = 1000) -> T
 
 def prompt_granularities(trained: Sequence[str]) -> tuple[str, ...]:
     """The demo granularities whose wording a model's text tower saw (``mixed`` -> digits)."""
-    alias = {"digits_exact": "digits", "mixed": "digits"}
+    alias = {"digits_exact": "digits", "mixed": "digits", "fine": "digits"}
     return tuple(dict.fromkeys(alias.get(g, g) for g in trained))
 
 
@@ -89,12 +89,13 @@ def caption_bank(train: Canvases, granularity: str) -> tuple[list[str], Tensor]:
     """The distinct training captions of a granularity and the digits each names, (K, 10).
 
     Which digits a caption names is read off the canvases it describes (every canvas with
-    that caption holds the same digit set); for ``mixed`` only the fine captions count.
+    that caption holds the same digit set); for ``mixed`` and ``fine`` only the captions of
+    the finely annotated canvases count.
     """
-    key = "digits" if granularity in ("digits_exact", "mixed") else granularity
+    key = "digits" if granularity in ("digits_exact", "mixed", "fine") else granularity
     texts = train.texts["mixed" if granularity == "mixed" else key]
     keep = range(len(train))
-    if granularity == "mixed" and train.fine is not None:
+    if granularity in ("mixed", "fine") and train.fine is not None:
         keep = torch.nonzero(train.fine).flatten().tolist()
     names: dict[str, Tensor] = {}
     for i in keep:

@@ -59,8 +59,9 @@ def paired_differences(runs: Sequence[dict]) -> dict[str, dict[str, dict[str, fl
     """Per method and metric, the per-seed difference to its baseline run of the same seed.
 
     A run's baseline is ``run["baseline"]`` (default ``"clip"``).  Returns mean and sample
-    standard deviation of the differences, n, and ``wins``: the seeds where the method is
-    higher.  Methods without a baseline run of the same seed are left out.
+    standard deviation of the differences, n, ``wins``: the seeds where the method is
+    higher, and ``per_seed``: each difference, in the order of the runs.  Methods without a
+    baseline run of the same seed are left out.
     """
     by_key = {(r["method"], r["seed"]): r for r in runs}
     metrics = _metrics_of(runs)
@@ -84,7 +85,28 @@ def paired_differences(runs: Sequence[dict]) -> dict[str, dict[str, dict[str, fl
                 "std": std,
                 "n": len(diffs),
                 "wins": wins,
+                "per_seed": diffs,
             }
+    return out
+
+
+def contrasts(
+    runs: Sequence[dict], pairs: Sequence[tuple[str, str]]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """:func:`paired_differences` of method against base, per ``(method, base)`` pair.
+
+    Names are matched within each merged-task fraction (``"mgll_masked f=0.5"`` against
+    ``"mgll_negative f=0.5"``); the keys read ``"method - base f=0.5"``.  Pairs with no run
+    of both on a common seed are left out.
+    """
+    out = {}
+    for method, base in pairs:
+        for frac in dict.fromkeys(r.get("fraction") for r in runs):
+            tail = "" if frac is None else f" f={frac:g}"
+            mine = [dict(r, baseline=base + tail) for r in runs if r["method"] == method + tail]
+            diff = paired_differences(mine + [r for r in runs if r["method"] == base + tail])
+            if method + tail in diff:
+                out[f"{method} - {base}{tail}"] = diff[method + tail]
     return out
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from mgll_demo.data import (
     NUM_CLASSES,
+    PARITY_ANCESTORS,
     DigitsTask,
     compose,
     load_digits,
@@ -50,6 +52,12 @@ def make_merged_task(
     digit are added by :func:`mgll.targets.from_hierarchy` with :data:`PARITY_ANCESTORS`), and
     ``Canvases.fine`` marks the fine ones (the first ``round(fine_fraction * n_train)`` of a
     seeded permutation).  Test and probe canvases keep every annotation.
+
+    For two granularities, ``fine`` and ``parity``: ``texts["fine"]`` is the fine caption of
+    a finely annotated canvas and the empty string for a coarse-only one, whose
+    ``labels["fine"]`` row (float, (N, 10)) is NaN everywhere: unannotated at that
+    granularity (:func:`fine_labels` writes it as negatives or as the hierarchy's implied
+    negatives instead); ``labels["parity"]`` is the (N, 2) parity of every canvas.
     """
     if not 0.0 < fine_fraction <= 1.0:
         raise ValueError(f"`fine_fraction` must be in (0, 1], got {fine_fraction}")
@@ -63,6 +71,7 @@ def make_merged_task(
             list(part.texts["digits"]),
             torch.cat([part.multi_hot, torch.zeros_like(parity)], dim=1),
         )
+        part.texts["fine"], part.labels["fine"] = list(part.texts["digits"]), part.multi_hot.float()
     train = task.train
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 7))
     fine = torch.zeros(len(train), dtype=torch.bool)
@@ -70,7 +79,53 @@ def make_merged_task(
     train.fine = fine
     for i in torch.nonzero(~fine).flatten().tolist():
         train.texts["mixed"][i] = train.texts["parity"][i]
+        train.texts["fine"][i] = ""
+    train.labels["fine"][~fine] = float("nan")
     train.labels["mixed"][~fine] = torch.cat(
         [torch.zeros(int((~fine).sum()), NUM_CLASSES, dtype=torch.bool), train.parity()[~fine]], 1
     )
     return task
+
+
+UNANNOTATED = ("negative", "unknown", "implied")
+
+
+def fine_labels(labels: Tensor, parity: Tensor, unannotated: str) -> Tensor:
+    """The fine labels of a batch, with the NaN rows of coarse-only canvases written out.
+
+    Args:
+        labels: (N, 10) float fine labels; a row NaN everywhere is a coarse-only canvas.
+        parity: (N, 2) parity labels (odd, even) of the same canvases.
+        unannotated: ``"negative"``: a coarse-only row becomes all 0 (a negative of every
+            fine text, what a loss without missing labels must assume); ``"unknown"``: it
+            stays NaN (unannotated: the loss leaves its pairs out); ``"implied"``: the digits
+            whose parity the coarse label rules out become 0 (known negatives, the hierarchy
+            digit -> parity read downwards), the others stay NaN.
+
+    Returns:
+        (N, 10) float labels; fully annotated rows are unchanged.
+
+    Example:
+        >>> nan = float("nan")
+        >>> odd_only = torch.full((1, 10), nan)
+        >>> fine_labels(odd_only, torch.tensor([[1.0, 0.0]]), "implied")[0, :4].tolist()
+        [0.0, nan, 0.0, nan]
+    """
+    if unannotated not in UNANNOTATED:
+        raise ValueError(
+            f"`unannotated` must be one of {UNANNOTATED}, got {unannotated!r}: pick how a "
+            "coarse-only canvas's fine labels are written"
+        )
+    missing = labels.isnan().all(1)
+    if unannotated == "unknown" or not missing.any():
+        return labels
+    out = labels.clone()
+    if unannotated == "negative":
+        out[missing] = 0.0
+        return out
+    parents = PARITY_ANCESTORS[:NUM_CLASSES, NUM_CLASSES:]  # (10, 2): digit -> its parity
+    ruled_out = (parents @ (parity[missing].float() == 0).float().T).T > 0  # parent is 0
+    rows = out[missing]
+    rows[ruled_out] = 0.0
+    out[missing] = rows
+    return out

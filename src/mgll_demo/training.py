@@ -13,6 +13,7 @@ from torch import Tensor
 import mgll
 from mgll.text import encode_unique
 from mgll_demo.data import GRANULARITIES, PARITY_ANCESTORS, DigitsTask
+from mgll_demo.tasks import fine_labels
 from mgll_demo.towers import DualEncoder, Vocabulary
 
 
@@ -50,6 +51,9 @@ class Method:
         subset: merged-datasets task: ``"all"`` canvases, or only the ``"fine"`` ones.
         fine_share: merged-datasets task, ``subset="all"``: the share of each batch drawn from
             the finely annotated canvases (at least their share of the training set).
+        unannotated: merged-datasets task, ``fine`` granularity: how the fine labels of a
+            coarse-only canvas are written (:func:`mgll_demo.tasks.fine_labels`:
+            ``"negative"``, ``"unknown"`` or ``"implied"``).
         description: one line for the docs.
     """
 
@@ -64,6 +68,7 @@ class Method:
     overlap: str | tuple[str, ...] | None = None
     subset: str = "all"
     fine_share: float = 0.25
+    unannotated: str = "negative"
 
     def build_loss(self) -> Callable[..., dict[str, Tensor]]:
         if self.kind == "clip":
@@ -401,6 +406,78 @@ MERGED = (
 )
 
 
+FP = ("fine", "parity")  # merged task: fine captions where annotated, parity everywhere
+COARSE_NO_POINTWISE = {"pointwise_weight": (1.0, 0.0)}
+PARTIAL = (
+    Method(
+        "mgll_dropped",
+        "mgll",
+        FP,
+        subset="fine",
+        description="MGLLLoss(), fine + parity captions, coarse-only canvases dropped",
+    ),
+    Method(
+        "mgll_negative",
+        "mgll",
+        FP,
+        unannotated="negative",
+        description="MGLLLoss(), fine + parity, coarse-only canvases kept with fine labels all 0 "
+        "(a negative of every fine text) and an empty fine caption",
+    ),
+    Method(
+        "mgll_masked",
+        "mgll",
+        FP,
+        unannotated="unknown",
+        description="MGLLLoss(), fine + parity, coarse-only canvases' fine rows NaN (unannotated)",
+    ),
+    Method(
+        "mgll_masked_implied",
+        "mgll",
+        FP,
+        unannotated="implied",
+        description="as mgll_masked, with the digits their parity rules out annotated 0",
+    ),
+    Method(
+        "mgll_dropped_pw0",
+        "mgll",
+        FP,
+        COARSE_NO_POINTWISE,
+        subset="fine",
+        description="as mgll_dropped, without the parity granularity's pointwise term",
+    ),
+    Method(
+        "mgll_masked_pw0",
+        "mgll",
+        FP,
+        COARSE_NO_POINTWISE,
+        unannotated="unknown",
+        description="as mgll_masked, without the parity granularity's pointwise term",
+    ),
+    Method(
+        "mgll_masked_implied_pw0",
+        "mgll",
+        FP,
+        COARSE_NO_POINTWISE,
+        unannotated="implied",
+        description="as mgll_masked_implied, without the parity granularity's pointwise term",
+    ),
+)
+# The paired differences between the ways of keeping the coarse-only canvases (method, base).
+PARTIAL_CONTRASTS = (
+    ("mgll_negative", "mgll_dropped"),
+    ("mgll_masked", "mgll_dropped"),
+    ("mgll_masked_implied", "mgll_dropped"),
+    ("mgll_masked", "mgll_negative"),
+    ("mgll_masked_implied", "mgll_negative"),
+    ("mgll_masked_implied", "mgll_masked"),
+    ("mgll_dropped_pw0", "mgll_dropped"),
+    ("mgll_masked_pw0", "mgll_masked"),
+    ("mgll_masked_implied_pw0", "mgll_masked_implied"),
+    ("mgll_dropped", "clip_fine_only"),
+)
+
+
 def _pin_any(methods: tuple[Method, ...]) -> tuple[Method, ...]:
     """These variants were measured with the any-overlap rule: keep it whatever the default."""
     return tuple(
@@ -500,10 +577,16 @@ def batch_labels(method: Method, canvases, idx: Tensor) -> list[Tensor] | dict[s
     ``mixed`` (merged-datasets task) gets :func:`mgll.targets.from_hierarchy` targets (a fine
     text names digits, a coarse one a parity; a fine image is a positive of its parity's text,
     not the other way round), or with ``overlap="jaccard"`` the Jaccard overlap of the label
-    sets with their ancestors added (graded: {3, 7} and "odd digits" share 1 of 3 labels).  Overlap rules are the loss's own (``MGLLLoss(overlap=...)``).
+    sets with their ancestors added (graded: {3, 7} and "odd digits" share 1 of 3 labels).
+    Overlap rules are the loss's own (``MGLLLoss(overlap=...)``).  ``fine`` (merged task) gets
+    its coarse-only rows written as ``method.unannotated`` says.
     """
     grans = method.granularities
     labels = [_labels(canvases, g, method.fine_labels)[idx] for g in grans]
+    if "fine" in grans:
+        at = grans.index("fine")
+        parity = canvases.labels["parity"][idx]
+        labels[at] = fine_labels(labels[at], parity, method.unannotated)
     if "mixed" not in grans:
         return labels
     targets = []
