@@ -208,16 +208,9 @@ def merged(task):
     return make_merged_task(0.2, n_train=300, n_test=120, n_probe=80, seed=3)
 
 
-def _needs_partial_loss(method: Method):
-    """NaN labels and per-granularity weights need the partial-annotation loss (branch i23)."""
-    needs = method.unannotated != "negative" or "pointwise_weight" in method.loss_kwargs
-    reason = "needs MGLLLoss to accept NaN labels and per-granularity weights (branch i23)"
-    return pytest.param(method, marks=pytest.mark.skip(reason=reason) if needs else ())
-
-
 @pytest.mark.parametrize(
     "method",
-    [*COMPARISON, *ABLATION, *EXTRA, *FAIR, *MERGED, *map(_needs_partial_loss, PARTIAL)],
+    [*COMPARISON, *ABLATION, *EXTRA, *FAIR, *MERGED, *PARTIAL],
     ids=lambda m: m.name,
 )
 def test_every_method_gives_a_finite_differentiable_loss(task, merged, method: Method):
@@ -320,7 +313,6 @@ def test_partial_methods_share_everything_but_the_coarse_only_labels(merged):
     assert rows["mgll_masked"].isnan().all()
     implied = rows["mgll_masked_implied"]
     assert ((implied == 0) | implied.isnan()).all() and implied.isnan().any()
-    assert by_name["mgll_masked_pw0"].loss_kwargs == {"pointwise_weight": (1.0, 0.0)}
     names = {m.name for m in (*MERGED, *PARTIAL)}
     assert all(a in names and b in names for a, b in PARTIAL_CONTRASTS)
 
