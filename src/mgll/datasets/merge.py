@@ -28,7 +28,14 @@ _OWN = ("image", "source", "patient_id", "unknown", "uncertain")
 
 class MergeSummary(dict):
     """``{source: {"images", "patients", "granularities": {g: classes annotated}, "texts",
-    "uncertain"}}``; ``print`` shows it as a table."""
+    "uncertain"}}``; ``print`` shows it as a table.
+
+    Example:
+        >>> merged = merge_sources({"chestxray14": [{"image": "a.png", "finding": ["Effusion"],
+        ...                                          "uncertain": [], "Patient ID": "7"}]})
+        >>> merged.summary()["chestxray14"]["images"]
+        1
+    """
 
     def __init__(self, rows: Mapping[str, dict], union: Mapping[str, int]) -> None:
         super().__init__(rows)
@@ -52,6 +59,12 @@ class MergedAnnotations(Sequence):
         label_map: the :class:`~mgll.datasets.LabelMap` used.
         classes: ``{granularity: union classes}`` for every labelled granularity.
         texts: the text granularities.
+
+    Example:
+        >>> merged = merge_sources({"chestxray14": [{"image": "a.png", "finding": ["Effusion"],
+        ...                                          "uncertain": [], "Patient ID": "7"}]})
+        >>> len(merged), merged.classes["finding"][0], merged[0]["finding"]
+        (1, 'Enlarged Cardiomediastinum', ['Pleural Effusion'])
     """
 
     def __init__(self, annotations: list[dict], label_map: LabelMap) -> None:

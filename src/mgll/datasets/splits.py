@@ -58,6 +58,12 @@ class Splits(dict):
         classes: the classes counted (``()`` when no granularity was counted).
         counts: ``{split: {class: images with that class positive}}``.
         patients: ``{split: number of patients}``.
+
+    Example:
+        >>> rows = [{"image": f"{i}.png", "patient_id": str(i // 2), "finding": []} for i in range(8)]
+        >>> splits = split_by_patient(rows, {"train": 0.5, "test": 0.5}, seed=0)
+        >>> {name: len(part) for name, part in splits.items()}, splits.patients
+        ({'train': 4, 'test': 4}, {'train': 2, 'test': 2})
     """
 
     def __init__(self, parts: dict[str, list], granularity: str | None, patients: dict) -> None:

@@ -32,11 +32,10 @@ Example:
 
 from mgll.text.batch import GranularityTexts, TextBatch, encode_unique
 from mgll.text.builder import MultiGranularTextBuilder
-from mgll.text.granularity import UNKNOWN_KEY, Granularity
+from mgll.text.granularity import UNKNOWN_KEY, Granularity  # noqa: F401  (importable)
 from mgll.text.hierarchy import LabelHierarchy
 
 __all__ = [
-    "UNKNOWN_KEY",
     "Granularity",
     "GranularityTexts",
     "LabelHierarchy",
