@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from mgll._problem import LossConfig, Problem, kl_contributes, pointwise_norm
+from mgll._terms import safe_divide
 from mgll.targets.cooc import apply_map, apply_map_transposed, map_takes_part
 
 # ------------------------------------------------------------------------------ planning
@@ -278,15 +279,15 @@ def partial_kl_strip(problem: Problem, logits: list[Tensor], rows: slice, want_g
     probs, us = [], []
     for z, r in zip(logits, part.owners, strict=True):
         if r is None:  # paired: the softmax over the support's texts
-            prob = torch.softmax(z.masked_fill(~support, torch.finfo(z.dtype).min), dim=1)
+            prob = torch.softmax(mask_logits(z, support), dim=1)
         else:
             prob = torch.softmax(z, dim=1)
         probs.append(prob)
         us.append(apply_map((prob if r is None else prob @ r) * support, part.groups))
     u = torch.stack(us)  # (G, n, J)
     total = u.sum(-1, keepdim=True)
-    q = _safe_div(u, total) * take[:, :, None]
-    m = _safe_div(q.sum(0), count[:, None].to(q.dtype))
+    q = safe_divide(u, total) * take[:, :, None]
+    m = safe_divide(q.sum(0), count[:, None].to(q.dtype))
     positive = q > 0
     log_ratio = torch.where(positive, q, 1).log() - torch.where(positive, m.expand_as(q), 1).log()
     kl = torch.where(positive, q * log_ratio, 0).sum((0, 2))
@@ -297,17 +298,13 @@ def partial_kl_strip(problem: Problem, logits: list[Tensor], rows: slice, want_g
     any_positive = positive.any(0, keepdim=True)
     gq = torch.where(positive, log_ratio + 1, 0) - (take[:, :, None] & any_positive).to(q.dtype)
     gq = gq * compared[None, :, None]
-    gu = _safe_div(gq - (q * gq).sum(-1, keepdim=True), total) * take[:, :, None]
+    gu = safe_divide(gq - (q * gq).sum(-1, keepdim=True), total) * take[:, :, None]
     grads = []
     for g, (prob, r) in enumerate(zip(probs, part.owners, strict=True)):
         g_over = apply_map_transposed(gu[g], part.groups) * support
         g_prob = g_over if r is None else g_over @ r.T
         grads.append(prob * (g_prob - (prob * g_prob).sum(-1, keepdim=True)))
     return value, grads
-
-
-def _safe_div(num: Tensor, den: Tensor) -> Tensor:
-    return num / torch.where(den > 0, den, torch.ones_like(den))
 
 
 def col_targets(problem: Problem, v: GroupView, rows: slice, cols: list[slice], dtype):
