@@ -34,8 +34,9 @@ class MGLLLoss(nn.Module):
             authors' code).
         pointwise_norm: ``"pairs"`` (divide by N*K_g, default) or ``"images"`` (divide by N).
         smooth_kl_support: ``"coarse"`` (default: pool the samples by a coarse granularity
-            before comparing; it beat the paper's form on every setting of the demo, see the
-            smooth-KL page, docs/smooth_kl.rst) or ``"samples"`` (the paper's eq. 5-6).
+            before comparing; in the demo it beat the paper's form at three granularities and
+            lost to it in one two-granularity setting, see the smooth-KL and demo pages) or
+            ``"samples"`` (the paper's eq. 5-6).
         smooth_kl_reference: the granularity whose groups pool the samples for
             ``"coarse"``; default: the coarsest in the batch (fewest distinct ids or label
             sets).
