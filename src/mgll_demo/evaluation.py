@@ -137,7 +137,7 @@ def retrieval(model: DualEncoder, image_emb: Tensor, test: Canvases) -> dict[str
         ),
         "exact_map": ev.mean_average_precision(text_sim, ev.relevance(q_labels, truth, "exact")),
         "shares_map": ev.mean_average_precision(
-            sim, ev.relevance(truth, truth, "shares"), exclude=self_
+            sim, ev.relevance(truth, truth, "any"), exclude=self_
         ),
     }
 
