@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> list[float]:
     image_encoder = torch.nn.Linear(128, 32)  # (N, 128) -> (N, D=32)
     text_encoder = torch.nn.Embedding(8, 32)  # a toy text tower: one token per text
     logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
-    loss_fn = mgll.MGLLLoss()  # soft CLIP + pointwise + smooth KL, paper defaults
+    # soft CLIP + pointwise + smooth KL with the library defaults (Jaccard overlap, coarse smooth
+    # KL); mgll.MGLLLoss.paper() is the paper's exact setting
+    loss_fn = mgll.MGLLLoss()
     params = [*image_encoder.parameters(), *text_encoder.parameters(), logit_scale]
     opt = torch.optim.Adam(params, lr=1e-2)
     labels = [ids, ids % 2]  # G=2 granularities: (N,) ids each

@@ -66,6 +66,24 @@ def test_soft_clip_matches_naive(shape):
     torch.testing.assert_close(_grads(ours, z), _grads(ref, z), **TOL)
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "value"),
+    [("target", "pointwise_target", "soft"), ("norm", "pointwise_norm", "images")],
+)
+def test_pointwise_old_keywords_warn_and_give_the_same(old, new, value):
+    z = (torch.randn(4, 6, dtype=F64) * 3).requires_grad_()
+    c = (torch.rand(4, 6, dtype=F64) < 0.5).to(F64)
+    want = pointwise_loss(z, c, **{new: value})
+    assert want != pointwise_loss(z, c)  # the option changes the loss: the test can fail
+    with pytest.warns(DeprecationWarning, match=rf"pointwise_loss\({old}=...\)`.*pass `{new}=`"):
+        got = pointwise_loss(z, c, **{old: value})
+    assert torch.equal(got, want)
+    assert torch.equal(_grads(got, z)[0], _grads(want, z)[0])
+    default = {"target": "binary", "norm": "pairs"}[old]
+    with pytest.raises(TypeError, match=rf"got both `{old}=`.*pass only `{new}=`"):
+        pointwise_loss(z, c, **{old: default, new: value})
+
+
 @pytest.mark.parametrize("target", ["binary", "soft", "graded"])
 @pytest.mark.parametrize("norm", ["pairs", "images"])
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -74,7 +92,7 @@ def test_pointwise_matches_naive(target, norm, with_bias):
     c = (torch.rand(4, 6, dtype=F64) < 0.5).to(F64) * 2
     c[:2] *= torch.rand(2, 6, dtype=F64)  # weights below 1 too (graded targets)
     bias = torch.tensor(-1.5, dtype=F64, requires_grad=True) if with_bias else None
-    ours = pointwise_loss(z, c, bias, target=target, norm=norm)
+    ours = pointwise_loss(z, c, bias, pointwise_target=target, pointwise_norm=norm)
     ref = naive.pointwise(z, c, bias, target, norm)
     torch.testing.assert_close(ours, ref, **TOL)
     inputs = [z] + ([bias] if with_bias else [])

@@ -496,6 +496,75 @@ def test_figure_labels_axes_and_shows_spread_only_with_several_seeds(n_seeds):
         plt.close(fig)
 
 
+def test_figure_draws_auroc_chance_names_the_curve_protocol_and_explains_methods():
+    import matplotlib.pyplot as plt
+
+    from mgll_demo.evaluation import AUROC_METRICS
+
+    runs = fake_runs()
+    for r in runs:
+        r["description"] = f"what {r['method']} is"
+    fig = report.figure(runs, report.summarise(runs))
+    try:
+        _, curve_ax, bar_ax = fig.axes
+        assert "class prompts" in curve_ax.get_title()
+        assert "dashed: AUROC chance" in bar_ax.get_title()
+        dashed = [ln for ln in bar_ax.lines if ln.get_linestyle() == "--"]
+        assert len(dashed) == sum(m in AUROC_METRICS for m in METRICS) == 5
+        assert all(list(ln.get_ydata()) == [0.5, 0.5] for ln in dashed)
+        centres = sorted(float(np.mean(ln.get_xdata())) for ln in dashed)
+        labels = [t.get_text() for t in bar_ax.get_xticklabels()]
+        assert [labels[round(c)] for c in centres] == [
+            report._tick(report.label(m)) for m in METRICS if m in AUROC_METRICS
+        ]
+        legend = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert legend == ["clip: what clip is", "mgll: what mgll is"]
+    finally:
+        plt.close(fig)
+    for r in runs:  # no AUROC metric: no dashed line, and the title does not mention one
+        r["metrics"] = {"superset_map": r["metrics"]["superset_map"]}
+    fig = report.figure(runs, report.summarise(runs))
+    try:
+        assert not [ln for ln in fig.axes[2].lines if ln.get_linestyle() == "--"]
+        assert "dashed" not in fig.axes[2].get_title()
+    finally:
+        plt.close(fig)
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_text_tables_fit_100_columns_and_keep_every_cell(paired):
+    runs = []
+    for r in fake_runs():
+        for tail in ("", "_g3_jaccard_kl_samples f=0.05"):
+            runs.append(dict(r, method=r["method"] + tail, metrics=dict(r["metrics"])))
+    summary = report.summarise(runs)
+    data = report.paired_differences(runs) if paired else summary
+    text = report.table(data, seconds=not paired)
+    assert max(len(line) for line in text.splitlines()) <= report.WIDTH
+    for metric in METRICS:  # every header word is there, wrapped or not
+        assert all(word in text for word in report.label(metric).split())
+    for name, stats in data.items():  # each block has the method's row, with its cells in order
+        rows = [line for line in text.splitlines() if line.split("  ")[0].strip() == name]
+        cells = [c for row in rows for c in re.split(r"\s{2,}", row.strip())[1:]]
+        expected = [report._cell(stats[m]) for m in METRICS]
+        assert cells[: len(expected)] == expected
+
+
+def test_progress_bar_only_on_a_terminal(task, capsys):
+    import io
+
+    from mgll_demo.training import show_progress, train
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert show_progress(True, Terminal()) and not show_progress(False, Terminal())
+    assert not show_progress(True, io.StringIO())  # a file or a pipe
+    train(COMPARISON[0], task, steps=2, batch_size=16, lr=1e-3, seed=0, progress=True)
+    assert capsys.readouterr().err == ""  # captured stderr is not a terminal: no frames
+
+
 def test_report_follows_the_metrics_it_is_given():
     import matplotlib.pyplot as plt
 

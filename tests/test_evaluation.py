@@ -72,7 +72,7 @@ ITEMS = torch.tensor([[1, 1, 0], [1, 0, 1], [0, 1, 0], [1, 0, 0]])
     [
         ("superset", [[1, 1, 0, 1], [1, 0, 0, 0], [0, 0, 0, 0]]),
         ("exact", [[0, 0, 0, 1], [1, 0, 0, 0], [0, 0, 0, 0]]),
-        ("shares", [[1, 1, 0, 1], [1, 1, 1, 1], [0, 0, 0, 0]]),
+        ("any", [[1, 1, 0, 1], [1, 1, 1, 1], [0, 0, 0, 0]]),
         ("jaccard", [[1 / 2, 1 / 2, 0, 1], [1, 1 / 3, 1 / 2, 1 / 2], [0, 0, 0, 0]]),
     ],
 )
@@ -80,6 +80,14 @@ def test_relevance_rules_by_hand(rule, expected):
     torch.testing.assert_close(
         relevance(Q, ITEMS, rule), torch.tensor(expected, dtype=torch.float64)
     )
+
+
+def test_relevance_old_rule_name_shares_warns_and_gives_any():
+    with pytest.warns(DeprecationWarning, match=r"relevance\(rule='shares'\)`.*rule='any'"):
+        old = relevance(Q, ITEMS, "shares")
+    assert torch.equal(old, relevance(Q, ITEMS, "any"))
+    with pytest.raises(ValueError, match=r"`rule` must be one of .*'any'"):
+        relevance(Q, ITEMS, "share")
 
 
 def test_caption_marginal_scores_equal_a_loop():

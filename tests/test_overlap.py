@@ -2,7 +2,7 @@
 
 The rules against float64 loops; the loss with each rule against the naive float64 terms
 (values and gradients) on every backend; paired ``overlap=rule`` against dense
-``targets=from_multi_hot(..., mode=rule)`` with K = N; 0/1 inputs against the set rules exactly.
+``targets=from_multi_hot(..., overlap=rule)`` with K = N; 0/1 inputs against the set rules exactly.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def labels(n: int, c: int, kind: str, seed: int = 0) -> torch.Tensor:
 def test_rules_against_loops(rule, kind):
     a, b = labels(9, 4, kind), labels(6, 4, kind, seed=1)
     torch.testing.assert_close(
-        targets.from_multi_hot(a, b, mode=rule).double(), naive_rule(a, b, rule), **F32
+        targets.from_multi_hot(a, b, overlap=rule).double(), naive_rule(a, b, rule), **F32
     )
     cooc = CoOccurrence("multi_hot", a.double() if kind == "soft" else a, rule)
     want = naive_rule(a, a, rule)
@@ -103,14 +103,14 @@ def test_binary_labels_give_the_set_rules_exactly(rule):
     for dtype in (torch.bool, torch.long, torch.float32):
         x = hot.to(dtype)
         assert torch.equal(CoOccurrence("multi_hot", x, rule).dense(), want)
-        assert torch.equal(targets.from_multi_hot(x, mode=rule), want)
+        assert torch.equal(targets.from_multi_hot(x, overlap=rule), want)
     assert CoOccurrence("multi_hot", hot, rule).binary == (rule == "any")
     assert not CoOccurrence("multi_hot", hot.float(), "any").binary  # floats may be soft
 
 
 def test_soft_rules_hand_computed():
     u = torch.tensor([[1.0, 0.0], [0.5, 0.0], [0.5, 1.0], [0.0, 0.0]])
-    got = {rule: targets.from_multi_hot(u, mode=rule) for rule in RULES}
+    got = {rule: targets.from_multi_hot(u, overlap=rule) for rule in RULES}
     torch.testing.assert_close(got["any"][1], torch.tensor([0.5, 0.25, 0.25, 0.0]))
     torch.testing.assert_close(got["count"][2], torch.tensor([0.5, 0.25, 1.25, 0.0]))
     torch.testing.assert_close(got["jaccard"][1], torch.tensor([0.5, 1.0, 0.5 / 1.5, 0.0]))
@@ -120,7 +120,10 @@ def test_soft_rules_hand_computed():
 @pytest.mark.parametrize(
     ("value", "match"),
     [
-        (1.5, r"`a` multi-hot entries must be 0/1, label probabilities in \[0, 1\] or NaN .*got 1.5"),
+        (
+            1.5,
+            r"`a` multi-hot entries must be 0/1, label probabilities in \[0, 1\] or NaN .*got 1.5",
+        ),
         (-0.5, r"`a` multi-hot entries must be 0/1, label probabilities in \[0, 1\] .*got -0.5"),
         (float("inf"), r"`a` multi-hot entries must be 0/1, label probabilities .* got inf"),
     ],
@@ -206,12 +209,15 @@ def _grads(value: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_paired_rule_equals_dense_targets(backend, rule, kind, target):
-    """``labels=`` with ``overlap=rule`` equals ``targets=from_multi_hot(labels, mode=rule)``
+    """``labels=`` with ``overlap=rule`` equals ``targets=from_multi_hot(labels, overlap=rule)``
     with K = N on the soft-CLIP and pointwise terms: values and gradients."""
     n = 14
     image, texts, scale, bias = _features(n, 2, seed=3, dtype=torch.float32)
     labs = [labels(n, 5, kind, seed=4), labels(n, 3, "long", seed=5)]
-    dense = [targets.from_multi_hot(labs[0], mode=rule), targets.from_multi_hot(labs[1])]
+    dense = [
+        targets.from_multi_hot(labs[0], overlap=rule),
+        targets.from_multi_hot(labs[1], overlap="any"),
+    ]
     options = dict(pointwise_target=target, smooth_kl_weight=0.0, backend=backend)
     leaves = [image, *texts, scale, bias]
     paired = mgll.mgll_loss(
@@ -345,7 +351,7 @@ def test_rule_properties(n, c, seed):
     """Symmetric; any and jaccard in [0, 1]; max_c a_c b_c <= any <= count; J(a, a) = 1."""
     gen = torch.Generator().manual_seed(seed)
     a = (torch.rand(n, c, generator=gen) < 0.5) * torch.rand(n, c, generator=gen).double()
-    got = {rule: targets.from_multi_hot(a, mode=rule) for rule in RULES}
+    got = {rule: targets.from_multi_hot(a, overlap=rule) for rule in RULES}
     for rule, m in got.items():
         torch.testing.assert_close(m, m.T, msg=rule)
         assert bool((m >= 0).all()), rule

@@ -88,13 +88,13 @@ def check_against_naive(backend, leaves, kwargs, naive_kwargs, dtype=F64):
 @pytest.mark.parametrize("rule", RULES)
 def test_pair_status_against_loops(rule, soft):
     a = partial_labels(9, 4, seed=1, soft=soft)
-    got = targets.from_multi_hot(a, mode=rule).double()
+    got = targets.from_multi_hot(a, overlap=rule).double()
     torch.testing.assert_close(got, naive.partial_cooc(a, rule), equal_nan=True)
 
 
 def test_pair_status_by_hand():
     a = torch.tensor([[1.0, 0, NAN], [0, 0, 0], [NAN, NAN, NAN], [0, 1, 0], [1, NAN, NAN]])
-    c = targets.from_multi_hot(a, mode="any")
+    c = targets.from_multi_hot(a, overlap="any")
     # [1,0,?] vs [0,1,0]: class 2 is 0 in the second, class 0 in it too, class 1 in the first
     assert c[0, 3] == 0
     # [0,1,0] vs [1,?,?]: class 1 is positive in one, unannotated in the other: unknown
@@ -104,7 +104,7 @@ def test_pair_status_by_hand():
     # an annotated "normal" row (all 0) is a known negative of every annotated row
     assert c[1, 0] == 0 and c[1, 3] == 0 and c[1, 1] == 0
     # jaccard over the classes both annotate: [1,0,?] vs [1,?,?] share their one class
-    assert targets.from_multi_hot(a, mode="jaccard")[0, 4] == 1
+    assert targets.from_multi_hot(a, overlap="jaccard")[0, 4] == 1
 
 
 def test_ids_with_missing_marker():
@@ -251,7 +251,7 @@ def test_paired_nan_labels_equal_bank_targets(backend):
     image, texts, scale = features(n, [n])
     loss_fn = mgll.MGLLLoss(backend=backend, overlap="jaccard")
     paired = loss_fn(image, texts, scale, labels=[labels])
-    bank = loss_fn(image, texts, scale, targets=[targets.from_multi_hot(labels, mode="jaccard")])
+    bank = loss_fn(image, texts, scale, targets=[targets.from_multi_hot(labels, overlap="jaccard")])
     torch.testing.assert_close(paired, bank)
 
 

@@ -110,7 +110,7 @@ def test_one_term_functions_are_scale_free(factor):
     logits = torch.randn(6, 6, dtype=torch.float32, requires_grad=True)
     c = (torch.rand(6, 6) < 0.5).float()
     c[:, 0] = 1
-    for fn in (soft_clip_loss, lambda z, t: pointwise_loss(z, t, target="soft")):
+    for fn in (soft_clip_loss, lambda z, t: pointwise_loss(z, t, pointwise_target="soft")):
         want = fn(logits, c)
         got = fn(logits, c * factor)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
@@ -343,7 +343,7 @@ def test_reference_float64_pointwise_gradient_is_exact():
     """Above torch's softplus threshold (20) its gradient was 1 instead of sigmoid(x)."""
     z = torch.tensor([[25.0, -30.0, 0.0, 40.0]], dtype=torch.float64, requires_grad=True)
     y = torch.tensor([[0.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
-    (grad,) = torch.autograd.grad(pointwise_loss(z, y, norm="images"), z)
+    (grad,) = torch.autograd.grad(pointwise_loss(z, y, pointwise_norm="images"), z)
     torch.testing.assert_close(grad, torch.sigmoid(z.detach()) - y, rtol=1e-15, atol=0)
     image, texts, labels = _paired()
     scale, bias = torch.tensor(100.0, dtype=torch.float64), torch.tensor(30.0, dtype=torch.float64)

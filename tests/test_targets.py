@@ -98,7 +98,7 @@ A = torch.tensor([[1, 1, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]])
 )
 def test_from_multi_hot_hand_computed(mode, want):
     torch.testing.assert_close(
-        targets.from_multi_hot(A, mode=mode), torch.tensor(want, dtype=torch.float32)
+        targets.from_multi_hot(A, overlap=mode), torch.tensor(want, dtype=torch.float32)
     )
 
 
@@ -106,12 +106,14 @@ def test_from_multi_hot_hand_computed(mode, want):
 @pytest.mark.parametrize("n", [1, 9, 40])
 def test_from_multi_hot_any_equals_core_rule(n, dtype):
     hot = _multi_hot(n, 5).to(dtype)
-    torch.testing.assert_close(targets.from_multi_hot(hot), CoOccurrence("multi_hot", hot).dense())
+    torch.testing.assert_close(
+        targets.from_multi_hot(hot, overlap="any"), CoOccurrence("multi_hot", hot).dense()
+    )
 
 
 def test_from_multi_hot_bank_columns_against_loops():
     a, b = _multi_hot(6, 4), _multi_hot(5, 4)
-    got = {m: targets.from_multi_hot(a, b, mode=m) for m in ("any", "count", "jaccard")}
+    got = {m: targets.from_multi_hot(a, b, overlap=m) for m in ("any", "count", "jaccard")}
     for i in range(6):
         for k in range(5):
             inter = int((a[i] & b[k]).sum())
@@ -126,9 +128,9 @@ def test_from_multi_hot_properties(n, c, seed):
     gen = torch.Generator().manual_seed(seed)
     hot = torch.rand(n, c, generator=gen) < 0.4
     for mode in ("any", "count", "jaccard"):
-        m = targets.from_multi_hot(hot, mode=mode)
+        m = targets.from_multi_hot(hot, overlap=mode)
         torch.testing.assert_close(m, m.T)  # symmetric when b is omitted
-    jac = targets.from_multi_hot(hot, mode="jaccard")
+    jac = targets.from_multi_hot(hot, overlap="jaccard")
     assert bool(((jac >= 0) & (jac <= 1)).all())
     has = hot.any(1)
     torch.testing.assert_close(jac.diagonal(), has.float())  # 1 with labels, 0 without
@@ -154,15 +156,47 @@ def test_from_multi_hot_properties(n, c, seed):
             r"`b` must have C_g=3 columns to match `a`, got \(2, 4\)",
         ),
         (
-            dict(a=A, mode="overlap"),
+            dict(a=A, overlap="overlap"),
             ValueError,
-            r"`mode` must be one of \('any', 'count', 'jaccard'\), got 'overlap'",
+            r"`overlap` must be one of \('any', 'count', 'jaccard'\) .*got 'overlap'",
+        ),
+        (
+            dict(a=A, overlap=["any", "jaccard"]),
+            ValueError,
+            r"`overlap` must be one of .*one rule.*got \['any', 'jaccard'\]",
+        ),
+        (
+            dict(a=A, overlap="count", mode="any"),
+            TypeError,
+            r"got both `mode=` \('any'\) and `overlap=` \('count'\); pass only `overlap=`",
         ),
     ],
 )
 def test_from_multi_hot_bad_input(kwargs, error, match):
     with pytest.raises(error, match=match):
         targets.from_multi_hot(**kwargs)
+
+
+def test_from_multi_hot_defaults_to_the_loss_overlap_rule():
+    import inspect
+
+    from mgll import MGLLLoss
+
+    default = inspect.signature(MGLLLoss).parameters["overlap"].default
+    assert inspect.signature(targets.from_multi_hot).parameters["overlap"].default == default
+    assert default == "jaccard"
+    torch.testing.assert_close(targets.from_multi_hot(A), targets.from_multi_hot(A, A, "jaccard"))
+
+
+@pytest.mark.parametrize("rule", ["any", "count", "jaccard"])
+def test_from_multi_hot_old_mode_keyword_warns_and_gives_the_same(rule):
+    b = _multi_hot(5, A.shape[1])
+    new = targets.from_multi_hot(A, b, overlap=rule)
+    with pytest.warns(DeprecationWarning, match=r"from_multi_hot\(mode=...\)`.*pass `overlap=`"):
+        old = targets.from_multi_hot(A, b, mode=rule)
+    assert torch.equal(old, new)
+    with pytest.warns(DeprecationWarning):  # the same value under both names is not a conflict
+        assert torch.equal(targets.from_multi_hot(A, b, overlap=rule, mode=rule), new)
 
 
 # ---------------------------------------------------------------- hierarchy
@@ -197,7 +231,7 @@ def test_from_hierarchy_full_credit_is_any_overlap_of_expanded_sets():
     hot = torch.rand(10, 5) < 0.3
     full = targets.from_hierarchy(hot, ancestors=ANC, ancestor_credit=1.0)
     up = targets.expand_ancestors(hot, ANC)
-    torch.testing.assert_close(full, targets.from_multi_hot(up))
+    torch.testing.assert_close(full, targets.from_multi_hot(up, overlap="any"))
     torch.testing.assert_close(full, full.T)  # symmetric when b is omitted
 
 

@@ -302,8 +302,8 @@ def test_term_functions_reject_bad_input(term, inputs, error, match):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        pytest.param({"target": "hard"}, ValueError, r"`pointwise_target` must be one of", id="target"),
-        pytest.param({"norm": "all"}, ValueError, r"`pointwise_norm` must be one of", id="norm"),
+        pytest.param({"pointwise_target": "hard"}, ValueError, r"`pointwise_target` must be one of", id="target"),
+        pytest.param({"pointwise_norm": "all"}, ValueError, r"`pointwise_norm` must be one of", id="norm"),
         pytest.param({"logit_bias": torch.zeros(2)}, ValueError,
                      r"`logit_bias` must be a scalar tensor \(one element\), got shape \(2,\)", id="bias-shape"),
         pytest.param({"logit_bias": torch.tensor(math.inf)}, ValueError,

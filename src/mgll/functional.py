@@ -31,6 +31,7 @@ from mgll._terms import (
 from mgll.backends import resolve_backend
 from mgll.targets.cooc import CoOccurrence, normalize_rows
 from mgll.targets.overlap import check_rules, rules_for
+from mgll.targets.renamed import renamed_keyword
 
 __all__ = ["mgll_loss", "pointwise_loss", "smooth_kl_loss", "soft_clip_loss"]
 
@@ -74,8 +75,10 @@ def pointwise_loss(
     targets: Tensor,
     logit_bias: Tensor | None = None,
     *,
-    target: str = "binary",
-    norm: str = "pairs",
+    pointwise_target: str = "binary",
+    pointwise_norm: str = "pairs",
+    target: str | None = None,
+    norm: str | None = None,
 ) -> Tensor:
     r"""Pointwise sigmoid loss over every image-text pair (paper eq. 4).
 
@@ -83,18 +86,21 @@ def pointwise_loss(
         L = -\frac{1}{\text{norm}}\sum_{i,k} Y_{ik}\log\sigma(Z_{ik}+b)
             + (1-Y_{ik})\log\big(1-\sigma(Z_{ik}+b)\big)
 
-    ``norm="pairs"`` divides by N*K, so the magnitude does not grow with the batch (default);
-    ``norm="images"`` divides by N, as the paper's eq. 4 and SigLIP do.
+    ``pointwise_norm="pairs"`` divides by N*K, so the magnitude does not grow with the batch
+    (default); ``pointwise_norm="images"`` divides by N, as the paper's eq. 4 and SigLIP do.
+    The options have the names and defaults of :class:`mgll.MGLLLoss`'s.
 
     Args:
         logits: Z, scaled image-text similarities.
         targets: C, non-negative co-occurrence.
         logit_bias: optional scalar b added to every logit.
-        target: ``"binary"``: :math:`Y = 1[C > 0]`; ``"graded"``: :math:`Y = \min(C, 1)`, a
-            soft BCE target that keeps partial weights (Jaccard overlaps, uncertain labels) and
-            equals ``"binary"`` on 0/1 co-occurrence; ``"soft"``: Y is C normalised per row, as
-            the authors' code does.
-        norm: ``"pairs"`` or ``"images"``.
+        pointwise_target: ``"binary"``: :math:`Y = 1[C > 0]`; ``"graded"``:
+            :math:`Y = \min(C, 1)`, a soft BCE target that keeps partial weights (Jaccard
+            overlaps, uncertain labels) and equals ``"binary"`` on 0/1 co-occurrence;
+            ``"soft"``: Y is C normalised per row, as the authors' code does.
+        pointwise_norm: ``"pairs"`` or ``"images"``.
+        target, norm: the old names of ``pointwise_target`` and ``pointwise_norm`` (mgll 0.1),
+            accepted with a DeprecationWarning until 0.3.
 
     Shape:
         - logits: (N, K)
@@ -106,6 +112,12 @@ def pointwise_loss(
         >>> loss = pointwise_loss(logits, torch.rand(4, 6).round(), torch.tensor(-10.0))
         >>> loss.backward()
     """
+    target = renamed_keyword(
+        "pointwise_loss", "target", "pointwise_target", target, pointwise_target, "binary"
+    )
+    norm = renamed_keyword(
+        "pointwise_loss", "norm", "pointwise_norm", norm, pointwise_norm, "pairs"
+    )
     v.check_logits_and_targets(logits, targets, logit_bias)
     v.check_option("pointwise_target", target)
     v.check_option("pointwise_norm", norm)

@@ -34,14 +34,15 @@ class MGLLLoss(nn.Module):
             authors' code).
         pointwise_norm: ``"pairs"`` (divide by N*K_g, default) or ``"images"`` (divide by N).
         smooth_kl_support: ``"coarse"`` (default: pool the samples by a coarse granularity
-            before comparing; it beat the paper's form on every setting of the demo, see the
-            smooth-KL page, docs/smooth_kl.rst) or ``"samples"`` (the paper's eq. 5-6).
+            before comparing; in the demo it beat the paper's form at three granularities and
+            lost to it in one two-granularity setting: :doc:`/smooth_kl`, :doc:`/demo`) or
+            ``"samples"`` (the paper's eq. 5-6).
         smooth_kl_reference: the granularity whose groups pool the samples for
             ``"coarse"``; default: the coarsest in the batch (fewest distinct ids or label
             sets).
         overlap: how two multi-hot label vectors of a paired batch become a co-occurrence
             weight: ``"jaccard"`` (default: shared over present labels; it measured best on the
-            digits demo, see the demo page), ``"any"`` (1 when they share a label, the rule
+            digits demo, :doc:`/demo`), ``"any"`` (1 when they share a label, the rule
             before the default changed) or ``"count"`` (the number of shared labels), or a
             sequence with one rule per granularity.  Entries may be label probabilities in [0, 1] (uncertain
             labels); the rules generalise as documented in
@@ -149,7 +150,7 @@ class MGLLLoss(nn.Module):
 
     @classmethod
     def reference_compatible(cls, **overrides) -> MGLLLoss:
-        """The configuration whose value and gradients equal the authors' code (docs/differences.rst).
+        """The configuration whose value and gradients equal the authors' code (:doc:`/differences`).
 
         Per granularity :math:`\\tfrac14[CE(Z, W^r) + CE(Z^\\top, W^r)]` plus BCE-with-logits
         against the soft target W^r averaged over all pairs; the authors' consistency term,
@@ -250,7 +251,7 @@ class MGLLLoss(nn.Module):
                 the expected and the received shape, e.g. transposed ``image_features``),
                 both or neither of ``labels`` and ``targets``, tensors on different devices,
                 and, unless ``validate=False``, NaN/inf or zero-norm features, a logit scale
-                that is not positive, negative labels or targets.  docs/errors.rst lists every
+                that is not positive, negative labels or targets.  :doc:`/errors` lists every
                 check.
             ImportError: ``backend="triton"`` without triton installed.
 

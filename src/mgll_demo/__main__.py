@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,7 +52,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (left out anyway when standard error is not a terminal)",
+    )
     p.add_argument("--merge", nargs="+", metavar="JSON", help="combine earlier results.json files")
     args = p.parse_args(argv)
     if args.seeds < 1:
@@ -133,6 +138,7 @@ def require_demo_extra() -> None:
 
 
 def _run_one(args, sizes, task, method, seed, frac, out, config, runs) -> dict:
+    from mgll_demo import report
     from mgll_demo.evaluation import embed_images, evaluate, zero_shot_auroc
     from mgll_demo.training import train
 
@@ -172,7 +178,8 @@ def _run_one(args, sizes, task, method, seed, frac, out, config, runs) -> dict:
     out.mkdir(parents=True, exist_ok=True)  # keep what is done if a later run fails
     (out / "runs_partial.json").write_text(json.dumps({"config": config, "runs": [*runs, run]}))
     shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-    print(f"seed {seed}  {name:<17} {shown}  ({result.seconds:.0f} s)", flush=True)
+    line = f"seed {seed}  {name:<17} ({result.seconds:.0f} s)  {shown}"
+    print(textwrap.fill(line, report.WIDTH, subsequent_indent="    "), flush=True)
     return run
 
 

@@ -47,6 +47,10 @@ METRICS = (
     "shares_map",
 )
 COARSE_METRICS = ("coarse_zero_shot_prompts", "coarse_zero_shot_marginal")
+# The metrics that are a macro AUROC (chance 0.5); nDCG's and mAP's chance depends on the labels.
+AUROC_METRICS = frozenset(
+    {"zero_shot_prompts", "zero_shot_marginal", "probe_1", "probe_10", "probe_100", *COARSE_METRICS}
+)
 LABELS = {
     "zero_shot_prompts": "zero-shot, class prompts",
     "zero_shot_marginal": "zero-shot, caption-marginal",
@@ -133,7 +137,7 @@ def retrieval(model: DualEncoder, image_emb: Tensor, test: Canvases) -> dict[str
         ),
         "exact_map": ev.mean_average_precision(text_sim, ev.relevance(q_labels, truth, "exact")),
         "shares_map": ev.mean_average_precision(
-            sim, ev.relevance(truth, truth, "shares"), exclude=self_
+            sim, ev.relevance(truth, truth, "any"), exclude=self_
         ),
     }
 

@@ -9,7 +9,7 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-from mgll_demo.evaluation import COARSE_METRICS, METRICS
+from mgll_demo.evaluation import AUROC_METRICS, COARSE_METRICS, METRICS
 from mgll_demo.evaluation import LABELS as _SHORT
 
 
@@ -110,12 +110,18 @@ def contrasts(
     return out
 
 
+WIDTH = 100
+"""The most characters a line of a plain-text :func:`table` takes."""
+
+
 def table(
     summary: dict, fmt: str = "text", seconds: bool = True, metrics: Sequence[str] | None = None
 ) -> str:
     """A plain-text (or reStructuredText list-table) table of the summary.
 
-    With a :func:`paired_differences` dict, cells are signed differences and their wins.
+    With a :func:`paired_differences` dict, cells are signed differences and their wins.  The
+    plain-text table fits :data:`WIDTH` columns: headers wrap over several lines, and when the
+    metrics still do not fit they go into several blocks, each starting with the method names.
     """
     first = next(iter(summary.values()), {})
     metrics = [m for m in (metrics or metric_names(summary)) if m in first]
@@ -136,9 +142,44 @@ def table(
             lines.append("   * - " + row[0])
             lines.extend(f"     - {c}" for c in row[1:])
         return "\n".join(lines)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+    return _text_table(header, rows)
+
+
+def _text_table(header: list[str], rows: list[list[str]], width: int = WIDTH) -> str:
+    """Columns at least as wide as their cells (headers wrap), in blocks of ``width`` chars."""
+    cells = [max((len(r[i]) for r in rows), default=0) for i in range(len(header))]
+    widths = [max(w, min(len(h), 8), _longest_word(h)) for w, h in zip(cells, header, strict=True)]
+    widths[0] = max(len(header[0]), cells[0])
+    heads = [
+        textwrap.wrap(h, w, break_long_words=False, break_on_hyphens=False) or [""]
+        for h, w in zip(header, widths, strict=True)
+    ]
+    blocks, current, used = [], [], widths[0]
+    for i in range(1, len(header)):  # greedy: as many columns per block as fit
+        if current and used + 2 + widths[i] > width:
+            blocks.append(current)
+            current, used = [], widths[0]
+        current.append(i)
+        used += 2 + widths[i]
+    blocks.append(current)
+    out = []
+    for cols in blocks:
+        cols = [0, *cols]
+        depth = max(len(heads[i]) for i in cols)
+        padded = [[""] * (depth - len(heads[i])) + heads[i] for i in cols]  # bottom-aligned
+        lines = [[h[k] for h in padded] for k in range(depth)]
+        lines.append(["-" * widths[i] for i in cols])
+        lines.extend([r[i] for i in cols] for r in rows)
+        text = (
+            "  ".join(c.ljust(widths[i]) for c, i in zip(ln, cols, strict=True)).rstrip()
+            for ln in lines
+        )
+        out.append("\n".join(text))
+    return "\n\n".join(out)
+
+
+def _longest_word(text: str) -> int:
+    return max((len(w) for w in text.split()), default=0)
 
 
 def _cell(s: dict | None) -> str:
@@ -168,8 +209,11 @@ def figure(runs: Sequence[dict], summary: dict):
     """Training loss, held-out zero-shot AUROC during training, and the final metrics.
 
     Every panel has a y-axis label; the losses are the raw values on one shared axis (each
-    method's own objective, so compare their shapes, not their heights); the bars start at 0;
-    error bars and "mean ± std" appear only when a method has several seeds.
+    method's own objective, so compare their shapes, not their heights); the curves are the
+    class-prompt zero-shot AUROC (the bars also show the caption-marginal one); the bars start
+    at 0, with a dashed line at 0.5 on the AUROC metrics; error bars and "mean ± std" appear
+    only when a method has several seeds.  With up to :data:`EXPLAINED` methods, the legend
+    gives each one's ``description`` (from the runs) after its name.
     """
     import matplotlib
 
@@ -211,9 +255,9 @@ def figure(runs: Sequence[dict], summary: dict):
         transform=axes[1].get_yaxis_transform(),
     )
     axes[1].set(
-        title="held-out zero-shot AUROC during training",
+        title='held-out zero-shot AUROC during training\n(class prompts, e.g. "digits 3")',
         xlabel="step",
-        ylabel="zero-shot macro AUROC",
+        ylabel="zero-shot macro AUROC, class prompts",
     )
     lo = min([0.5, *(min(r["curve_zero_shot"]) for r in runs if r.get("curve_zero_shot"))])
     axes[1].set_ylim(max(0.0, math.floor(lo * 10) / 10 - 0.02), 1.0)
@@ -240,24 +284,34 @@ def figure(runs: Sequence[dict], summary: dict):
             rotation=90 if crowded else 0,
             padding=6 if several else 2,
         )
-    for i, k in enumerate(metrics):
-        if "auroc" in k:  # AUROC's chance level; retrieval mAP's depends on the labels
-            ax.hlines(0.5, i - 0.45, i + 0.45, colors="0.4", linestyles="--", lw=1)
+    chance = [i for i, k in enumerate(metrics) if k in AUROC_METRICS]
+    for i in chance:  # AUROC's chance level; nDCG's and mAP's depend on the labels
+        ax.plot([i - 0.45, i + 0.45], [0.5, 0.5], color="0.15", ls="--", lw=1.2, zorder=3)
     ax.set_xticks(range(len(metrics)))
     ax.set_xticklabels([_tick(label(k)) for k in metrics], fontsize=9 if len(metrics) > 5 else 11)
     ax.set_ylim(0.0, 1.08)
     ax.set_ylabel("held-out score (higher is better)")
+    dashed = "; dashed: AUROC chance" if chance else ""
     if several:
         n = max(s["n"] for st in summary.values() for s in st.values())
-        ax.set_title(f"held-out metrics: mean ± std over {n} seeds (dashed: AUROC chance)")
+        ax.set_title(f"held-out metrics: mean ± std over {n} seeds{dashed}")
     else:
-        ax.set_title(f"held-out metrics, one run (seed {seeds[0]}; dashed: AUROC chance)")
+        ax.set_title(f"held-out metrics, one run (seed {seeds[0]}{dashed})")
     handles = [plt.Line2D([], [], color=colors[m], lw=6) for m in methods]
-    fig.legend(
-        handles, methods, loc="lower center", ncol=min(len(methods), 5), fontsize=11, frameon=False
-    )
-    fig.tight_layout(rect=(0, 0.02 + 0.05 * math.ceil(len(methods) / 5), 1, 1))
+    described = {r["method"]: r["description"] for r in runs if r.get("description")}
+    if len(methods) <= EXPLAINED and described:  # say what each name means, one per line
+        names = [f"{m}: {described[m]}" if m in described else m for m in methods]
+        ncol = 1
+    else:  # too many to explain: the names, and the descriptions in results.json
+        names, ncol = methods, min(len(methods), 5)
+    fig.legend(handles, names, loc="lower center", ncol=ncol, fontsize=11, frameon=False)
+    rows = math.ceil(len(methods) / ncol)
+    fig.tight_layout(rect=(0, 0.02 + 0.05 * rows, 1, 1))
     return fig
+
+
+EXPLAINED = 6
+"""Up to this many methods, the figure's legend explains each name with its description."""
 
 
 def _tick(text: str) -> str:

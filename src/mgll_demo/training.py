@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TextIO
 
 import torch
 import torch.nn.functional as F
@@ -470,6 +472,16 @@ class TrainResult:
     seconds: float
 
 
+def show_progress(progress: bool, stream: TextIO | None = None) -> bool:
+    """Whether to draw the progress bar: asked for, and its stream is a terminal.
+
+    The bar goes to ``stream`` (default: standard error, as tqdm's); into a file or a pipe
+    its frames would make one very long line, so it is left out there.
+    """
+    stream = sys.stderr if stream is None else stream
+    return progress and bool(getattr(stream, "isatty", lambda: False)())
+
+
 def train(
     method: Method,
     task: DigitsTask,
@@ -500,7 +512,8 @@ def train(
     samplers = [_Cycle(pool, gen) for pool in pools]
     losses, terms, curve_steps, curve_metric = [], {}, [], []
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc=method.name, disable=not progress, leave=False)
+    show = show_progress(progress)
+    bar = tqdm(range(steps), desc=method.name, disable=not show, leave=False, file=sys.stderr)
     for step in bar:
         idx = torch.cat([s.take(n) for s, n in zip(samplers, shares, strict=True)])
         model.train()
@@ -518,7 +531,7 @@ def train(
         losses.append(loss.item())
         for k, val in parts.items():
             terms.setdefault(k, []).append(val.item())
-        if progress:
+        if show:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if (
             evaluate_fn is not None
@@ -565,13 +578,13 @@ def batch_labels(method: Method, canvases, idx: Tensor) -> list[Tensor] | dict[s
     for g, lab in zip(grans, labels, strict=True):
         if g == "mixed" and method.overlap == JACCARD:
             up = mgll.targets.expand_ancestors(lab, PARITY_ANCESTORS)
-            targets.append(mgll.targets.from_multi_hot(up, mode="jaccard"))
+            targets.append(mgll.targets.from_multi_hot(up, overlap="jaccard"))
         elif g == "mixed":
             targets.append(mgll.targets.from_hierarchy(lab, ancestors=PARITY_ANCESTORS))
         elif lab.dim() == 1:
             targets.append(mgll.targets.from_ids(lab))
         else:
-            targets.append(mgll.targets.from_multi_hot(lab, mode="any"))
+            targets.append(mgll.targets.from_multi_hot(lab, overlap="any"))
     return {"targets": targets}
 
 

@@ -8,10 +8,11 @@ import torch
 from torch import Tensor
 
 from mgll.evaluation._finite import finite
+from mgll.targets.renamed import renamed_value
 
 __all__ = ["mean_average_precision", "ndcg", "relevance"]
 
-_RULES = ("jaccard", "superset", "exact", "shares")
+_RULES = ("jaccard", "superset", "exact", "any")
 
 
 def relevance(query_labels: Tensor, item_labels: Tensor, rule: str) -> Tensor:
@@ -21,17 +22,20 @@ def relevance(query_labels: Tensor, item_labels: Tensor, rule: str) -> Tensor:
         \text{jaccard: } \frac{|q \cap i|}{|q \cup i|} \qquad
         \text{superset: } \mathbb 1[q \subseteq i] \qquad
         \text{exact: } \mathbb 1[q = i] \qquad
-        \text{shares: } \mathbb 1[|q \cap i| > 0]
+        \text{any: } \mathbb 1[|q \cap i| > 0]
 
-    An empty query set is relevant to nothing.  ``"superset"`` (the item holds every queried
-    label) and graded ``"jaccard"`` are trained on by no loss of the demo; ``"exact"`` is
-    CLIP's target (one caption, one label set) and ``"shares"`` is MGLL's any-overlap target,
-    so report those two only as each loss's own target.
+    An empty query set is relevant to nothing.  ``"jaccard"`` and ``"any"`` are the rules of
+    the same names of :func:`mgll.targets.from_multi_hot` and the loss's ``overlap=`` on 0/1
+    labels.  ``"superset"`` (the item holds every queried label) and graded ``"jaccard"`` are
+    trained on by no loss of the demo; ``"exact"`` is CLIP's target (one caption, one label
+    set) and ``"any"`` is MGLL's any-overlap target, so report those two only as each loss's
+    own target.
 
     Args:
         query_labels: 0/1 label sets of the queries.
         item_labels: 0/1 label sets of the items.
-        rule: ``"jaccard"``, ``"superset"``, ``"exact"`` or ``"shares"``.
+        rule: ``"jaccard"``, ``"superset"``, ``"exact"`` or ``"any"`` (``"shares"``, its old
+            name, is accepted with a DeprecationWarning until mgll 0.3).
 
     Shape:
         - query_labels: (Q, C); item_labels: (N, C)
@@ -47,6 +51,7 @@ def relevance(query_labels: Tensor, item_labels: Tensor, rule: str) -> Tensor:
         tensor([[0.5000, 0.5000, 0.0000],
                 [1.0000, 0.3333, 0.5000]], dtype=torch.float64)
     """
+    rule = renamed_value("relevance", "rule", rule, {"shares": "any"})
     if rule not in _RULES:
         raise ValueError(f"`rule` must be one of {_RULES}, got {rule!r}")
     q, it = label_sets("query_labels", query_labels), label_sets("item_labels", item_labels)

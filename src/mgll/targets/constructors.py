@@ -8,7 +8,9 @@ from collections.abc import Hashable, Sequence
 import torch
 from torch import Tensor
 
-from mgll.targets.overlap import RULES, overlap, partial_overlap
+from mgll.targets.overlap import RULES, partial_overlap
+from mgll.targets.overlap import overlap as _overlap
+from mgll.targets.renamed import renamed_keyword
 
 
 def from_ids(
@@ -70,7 +72,9 @@ def from_ids(
     return torch.where((a[:, None] >= 0) & (b[None, :] >= 0), c, torch.nan)
 
 
-def from_multi_hot(a: Tensor, b: Tensor | None = None, mode: str = "any") -> Tensor:
+def from_multi_hot(
+    a: Tensor, b: Tensor | None = None, overlap: str = "jaccard", *, mode: str | None = None
+) -> Tensor:
     r"""Co-occurrence from the overlap of multi-hot label sets (or label probabilities).
 
     .. math::
@@ -98,14 +102,18 @@ def from_multi_hot(a: Tensor, b: Tensor | None = None, mode: str = "any") -> Ten
     sample's positives need not be each other's.  Each direction is normalised on its own by
     the loss (rows for image-to-text, columns for text-to-image).  A sample without any label
     has an all-zero row and column (never an anchor).  These are exactly the loss's own rules
-    for paired multi-hot ``labels[g]`` with ``MGLLLoss(overlap=mode)`` (one implementation).
+    for paired multi-hot ``labels[g]`` with ``MGLLLoss(overlap=rule)`` (one implementation),
+    with the loss's default: ``from_multi_hot(labels)`` as bank ``targets[g]`` gives the loss
+    of ``MGLLLoss()`` on paired ``labels[g]``.
 
     Args:
         a: label sets of the rows: 0/1 entries (bool, integer or float) or float label
             probabilities in [0, 1].
         b: label sets of the columns; default ``a``.
-        mode: ``"any"`` (binary overlap), ``"count"`` (number of shared labels) or
-            ``"jaccard"`` (intersection over union).
+        overlap: ``"jaccard"`` (intersection over union, default, as the loss's), ``"any"``
+            (binary overlap) or ``"count"`` (number of shared labels).
+        mode: the old name of ``overlap`` (mgll 0.1, whose default was ``"any"``): still
+            accepted with a DeprecationWarning until 0.3.
 
     Shape:
         - a: (N, C_g)
@@ -114,30 +122,34 @@ def from_multi_hot(a: Tensor, b: Tensor | None = None, mode: str = "any") -> Ten
 
     Raises:
         ValueError: integer entries other than 0/1, float entries outside [0, 1] or not finite,
-            shapes that do not match, or an unknown ``mode``.
+            shapes that do not match, or an unknown ``overlap``.
         TypeError: a non-tensor input.
 
     Example:
         >>> a = torch.tensor([[1, 1, 0], [0, 1, 0], [0, 0, 1]])
-        >>> from_multi_hot(a, mode="jaccard")
+        >>> from_multi_hot(a)  # overlap="jaccard"
         tensor([[1.0000, 0.5000, 0.0000],
                 [0.5000, 1.0000, 0.0000],
                 [0.0000, 0.0000, 1.0000]])
         >>> u = torch.tensor([[1.0, 0.0], [0.5, 0.0], [0.5, 1.0]])  # 0.5: an uncertain label
-        >>> from_multi_hot(u, mode="any")
+        >>> from_multi_hot(u, overlap="any")
         tensor([[1.0000, 0.5000, 0.5000],
                 [0.5000, 0.2500, 0.2500],
                 [0.5000, 0.2500, 1.0000]])
     """
-    if mode not in RULES:
-        raise ValueError(f"`mode` must be one of {RULES}, got {mode!r}")
+    rule = renamed_keyword("from_multi_hot", "mode", "overlap", mode, overlap, "jaccard")
+    if not isinstance(rule, str) or rule not in RULES:
+        raise ValueError(
+            f"`overlap` must be one of {RULES} (from_multi_hot takes one rule; the loss's "
+            f"per-granularity list is one call per granularity), got {rule!r}"
+        )
     x = _multi_hot("a", a, soft=True)
     y = x if b is None else _multi_hot("b", b, classes=x.shape[1], soft=True).to(x.dtype)
     unknown = (torch.isnan(x).any() | torch.isnan(y).any()).item()
     binary = all(((t == 0) | (t == 1) | torch.isnan(t)).all() for t in (x, y))
     if not unknown:
-        return overlap(x, y, mode, bool(binary))
-    weights, known = partial_overlap(x, y, mode, bool(binary))
+        return _overlap(x, y, rule, bool(binary))
+    weights, known = partial_overlap(x, y, rule, bool(binary))
     return torch.where(known, weights, torch.nan)
 
 
