@@ -235,7 +235,7 @@ def no_compute(monkeypatch):
     def forbidden(*args, **kwargs):
         raise RuntimeError("computation started before the input was validated")
 
-    monkeypatch.setattr(MF, "build_problem", forbidden)
+    monkeypatch.setattr(MF, "build_batch", forbidden)
 
 
 @pytest.mark.parametrize("api", ["module", "functional"])

@@ -13,14 +13,7 @@ from torch import Tensor
 
 from mgll import _validation as v
 from mgll import distributed
-from mgll._problem import (
-    LossConfig,
-    LossTerms,
-    build_problem,
-    compute_dtype,
-    cooccurrence_from_labels,
-    has_unknowns,
-)
+from mgll._problem import LossConfig, LossTerms, build_batch, compute_dtype
 from mgll._terms import (
     pointwise_rows,
     pointwise_targets,
@@ -29,7 +22,7 @@ from mgll._terms import (
     soft_ce_rows,
 )
 from mgll.backends import resolve_backend
-from mgll.targets.cooc import CoOccurrence, normalize_rows
+from mgll.targets.cooc import normalize_rows
 from mgll.targets.overlap import check_rules, rules_for
 
 __all__ = ["mgll_loss", "pointwise_loss", "smooth_kl_loss", "soft_clip_loss"]
@@ -274,15 +267,10 @@ def mgll_loss(
             )
         )
     batch = distributed.gather_batch(image_features, texts, mode, values, dist_options, rules)
-    cooc = [
-        cooccurrence_from_labels(x, rule, validate)
-        if mode == "paired"
-        else CoOccurrence("dense", x, partial=has_unknowns(x))
-        for x, rule in zip(batch.values, rules, strict=True)
-    ]
-    problem = build_problem(
-        batch.image, batch.texts, logit_scale, logit_bias, cooc, config, normalize
-    )
+    problem = build_batch(
+        batch.image, batch.texts, logit_scale, logit_bias, mode, batch.values, config, normalize,
+        validate,
+    )  # fmt: skip
     if batch.cols is not None:  # distributed local loss: this rank's rows and columns only
         problem.rows, problem.cols = batch.rows, batch.cols
     terms = _run(problem, config, backend, image_features)
