@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mgll
-from mgll._problem import LossConfig, Problem, build_problem
+from mgll._problem import LossConfig, build_problem
 from mgll.backends import _blockmath, choose_backend, fused, logits_bytes, reference, tiled
 from mgll.targets.cooc import CoOccurrence, GroupMap, sample_groups
 
@@ -188,11 +189,9 @@ def _partial(mode, rows, cols):
 
     def problem():
         p = build_problem(image, texts, s, b, cooc, config, normalize=True)
-        return Problem(p.image, p.texts, p.scale, p.bias, p.cooc, p.kl_maps, rows, col_slices)
+        return replace(p, rows=rows, cols=col_slices)
 
-    assert not Problem(
-        full.image, full.texts, full.scale, full.bias, full.cooc, full.kl_maps, rows, col_slices
-    ).is_full
+    assert not replace(full, rows=rows, cols=col_slices).is_full
     return problem, config, _leaves(image, texts, s, b)
 
 
@@ -227,7 +226,7 @@ def test_disjoint_parts_add_up_to_the_whole(backend):
         torch.stack(
             list(
                 BACKENDS[backend].compute(
-                    Problem(p.image, p.texts, p.scale, p.bias, p.cooc, p.kl_maps, sl, [sl, sl]),
+                    replace(p, rows=sl, cols=[sl, sl]),
                     config,
                 )
             )
@@ -276,9 +275,7 @@ def test_coarse_group_ids_on_partial_rows(monkeypatch, backend):
 
     def problem():
         p = build_problem(image, texts, s, b, cooc, config, normalize=True)
-        return Problem(
-            p.image, p.texts, p.scale, p.bias, p.cooc, p.kl_maps, slice(2, 8), [slice(1, 9)] * 2
-        )
+        return replace(p, rows=slice(2, 8), cols=[slice(1, 9)] * 2)
 
     _compare(backend, problem, config, _leaves(image, texts, s, b))
 
@@ -319,8 +316,29 @@ def test_a_term_that_cannot_contribute_is_not_prepared(monkeypatch):
     one = CoOccurrence("ids", torch.zeros(8, dtype=torch.long))
     p = build_problem(image, texts, s, b, [ids, one], LossConfig(), normalize=True)
     assert p.kl_maps[0].shape == (8, 1)  # the coarsest has one group: Q^g = 1 for every g
+    assert not p.smooth_kl_on
     assert not _blockmath.make_plan(p, LossConfig()).kl
     assert reference.compute(p, LossConfig()).smooth_kl_loss == 0
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_backends_read_the_terms_and_divisors_of_the_problem(backend):
+    """Which terms run and the pointwise divisors are the Problem's: no backend derives them."""
+    n = 8
+    image, texts, s, b, gen = _inputs(n, [n, n], seed=4)
+    config = LossConfig()
+    p = build_problem(image, texts, s, b, _cooc("ids", n, [n, n], gen), config, normalize=True)
+    assert p.soft_clip_on and p.pointwise_on and p.smooth_kl_on
+    assert p.pointwise_norms == [n * n, n * n]
+    full = torch.stack(list(BACKENDS[backend].compute(p, config))).detach()
+    assert (full != 0).all()
+    for g, flag in enumerate(("soft_clip_on", "pointwise_on", "smooth_kl_on")):
+        terms = torch.stack(list(BACKENDS[backend].compute(replace(p, **{flag: False}), config)))
+        assert terms[g] == 0
+        torch.testing.assert_close(terms[torch.arange(3) != g].detach(), full[torch.arange(3) != g])
+    halved = replace(p, pointwise_norms=[2 * n * n, 2 * n * n])
+    pointwise = BACKENDS[backend].compute(halved, config).pointwise_loss
+    torch.testing.assert_close(pointwise.detach(), full[1] / 2)
 
 
 # ---------------------------------------------------------------- public API, dtypes, autocast
@@ -425,6 +443,43 @@ def test_fused_compiles_to_one_graph_without_recompiling(case):
         for a, c in zip(*grads, strict=True):
             torch.testing.assert_close(a, c, **F32)
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("case", ["float-multi-hot", "nan-targets"])
+def test_compiled_fused_builds_the_batch_as_eager(monkeypatch, case):
+    """The registered operator builds the same Problem as eager: float 0/1 labels are found 0/1
+    (under ``validate``), NaN targets are unknown pairs; so values and gradients agree."""
+    n = 8
+    ks = [n, n] if case != "nan-targets" else [5, 3]
+    image, texts, s, b, gen = _inputs(n, ks, d=8, seed=2)
+    if case == "float-multi-hot":
+        values = {"labels": [(torch.rand(n, 3 + g, generator=gen) < 0.4).float() for g in (0, 1)]}
+        kw = {"overlap": "any"}
+    else:
+        targets = [c.data for c in _cooc("bank", n, ks, gen)]
+        targets[0][2, 1] = targets[1][4, 0] = float("nan")
+        values, kw = {"targets": targets}, {}
+    built = []
+    make_plan = _blockmath.make_plan
+
+    def spy(problem, config):
+        built.append([(c.kind, c.partial, c.zero_one, c.binary) for c in problem.cooc])
+        return make_plan(problem, config)
+
+    monkeypatch.setattr(_blockmath, "make_plan", spy)
+    torch._dynamo.reset()
+    compiled = torch.compile(mgll.mgll_loss, backend="eager", fullgraph=True)
+    got = compiled(image, texts, s, b, backend="fused", **values, **kw)
+    want = mgll.mgll_loss(image, texts, s, b, backend="fused", **values, **kw)
+    assert len(built) == 2 and built[0] == built[1]
+    ref = mgll.mgll_loss(image, texts, s, b, backend="reference", **values, **kw)
+    torch.testing.assert_close(got, want, **F32)
+    torch.testing.assert_close(got, ref, **F32)
+    leaves = [image, *texts, s, b]
+    for a, c in zip(
+        torch.autograd.grad(got, leaves), torch.autograd.grad(ref, leaves), strict=True
+    ):
+        torch.testing.assert_close(a, c, **F32)
 
 
 def test_compiled_fused_checks_values_like_eager():

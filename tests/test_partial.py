@@ -290,8 +290,9 @@ def test_auto_never_picks_triton_for_unknowns(monkeypatch, partial):
     import mgll.backends as backends
     from mgll.targets.cooc import CoOccurrence
 
-    monkeypatch.setattr(backends, "logits_bytes", lambda problem: 0)
+    monkeypatch.setattr(backends, "_logit_count", lambda problem: 0)
     monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: object())
     cooc = CoOccurrence("ids", torch.tensor([0, -1, 1]), partial=partial)
-    problem = SimpleNamespace(image=SimpleNamespace(device=torch.device("cuda")), cooc=[cooc])
+    image = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
+    problem = SimpleNamespace(image=image, cooc=[cooc])
     assert backends.choose_backend(problem) == ("fused" if partial else "triton")

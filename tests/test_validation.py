@@ -235,7 +235,7 @@ def no_compute(monkeypatch):
     def forbidden(*args, **kwargs):
         raise RuntimeError("computation started before the input was validated")
 
-    monkeypatch.setattr(MF, "build_problem", forbidden)
+    monkeypatch.setattr(MF, "build_batch", forbidden)
 
 
 @pytest.mark.parametrize("api", ["module", "functional"])
@@ -253,6 +253,44 @@ def test_bad_input_is_rejected_before_compute(api, args, options, error, match, 
 def test_valid_input_passes(api, make):
     loss = call(api, make(), {})
     assert torch.isfinite(loss)
+
+
+def test_module_options_are_checked_once(monkeypatch):
+    """MGLLLoss checks its options at construction and uses them as they are on every call."""
+    loss_fn = mgll.MGLLLoss(pointwise_weight=2, granularity_weights=[1, 0.5], overlap="any")
+    assert loss_fn.config.pointwise_weight == 2.0 and loss_fn.backend == "auto"
+    assert loss_fn.config.granularity_weights == (1.0, 0.5)
+
+    def checked_again(self):
+        raise AssertionError("the options were checked again on a call")
+
+    args = paired()
+    expected = MF.mgll_loss(**args, pointwise_weight=2, granularity_weights=[1, 0.5], overlap="any")
+    monkeypatch.setattr(MF.LossOptions, "__post_init__", checked_again)
+    torch.testing.assert_close(loss_fn(**args), expected)
+    with pytest.raises(AssertionError, match="checked again"):
+        MF.mgll_loss(**args)  # the function builds its options on every call
+
+
+@pytest.mark.parametrize("api", ["module", "functional"])
+def test_an_unknown_option_is_named(api):
+    where = "MGLLLoss.__init__" if api == "module" else "mgll_loss"
+    with pytest.raises(
+        TypeError, match=rf"^{where}\(\) got an unexpected keyword argument 'alpha'$"
+    ):
+        call(api, paired(), {"alpha": 1.0})
+
+
+def test_the_signatures_spell_out_every_option():
+    """help(), the API page and IDEs show every option with its default, in both spellings."""
+    import inspect
+    from dataclasses import fields
+
+    options = {f.name: f.default for f in fields(MF.LossOptions)}
+    for function in (mgll.MGLLLoss, mgll.mgll_loss):
+        params = inspect.signature(function).parameters
+        assert {k: params[k].default for k in options} == options
+        assert all(params[k].kind is inspect.Parameter.KEYWORD_ONLY for k in options)
 
 
 def test_validate_false_skips_only_the_value_checks():

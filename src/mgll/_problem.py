@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mgll._terms import normalise_lines, scale_free
+from mgll._validation import NORM_EPS
 from mgll.targets.cooc import (
     CoOccurrence,
     GroupMap,
@@ -19,6 +20,7 @@ from mgll.targets.cooc import (
     ownership,
     sample_groups,
 )
+from mgll.targets.overlap import rules_for
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,13 @@ class Problem:
     target-scale invariance).  A backend computes the row terms of image rows ``rows`` and the
     column terms of text columns ``cols[g]`` only, each divided by the *global* normaliser, so
     that processes owning disjoint rows and columns add up to the loss of the whole batch.
+
+    Which terms run, and the pointwise divisors, are decided once, here, when the batch is built
+    (:func:`build_problem`); every backend reads them and derives none:
+    ``soft_clip_on`` and ``pointwise_on`` (their weight is not 0), ``smooth_kl_on`` (its weight
+    is not 0 and the term can be non-zero, :func:`kl_contributes`), and ``pointwise_norms[g]``,
+    the pointwise term's divisor at granularity g (:func:`pointwise_norm`; None when it is off).
+    To change the rows and columns a backend computes, use :func:`dataclasses.replace`.
     """
 
     image: Tensor
@@ -68,6 +77,10 @@ class Problem:
     bias: Tensor | None
     cooc: list[CoOccurrence]
     kl_maps: list[Tensor | GroupMap | None]
+    soft_clip_on: bool
+    pointwise_on: bool
+    smooth_kl_on: bool
+    pointwise_norms: list[int | Tensor | None]
     rows: slice = field(default_factory=lambda: slice(None))
     cols: list[slice] = field(default_factory=list)
     col_weights: list[Tensor | None] = field(default_factory=list)
@@ -118,6 +131,46 @@ class Partial:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half inputs, the input's dtype when it is float32 or wider."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def prepare_features(x: Tensor, dtype: torch.dtype, normalize: bool) -> Tensor:
+    """Features in the compute dtype, L2-normalised per row unless the user opted out.
+
+    ``x / max(||x||, NORM_EPS)``, as :func:`torch.nn.functional.normalize`; the compiled
+    operator's backward differentiates this same map (``NORM_EPS`` is also what the value
+    checks call a zero norm).
+    """
+    x = x.to(dtype)
+    return F.normalize(x, dim=-1, eps=NORM_EPS) if normalize else x
+
+
+def build_batch(
+    image_features: Tensor,
+    text_features: Sequence[Tensor],
+    logit_scale: Tensor,
+    logit_bias: Tensor | None,
+    mode: str,
+    values: Sequence[Tensor],
+    config: LossConfig,
+    normalize: bool,
+    check: bool,
+) -> Problem:
+    """The :class:`Problem` of a checked batch: the one builder of the eager and compiled paths.
+
+    ``mode`` ``"paired"``: ``values`` are labels, combined by ``config.overlap``; ``"bank"``:
+    they are the targets C^g.  ``check`` (``validate``): find out whether float labels are 0/1
+    (:func:`cooccurrence_from_labels`).
+    """
+    rules = rules_for(config.overlap, len(values))
+    cooc = [
+        cooccurrence_from_labels(x, rule, check)
+        if mode == "paired"
+        else CoOccurrence("dense", x, partial=has_unknowns(x))
+        for x, rule in zip(values, rules, strict=True)
+    ]
+    return build_problem(
+        image_features, text_features, logit_scale, logit_bias, cooc, config, normalize
+    )
 
 
 def cooccurrence_from_labels(
@@ -221,6 +274,20 @@ def _distinct_groups(groups: Tensor | GroupMap) -> int:
     return int(torch.unique(labelled, dim=0).shape[0]) if labelled.numel() else 0
 
 
+def requested_terms(config: LossConfig, num_granularities: int) -> tuple[bool, bool, bool]:
+    """Which of (soft CLIP, pointwise, smooth KL) the settings ask for, from them and G alone.
+
+    A term with weight 0 is off; the smooth KL also needs two granularities.  This reads no
+    tensor, so it holds under tracing too (the compiled operator sizes its buffers by it);
+    :func:`build_problem` then turns the smooth KL off as well where it cannot contribute.
+    """
+    return (
+        config.soft_clip_weight != 0,
+        config.pointwise_weight != 0,
+        config.smooth_kl_weight != 0 and num_granularities > 1,
+    )
+
+
 def kl_contributes(maps) -> bool:
     """Whether the smooth KL over these maps can be non-zero (its value and gradient).
 
@@ -243,35 +310,34 @@ def build_problem(
     normalize: bool,
 ) -> Problem:
     dtype = compute_dtype(image_features.dtype)
-
-    def prepare(x: Tensor) -> Tensor:
-        x = x.to(dtype)
-        return F.normalize(x, dim=-1) if normalize else x
-
     # Everything is prepared in the compute dtype: autocast must not turn R^g S into bf16.
     with torch.autocast(image_features.device.type, enabled=False):
         # the "graded" pointwise target min(C, 1) reads the targets' own scale: used as given
         free = config.pointwise_target != "graded"
         cooc = scale_free_targets(cooc, dtype) if free else list(cooc)
-        kl_on = config.smooth_kl_weight != 0 and len(cooc) > 1  # else the term is 0
+        ce_on, pw_on, kl_on = requested_terms(config, len(cooc))
         kl_maps = smooth_kl_maps(cooc, config, dtype) if kl_on else [None] * len(cooc)
         partial = (
             partial_kl(cooc, config, dtype) if kl_on and any(c.partial for c in cooc) else None
         )
+        w_rows = [  # W^r for bank targets
+            CoOccurrence("dense", normalise_lines(c.data, 1, unknown=c.partial), partial=c.partial)
+            if c.kind == "dense" and free
+            else c
+            for c in cooc
+        ]
+        norms = [pointwise_norm(c, config.pointwise_norm) if pw_on else None for c in w_rows]
         return Problem(
-            image=prepare(image_features),
-            texts=[prepare(t) for t in text_features],
+            image=prepare_features(image_features, dtype, normalize),
+            texts=[prepare_features(t, dtype, normalize) for t in text_features],
             scale=logit_scale.to(dtype).reshape(()),
             bias=None if logit_bias is None else logit_bias.to(dtype).reshape(()),
-            cooc=[
-                CoOccurrence(
-                    "dense", normalise_lines(c.data, 1, unknown=c.partial), partial=c.partial
-                )
-                if c.kind == "dense" and free
-                else c
-                for c in cooc
-            ],
+            cooc=w_rows,
             kl_maps=kl_maps,
+            soft_clip_on=ce_on,
+            pointwise_on=pw_on,
+            smooth_kl_on=kl_on and kl_contributes(kl_maps),
+            pointwise_norms=norms,
             # W^c: weights only (the support and the anchors are read from W^r)
             col_weights=[
                 normalise_lines(c.data, 0, keep_support=False, unknown=c.partial)

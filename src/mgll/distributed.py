@@ -53,13 +53,14 @@ _LABEL_DTYPES = _INT_DTYPES + _FLOAT_DTYPES
 
 @dataclass(frozen=True)
 class DistributedOptions:
-    """The validated distributed settings of a loss (open_clip's names)."""
+    """The validated distributed settings of a loss (open_clip's names; their defaults are
+    those of :class:`mgll.functional.LossOptions`)."""
 
-    gather_with_grad: bool = False
-    local_loss: bool = False
-    rank: int | None = None
-    world_size: int | None = None
-    group: Any = None
+    gather_with_grad: bool
+    local_loss: bool
+    rank: int | None
+    world_size: int | None
+    group: Any
 
 
 @dataclass

@@ -6,21 +6,16 @@ C_g classes at granularity g, J groups of the smooth-KL support.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
 from mgll import _validation as v
 from mgll import distributed
-from mgll._problem import (
-    LossConfig,
-    LossTerms,
-    build_problem,
-    compute_dtype,
-    cooccurrence_from_labels,
-    has_unknowns,
-)
+from mgll._problem import LossConfig, LossTerms, build_batch, compute_dtype
 from mgll._terms import (
     pointwise_rows,
     pointwise_targets,
@@ -29,7 +24,7 @@ from mgll._terms import (
     soft_ce_rows,
 )
 from mgll.backends import resolve_backend
-from mgll.targets.cooc import CoOccurrence, normalize_rows
+from mgll.targets.cooc import normalize_rows
 from mgll.targets.overlap import check_rules, rules_for
 from mgll.targets.renamed import renamed_keyword
 
@@ -176,6 +171,106 @@ def smooth_kl_loss(
     return smooth_kl_rows([z.to(dtype) for z in logits], maps) / n
 
 
+@dataclass(frozen=True)
+class LossOptions(LossConfig):
+    """Every option of :class:`mgll.MGLLLoss` and :func:`mgll_loss`, with its default.
+
+    The one definition of the options: the term settings are the fields of
+    :class:`~mgll._problem.LossConfig` (what the backends read), then the call's own
+    (``normalize``, ``backend``, ``validate``) and the distributed ones of
+    :mod:`mgll.distributed`.  Construction checks every value once (the messages of
+    docs/errors.rst) and stores it normalised (floats, tuples); :class:`mgll.MGLLLoss` keeps
+    the result and uses it on every call, and ``mgll_loss(**options)`` builds one per call.  A
+    new option is a field here (or in ``LossConfig``) plus its check in ``__post_init__``.
+    """
+
+    normalize: bool = True
+    backend: str = "auto"
+    validate: bool = True
+    gather_with_grad: bool = False
+    local_loss: bool = False
+    rank: int | None = None
+    world_size: int | None = None
+    group: object = None
+
+    def __post_init__(self) -> None:
+        def store(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)
+
+        for name in ("soft_clip_weight", "pointwise_weight", "smooth_kl_weight"):
+            store(name, v.check_weight(name, getattr(self, name)))
+        for name in ("pointwise_target", "pointwise_norm", "smooth_kl_support"):
+            v.check_option(name, getattr(self, name))
+        store("granularity_weights", v.check_granularity_weights(self.granularity_weights))
+        store("overlap", check_rules(self.overlap))
+        check_backend(self.backend)
+        v.check_flag("normalize", self.normalize)
+        v.check_flag("validate", self.validate)
+        # not a field: derived, and left out of comparisons and the repr
+        store("_distributed", distributed.check_options(
+            self.gather_with_grad, self.local_loss, self.rank, self.world_size, self.group
+        ))  # fmt: skip
+
+    @classmethod
+    def from_keywords(cls, caller: str, options: dict[str, object]) -> LossOptions:
+        """``cls(**options)``, an unknown name reported as Python reports it for ``caller``."""
+        for name in options:
+            if name not in _OPTION_NAMES:
+                raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}")
+        return cls(**options)
+
+    @property
+    def distributed_options(self) -> distributed.DistributedOptions:
+        return self._distributed
+
+    def settings(self) -> dict[str, object]:
+        """Every option by name, in the order of the signature (shallow: ``group`` as given)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_OPTION_NAMES = frozenset(f.name for f in fields(LossOptions))
+
+
+def option_parameters() -> list[inspect.Parameter]:
+    """The options as keyword-only parameters with their defaults (the public signatures)."""
+    # what a caller may pass (checked, then stored as a tuple)
+    hints = {
+        "granularity_weights": "Sequence[float] | None",
+        "overlap": "str | Sequence[str]",
+        "group": object,
+    }
+    return [
+        inspect.Parameter(
+            f.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=f.default,
+            annotation=hints.get(f.name, f.type),
+        )
+        for f in fields(LossOptions)
+    ]
+
+
+def with_options(function):
+    """Spell out ``function``'s ``**options`` in its signature (the docs, ``help``, IDEs).
+
+    ``__wrapped__`` names a source without defaults, so that tools which re-read the defaults
+    from the source text (Sphinx's ``autodoc_preserve_defaults``) keep this signature.
+    """
+    sig = inspect.signature(function)
+    params = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    last = [p for p in params if p.name == "output_dict"]
+    rest = [p for p in params if p.name != "output_dict"]
+    function.__signature__ = sig.replace(parameters=[*rest, *option_parameters(), *last])
+    function.__wrapped__ = _spelled_out
+    return function
+
+
+def _spelled_out(*args, **options):  # pragma: no cover - never called, see with_options
+    """A function whose parameters :func:`with_options` writes out from :class:`LossOptions`."""
+    raise NotImplementedError
+
+
+@with_options
 def mgll_loss(
     image_features: Tensor,
     text_features: Sequence[Tensor],
@@ -184,24 +279,8 @@ def mgll_loss(
     *,
     labels: Sequence[Tensor] | None = None,
     targets: Sequence[Tensor] | None = None,
-    soft_clip_weight: float = 1.0,
-    pointwise_weight: float = 1.0,
-    smooth_kl_weight: float = 1.0,
-    granularity_weights: Sequence[float] | None = None,
-    pointwise_target: str = "binary",
-    pointwise_norm: str = "pairs",
-    smooth_kl_support: str = "coarse",
-    smooth_kl_reference: int | None = None,
-    overlap: str | Sequence[str] = "jaccard",
-    normalize: bool = True,
-    backend: str = "auto",
-    validate: bool = True,
     output_dict: bool = False,
-    gather_with_grad: bool = False,
-    local_loss: bool = False,
-    rank: int | None = None,
-    world_size: int | None = None,
-    group: object = None,
+    **options,
 ) -> Tensor | dict[str, Tensor]:
     r"""The full MGLL loss from features (docs/concepts.rst); see :class:`mgll.MGLLLoss` for the options.
 
@@ -236,20 +315,26 @@ def mgll_loss(
         >>> loss = mgll_loss(img, [txt, txt], torch.tensor(10.0), labels=[ids, ids % 2])
         >>> loss.backward()
     """
-    config = make_config(
-        soft_clip_weight=soft_clip_weight,
-        pointwise_weight=pointwise_weight,
-        smooth_kl_weight=smooth_kl_weight,
-        granularity_weights=granularity_weights,
-        pointwise_target=pointwise_target,
-        pointwise_norm=pointwise_norm,
-        smooth_kl_support=smooth_kl_support,
-        smooth_kl_reference=smooth_kl_reference,
-        overlap=overlap,
-    )
-    check_backend(backend)
-    v.check_flag("normalize", normalize)
-    dist_options = distributed.check_options(gather_with_grad, local_loss, rank, world_size, group)
+    options = LossOptions.from_keywords("mgll_loss", options)
+    return loss_with(
+        image_features, text_features, logit_scale, logit_bias, labels, targets, output_dict,
+        options,
+    )  # fmt: skip
+
+
+def loss_with(
+    image_features: Tensor,
+    text_features: Sequence[Tensor],
+    logit_scale: Tensor,
+    logit_bias: Tensor | None,
+    labels: Sequence[Tensor] | None,
+    targets: Sequence[Tensor] | None,
+    output_dict: bool,
+    options: LossOptions,
+) -> Tensor | dict[str, Tensor]:
+    """:func:`mgll_loss` with options already checked (what :class:`mgll.MGLLLoss` calls)."""
+    config, backend, normalize = options, options.backend, options.normalize
+    validate, dist_options = options.validate, options.distributed_options
     # under torch.distributed a rank may hold no sample (the last, uneven batch); the global
     # batch must not be empty (checked on every rank alike once the sizes are gathered)
     empty_ok = distributed.resolve_group(dist_options) is not None
@@ -259,7 +344,6 @@ def mgll_loss(
     v.check_granularity_count(config.granularity_weights, len(texts))
     v.check_reference(config.smooth_kl_reference, len(texts))
     rules = rules_for(config.overlap, len(texts))
-    validate = v.check_flag("validate", validate)
     if torch.compiler.is_compiling() and _compiles_as_one_op(
         backend, dist_options, texts, like=image_features
     ):
@@ -286,15 +370,10 @@ def mgll_loss(
             )
         )
     batch = distributed.gather_batch(image_features, texts, mode, values, dist_options, rules)
-    cooc = [
-        cooccurrence_from_labels(x, rule, validate)
-        if mode == "paired"
-        else CoOccurrence("dense", x, partial=has_unknowns(x))
-        for x, rule in zip(batch.values, rules, strict=True)
-    ]
-    problem = build_problem(
-        batch.image, batch.texts, logit_scale, logit_bias, cooc, config, normalize
-    )
+    problem = build_batch(
+        batch.image, batch.texts, logit_scale, logit_bias, mode, batch.values, config, normalize,
+        validate,
+    )  # fmt: skip
     if batch.cols is not None:  # distributed local loss: this rank's rows and columns only
         problem.rows, problem.cols = batch.rows, batch.cols
     terms = _run(problem, config, backend, image_features)
@@ -333,17 +412,6 @@ def _graph_zero(problem) -> Tensor:
     if problem.bias is not None:
         leaves.append(problem.bias.reshape(1))
     return sum((x[:0].sum() for x in leaves), problem.scale.new_zeros(()))
-
-
-def make_config(**settings) -> LossConfig:
-    """Validate the loss settings and freeze them into a :class:`LossConfig`."""
-    for name in ("soft_clip_weight", "pointwise_weight", "smooth_kl_weight"):
-        settings[name] = v.check_weight(name, settings[name])
-    for name in ("pointwise_target", "pointwise_norm", "smooth_kl_support"):
-        v.check_option(name, settings[name])
-    settings["granularity_weights"] = v.check_granularity_weights(settings["granularity_weights"])
-    settings["overlap"] = check_rules(settings.get("overlap", "jaccard"))
-    return LossConfig(**settings)
 
 
 def check_backend(name: str) -> None:

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
 
 from torch import Tensor, nn
 
-from mgll._validation import check_flag
-from mgll.distributed import check_options
-from mgll.functional import check_backend, make_config, mgll_loss
+from mgll.functional import LossOptions, loss_with, with_options
 
 
 class MGLLLoss(nn.Module):
@@ -107,46 +104,26 @@ class MGLLLoss(nn.Module):
         >>> loss.backward()
     """
 
-    def __init__(
-        self,
-        *,
-        soft_clip_weight: float = 1.0,
-        pointwise_weight: float = 1.0,
-        smooth_kl_weight: float = 1.0,
-        granularity_weights: Sequence[float] | None = None,
-        pointwise_target: str = "binary",
-        pointwise_norm: str = "pairs",
-        smooth_kl_support: str = "coarse",
-        smooth_kl_reference: int | None = None,
-        overlap: str | Sequence[str] = "jaccard",
-        normalize: bool = True,
-        backend: str = "auto",
-        validate: bool = True,
-        gather_with_grad: bool = False,
-        local_loss: bool = False,
-        rank: int | None = None,
-        world_size: int | None = None,
-        group: object = None,
-    ) -> None:
+    @with_options
+    def __init__(self, **options) -> None:
         super().__init__()
-        self.config = make_config(
-            soft_clip_weight=soft_clip_weight,
-            pointwise_weight=pointwise_weight,
-            smooth_kl_weight=smooth_kl_weight,
-            granularity_weights=granularity_weights,
-            pointwise_target=pointwise_target,
-            pointwise_norm=pointwise_norm,
-            smooth_kl_support=smooth_kl_support,
-            smooth_kl_reference=smooth_kl_reference,
-            overlap=overlap,
-        )
-        check_backend(backend)
-        self.normalize = check_flag("normalize", normalize)
-        self.backend = backend
-        self.validate = check_flag("validate", validate)
-        options = check_options(gather_with_grad, local_loss, rank, world_size, group)
-        self.gather_with_grad, self.local_loss = options.gather_with_grad, options.local_loss
-        self.rank, self.world_size, self.group = options.rank, options.world_size, options.group
+        #: The checked options (:class:`mgll.functional.LossOptions`), used as is by every call.
+        self.options = LossOptions.from_keywords("MGLLLoss.__init__", options)
+
+    @property
+    def config(self) -> LossOptions:
+        """The options (a :class:`~mgll._problem.LossConfig`: the term settings first)."""
+        return self.options
+
+    # every option reads as an attribute, as before: loss_fn.backend, loss_fn.group, ...
+    normalize = property(lambda self: self.options.normalize)
+    backend = property(lambda self: self.options.backend)
+    validate = property(lambda self: self.options.validate)
+    gather_with_grad = property(lambda self: self.options.gather_with_grad)
+    local_loss = property(lambda self: self.options.local_loss)
+    rank = property(lambda self: self.options.rank)
+    world_size = property(lambda self: self.options.world_size)
+    group = property(lambda self: self.options.group)
 
     @classmethod
     def reference_compatible(cls, **overrides) -> MGLLLoss:
@@ -275,29 +252,13 @@ class MGLLLoss(nn.Module):
             >>> MGLLLoss()(image, bank, torch.tensor(100.0), targets=[c]).ndim
             0
         """
-        return mgll_loss(
-            image_features,
-            text_features,
-            logit_scale,
-            logit_bias,
-            labels=labels,
-            targets=targets,
-            **asdict(self.config),
-            normalize=self.normalize,
-            backend=self.backend,
-            validate=self.validate,
-            output_dict=output_dict,
-            gather_with_grad=self.gather_with_grad,
-            local_loss=self.local_loss,
-            rank=self.rank,
-            world_size=self.world_size,
-            group=self.group,
-        )
+        return loss_with(
+            image_features, text_features, logit_scale, logit_bias, labels, targets, output_dict,
+            self.options,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
-        settings = {**asdict(self.config), "normalize": self.normalize, "backend": self.backend}
-        settings["validate"] = self.validate
-        settings.update(gather_with_grad=self.gather_with_grad, local_loss=self.local_loss)
-        settings.update(rank=self.rank, world_size=self.world_size)
-        group = "None" if self.group is None else f"<{type(self.group).__name__}>"
+        settings = self.options.settings()
+        group = settings.pop("group")
+        group = "None" if group is None else f"<{type(group).__name__}>"
         return ", ".join(f"{k}={v!r}" for k, v in settings.items()) + f", group={group}"

@@ -135,36 +135,49 @@ def get_memory_budget() -> int:
 
 def logits_bytes(problem: Problem) -> int:
     """Bytes of the logits and their gradient that ``"fused"`` would hold for ``problem``."""
-    n, item = problem.num_images, problem.image.element_size()
+    return 2 * problem.image.element_size() * _logit_count(problem)
+
+
+def _logit_count(problem: Problem) -> int:
+    """Logits that ``"fused"`` holds for ``problem``: its row block and its column block."""
+    n = problem.num_images
     rows = len(range(n)[problem.rows])
     total = 0
     for text, cols in zip(problem.texts, problem.cols, strict=True):
         k = text.shape[0]
         total += n * k if problem.is_full else rows * k + n * len(range(k)[cols])
-    return 2 * item * total
+    return total
+
+
+def auto_backend(device: torch.device, dtype: torch.dtype, logits: int, partial: bool) -> str:
+    """What ``backend="auto"`` runs: the one policy of the eager and compiled paths.
+
+    ``"triton"`` on CUDA when Triton is installed and the backend is registered (and no label
+    is unknown: docs/partial_annotation.rst); otherwise ``"fused"``, or ``"tiled"`` when the
+    ``logits`` elements and their gradient, in the compute ``dtype``, would exceed the budget
+    of :func:`set_memory_budget`.
+    """
+    triton = "triton" in BACKENDS and importlib.util.find_spec("triton") is not None
+    if device.type == "cuda" and triton and not partial:
+        return "triton"
+    return "tiled" if 2 * dtype.itemsize * logits > get_memory_budget() else "fused"
 
 
 def fused_would_run(image, texts) -> bool:
-    """Whether ``"auto"`` picks ``"fused"`` for one process's paired or bank batch (from shapes)."""
-    if image.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
-        return False
-    item = torch.promote_types(image.dtype, torch.float32).itemsize
-    return 2 * item * image.shape[0] * sum(t.shape[0] for t in texts) <= get_memory_budget()
+    """Whether ``"auto"`` picks ``"fused"`` for one process's full batch, from shapes alone.
+
+    Under tracing no label value is read, so the batch counts as fully annotated; a partial
+    CUDA batch is then sent to the eager path, where :func:`choose_backend` sees it.
+    """
+    dtype = torch.promote_types(image.dtype, torch.float32)
+    logits = image.shape[0] * sum(t.shape[0] for t in texts)
+    return auto_backend(image.device, dtype, logits, partial=False) == "fused"
 
 
 def choose_backend(problem: Problem) -> str:
-    """The fastest backend available for ``problem``.
-
-    ``"triton"`` on CUDA tensors when Triton is installed and the backend is registered (and
-    no label is unknown: docs/partial_annotation.rst); otherwise ``"fused"``, or ``"tiled"`` when the logits and their gradient would exceed the
-    budget of :func:`set_memory_budget`.
-    """
-    on_cuda = problem.image.device.type == "cuda"
+    """The fastest backend available for ``problem`` (:func:`auto_backend`)."""
     partial = any(c.partial for c in problem.cooc)  # the kernels do not handle unknowns yet
-    triton = "triton" in BACKENDS and importlib.util.find_spec("triton") is not None
-    if on_cuda and triton and not partial:
-        return "triton"
-    return "tiled" if logits_bytes(problem) > get_memory_budget() else "fused"
+    return auto_backend(problem.image.device, problem.image.dtype, _logit_count(problem), partial)
 
 
 def first_order_only(name: str):

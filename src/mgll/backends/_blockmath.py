@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from mgll._problem import LossConfig, Problem, kl_contributes, pointwise_norm
+from mgll._problem import LossConfig, Problem
 from mgll._terms import safe_divide
 from mgll.targets.cooc import apply_map, apply_map_transposed, map_takes_part
 
@@ -62,38 +62,73 @@ class Block:
 
 
 @dataclass
+class Layout:
+    """Which logits are computed, block by block: the part of a plan that reads no value.
+
+    The compiled operator's backward rebuilds only this (:func:`make_layout`) to find its
+    stored dZ stacks in the flat buffer.
+    """
+
+    num_images: int
+    widths: list[int]  # K_g
+    blocks: list[Block]
+
+
+def make_layout(
+    num_images: int,
+    widths: list[int],
+    rows: slice = slice(None),
+    cols: list[slice] | None = None,
+    *,
+    row_terms: bool,
+    col_terms: bool,
+) -> Layout:
+    """One block of every row and column, or a row block and a column block (a local loss).
+
+    ``row_terms``: some term runs on the image rows; ``col_terms``: the soft CLIP's text
+    columns run (the t2i direction).
+    """
+    full = [slice(None)] * len(widths)
+    cols = full if cols is None else list(cols)
+    if rows == slice(None) and all(c == slice(None) for c in cols):
+        blocks = [Block(slice(None), full, row_terms, col_terms)]
+    else:
+        blocks = [Block(rows, full, row_terms, False), Block(slice(None), cols, False, col_terms)]
+    blocks = [b for b in blocks if b.do_rows or b.do_cols]
+    for b in blocks:
+        b.groups = _group(widths, b.cols)
+    return Layout(num_images, list(widths), blocks)
+
+
+@dataclass
 class Plan:
-    """Everything a backend needs besides the features: statistics, blocks and switches."""
+    """Everything a backend needs besides the features: statistics, blocks and switches.
+
+    ``ce``, ``pw``, ``kl``: the problem's term switches (:class:`~mgll._problem.Problem`).
+    """
 
     problem: Problem
     config: LossConfig
     ce: bool
     pw: bool
     kl: bool
-    blocks: list[Block]
+    layout: Layout
     stats: Stats | None = None
+
+    @property
+    def blocks(self) -> list[Block]:
+        return self.layout.blocks
 
 
 def make_plan(problem: Problem, config: LossConfig) -> Plan:
-    """Decide which terms run and split the work into a row block and a column block."""
-    ce = config.soft_clip_weight != 0
-    pw = config.pointwise_weight != 0
-    kl = config.smooth_kl_weight != 0 and problem.num_granularities > 1
-    if kl:
-        kl = kl_contributes(problem.kl_maps)
-    g_all = problem.num_granularities
-    full = [slice(None)] * g_all
-    if problem.is_full:
-        blocks = [Block(slice(None), full, ce or pw or kl, ce)]
-    else:
-        blocks = [
-            Block(problem.rows, full, ce or pw or kl, False),
-            Block(slice(None), list(problem.cols), False, ce),
-        ]
-    blocks = [b for b in blocks if b.do_rows or b.do_cols]
-    for b in blocks:
-        b.groups = _group(problem, b.cols)
-    plan = Plan(problem, config, ce, pw, kl, blocks)
+    """Split the work into a row block and a column block, for the terms ``problem`` runs."""
+    ce, pw, kl = problem.soft_clip_on, problem.pointwise_on, problem.smooth_kl_on
+    widths = [t.shape[0] for t in problem.texts]
+    layout = make_layout(
+        problem.num_images, widths, problem.rows, problem.cols, row_terms=ce or pw or kl,
+        col_terms=ce,
+    )  # fmt: skip
+    plan = Plan(problem, config, ce, pw, kl, layout)
     plan.stats = _make_stats(plan)
     return plan
 
@@ -102,12 +137,11 @@ def _takes_part(t) -> bool:
     return map_takes_part(t)
 
 
-def _group(problem: Problem, cols: list[slice]) -> list[list[int]]:
+def _group(widths: list[int], cols: list[slice]) -> list[list[int]]:
     """Stack granularities whose column ranges have the same length (paired mode: all)."""
     groups: dict[tuple[int, ...], list[int]] = {}
-    for g, (text, c) in enumerate(zip(problem.texts, cols, strict=True)):
-        key = c.indices(text.shape[0])
-        groups.setdefault((*key, text.shape[0]), []).append(g)
+    for g, (k, c) in enumerate(zip(widths, cols, strict=True)):
+        groups.setdefault((*c.indices(k), k), []).append(g)
     return list(groups.values())
 
 
@@ -129,8 +163,10 @@ def _make_stats(plan: Plan) -> Stats:
         half = 0.5 * cfg.soft_clip_weight * lam
         st.w_row.append(half / st.row_mass[g].sum().clamp_min(1))
         st.w_col.append(half / st.col_mass[g].sum().clamp_min(1))
-        norm = pointwise_norm(cooc, cfg.pointwise_norm)
-        st.w_pw.append(cfg.pointwise_weight * lam / _as_tensor(p.scale, norm))
+        norm = p.pointwise_norms[g]  # None: the term is off, its weight unused
+        st.w_pw.append(
+            cfg.pointwise_weight * lam / _as_tensor(p.scale, 1 if norm is None else norm)
+        )
     compared = n if p.partial is None else p.partial.compared.clamp_min(1)
     st.w_kl = cfg.smooth_kl_weight / _as_tensor(p.scale, compared)
     st.kl_identity = all(t is None for t in p.kl_maps)

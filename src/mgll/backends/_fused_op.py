@@ -14,19 +14,21 @@ happen inside it; its backward maps :math:`\partial L/\partial \hat x` back thro
 comes out of the forward as one flat buffer (saved for backward, as eager saves it).
 """
 
-from types import SimpleNamespace
-
 import torch
 from torch import Tensor
 
 from mgll import _validation as v
-from mgll._problem import LossConfig, build_problem, compute_dtype, cooccurrence_from_labels
+from mgll._problem import (
+    LossConfig,
+    build_batch,
+    compute_dtype,
+    prepare_features,
+    requested_terms,
+)
+from mgll._validation import NORM_EPS
 from mgll.backends import _blockmath as bm
 from mgll.backends import fused
-from mgll.targets.cooc import CoOccurrence
 from mgll.targets.overlap import rules_for
-
-_EPS = 1e-12  # F.normalize's default
 
 
 def _config(weights: list[float], lam: list[float] | None, options: str, ref: int):
@@ -44,20 +46,18 @@ def _config(weights: list[float], lam: list[float] | None, options: str, ref: in
     )
 
 
-def _plan(image, texts, scale, bias, values, mode, normalize, config):
-    cooc = [
-        cooccurrence_from_labels(x, rule) if mode == "paired" else CoOccurrence("dense", x)
-        for x, rule in zip(values, rules_for(config.overlap, len(values)), strict=True)
-    ]
-    problem = build_problem(image, texts, scale, bias, cooc, config, normalize)
+def _plan(image, texts, scale, bias, values, mode, normalize, config, validate):
+    problem = build_batch(image, texts, scale, bias, mode, values, config, normalize, validate)
     return bm.make_plan(problem, config)
 
 
-def _grad_numel(image: Tensor, texts: list[Tensor], weights: list[float], need_grad: bool):
-    """Elements of the flat dZ buffer: N * sum K_g when any term can have a gradient."""
-    if not need_grad:
-        return 0
-    if weights[0] == 0 and weights[1] == 0 and (weights[2] == 0 or len(texts) < 2):
+def _grad_numel(image: Tensor, texts: list[Tensor], config: LossConfig, need_grad: bool):
+    """Elements of the flat dZ buffer: N * sum K_g when any term can have a gradient.
+
+    Sized from the settings alone (the fake operator sees no values): a smooth KL that the
+    batch turns off (:func:`~mgll._problem.kl_contributes`) still gets a buffer, left unused.
+    """
+    if not need_grad or not any(requested_terms(config, len(texts))):
         return 0
     return image.shape[0] * sum(t.shape[0] for t in texts)
 
@@ -83,9 +83,9 @@ def fused_loss(
         v.check_values(v.batch_conditions(image, texts, scale, bias, mode, values, normalize))
     config = _config(weights, lam, options, reference)
     with torch.autocast(image.device.type, enabled=False):
-        plan = _plan(image, texts, scale, bias, values, mode, normalize, config)
+        plan = _plan(image, texts, scale, bias, values, mode, normalize, config, validate)
         p = plan.problem
-        numel = _grad_numel(image, texts, weights, need_grad)
+        numel = _grad_numel(image, texts, config, need_grad)
         flat = p.image.new_zeros(numel) if numel else p.image.new_empty(0)
         zero = p.scale.new_zeros(())
         if not plan.blocks:
@@ -102,7 +102,7 @@ def fused_loss(
 def _(image, texts, scale, bias, values, mode, weights, lam, options, reference, normalize,
       validate, need_grad):  # fmt: skip
     dtype = compute_dtype(image.dtype)
-    numel = _grad_numel(image, texts, weights, need_grad)
+    numel = _grad_numel(image, texts, _config(weights, lam, options, reference), need_grad)
     scalar = image.new_empty((), dtype=image.dtype)
     return (
         scalar,
@@ -131,42 +131,45 @@ def fused_loss_backward(
     options: str,
     reference: int,
     normalize: bool,
+    validate: bool,
 ) -> list[Tensor]:
     """Gradients w.r.t. [image, scale, bias (zeros when None), *texts]."""
     config = _config(weights, lam, options, reference)
     on = [bool(x) for x in terms_on.tolist()]
     active = [g for g, o in zip(grads, on, strict=True) if o]
+    dtype = compute_dtype(image.dtype)
     with torch.autocast(image.device.type, enabled=False):
+        x_hat = prepare_features(image, dtype, normalize)
+        t_hat = [prepare_features(t, dtype, normalize) for t in texts]
+        s = scale.to(dtype).reshape(())
         if flat.numel() == 0 or not active:
-            p = _light_plan(image, texts, scale, normalize, True).problem
-            d_image, d_scale = torch.zeros_like(p.image), p.scale.new_zeros(())
-            d_texts = [torch.zeros_like(t) for t in p.texts]
-            d_bias = p.scale.new_zeros(())
+            d_image, d_scale = torch.zeros_like(x_hat), s.new_zeros(())
+            d_texts = [torch.zeros_like(t) for t in t_hat]
+            d_bias = s.new_zeros(())
         else:
             if all(torch.equal(active[0], g) for g in active[1:]):  # the usual case: no rebuild
-                plan = _light_plan(image, texts, scale, normalize, on[0])
-                p = plan.problem
-                views = iter(fused._views(flat, fused.stack_shapes(plan)))
-                dz_blocks = [[next(views) for _ in blk.groups] for blk in plan.blocks]
-                factor = active[0].to(p.image.dtype)
+                widths = [t.shape[0] for t in texts]
+                # the forward's layout: its row block runs (a term is on), its columns if ce is
+                layout = bm.make_layout(image.shape[0], widths, row_terms=True, col_terms=on[0])
+                views = iter(fused._views(flat, fused.stack_shapes(layout)))
+                dz_blocks = [[next(views) for _ in blk.groups] for blk in layout.blocks]
+                factor = active[0].to(dtype)
             else:  # different gradients per term: recompute dZ with the weights scaled
-                plan = _plan(image, texts, scale, bias, values, mode, normalize, config)
-                p = plan.problem
-                stats = bm.scaled(plan.stats, tuple(g.to(p.image.dtype) for g in grads))
+                plan = _plan(image, texts, scale, bias, values, mode, normalize, config, validate)
+                p, layout = plan.problem, plan.layout
+                stats = bm.scaled(plan.stats, tuple(g.to(dtype) for g in grads))
                 _, (dz_blocks, db) = fused._run(
                     plan, stats, p.image, p.scale, p.bias, p.texts, True
                 )
-                factor = p.scale.new_ones(())
-            d_image, d_scale, d_texts = fused._feature_grads(
-                plan, p.image, p.texts, p.scale, dz_blocks
-            )
+                factor = s.new_ones(())
+            d_image, d_scale, d_texts = fused._feature_grads(layout, x_hat, t_hat, s, dz_blocks)
             d_image, d_scale = d_image * factor, d_scale * factor
             d_texts = [t * factor for t in d_texts]
             d_bias = db * factor
-    d_image = _through_normalize(image, p.image, d_image, normalize)
+    d_image = _through_normalize(image, x_hat, d_image, normalize)
     d_texts = [
         _through_normalize(t, pt, d, normalize)
-        for t, pt, d in zip(texts, p.texts, d_texts, strict=True)
+        for t, pt, d in zip(texts, t_hat, d_texts, strict=True)
     ]
     out = [d_image, d_scale.reshape(scale.shape).to(scale.dtype)]
     out.append(d_bias.reshape(bias.shape).to(bias.dtype) if bias is not None else d_bias.clone())
@@ -175,31 +178,10 @@ def fused_loss_backward(
 
 @fused_loss_backward.register_fake
 def _(image, texts, scale, bias, values, flat, db, terms_on, grads, mode, weights, lam, options,
-      reference, normalize):  # fmt: skip
+      reference, normalize, validate):  # fmt: skip
     out = [torch.empty_like(image), torch.empty_like(scale)]
     out.append(torch.empty_like(bias) if bias is not None else db.new_empty(()))
     return out + [torch.empty_like(t) for t in texts]
-
-
-def _light_plan(image, texts, scale, normalize: bool, do_cols: bool):
-    """The block layout of a full problem and its prepared features, without any statistic."""
-    dtype = compute_dtype(image.dtype)
-
-    def prepare(x):
-        x = x.to(dtype)
-        return torch.nn.functional.normalize(x, dim=-1) if normalize else x
-
-    texts = [prepare(t) for t in texts]
-    problem = SimpleNamespace(
-        image=prepare(image),
-        texts=texts,
-        scale=scale.to(dtype).reshape(()),
-        num_images=image.shape[0],
-    )
-    full = [slice(None)] * len(texts)
-    block = bm.Block(slice(None), full, True, do_cols)
-    block.groups = bm._group(problem, full)
-    return SimpleNamespace(problem=problem, blocks=[block])
 
 
 def _through_normalize(x: Tensor, x_hat: Tensor, d_hat: Tensor, normalize: bool) -> Tensor:
@@ -208,17 +190,19 @@ def _through_normalize(x: Tensor, x_hat: Tensor, d_hat: Tensor, normalize: bool)
         return d_hat.to(x.dtype)
     xc = x.to(x_hat.dtype)
     norm = xc.norm(dim=-1, keepdim=True)
-    inside = norm > _EPS
+    inside = norm > NORM_EPS
     radial = (x_hat * d_hat).sum(-1, keepdim=True)
-    dx = torch.where(inside, (d_hat - x_hat * radial) / norm.clamp_min(_EPS), d_hat / _EPS)
+    dx = torch.where(inside, (d_hat - x_hat * radial) / norm.clamp_min(NORM_EPS), d_hat / NORM_EPS)
     return dx.to(x.dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    image, texts, scale, bias, values, mode, weights, lam, options, ref, normalize, _, _ = inputs
+    image, texts, scale, bias, values, mode, weights, lam, options, ref, normalize, validate, _ = (
+        inputs
+    )
     _, _, _, flat, db, terms_on = output
     ctx.n_texts, ctx.n_values, ctx.has_bias = len(texts), len(values), bias is not None
-    ctx.args = (mode, weights, lam, options, ref, normalize)
+    ctx.args = (mode, weights, lam, options, ref, normalize, validate)
     extra = [bias] if bias is not None else []
     ctx.save_for_backward(image, scale, flat, db, terms_on, *texts, *values, *extra)
 

@@ -72,17 +72,17 @@ class _FusedLoss(torch.autograd.Function):
                 bias = plan.problem.bias
                 _, (dz_blocks, db) = _run(plan, stats, image, scale, bias, texts, True)
                 factor = scale.new_ones(())
-            d_image, d_scale, d_texts = _feature_grads(plan, image, texts, scale, dz_blocks)
+            d_image, d_scale, d_texts = _feature_grads(plan.layout, image, texts, scale, dz_blocks)
         d_bias = None if plan.problem.bias is None else db * factor
         return None, d_image * factor, d_scale * factor, d_bias, *(t * factor for t in d_texts)
 
 
-def _feature_grads(plan: bm.Plan, image: Tensor, texts, scale: Tensor, dz_blocks):
+def _feature_grads(layout: bm.Layout, image: Tensor, texts, scale: Tensor, dz_blocks):
     """dX = s dZ T, dT = s dZ^T X and ds = sum dZ * Z / s = sum (dZ T) * X, block by block."""
     d_image = torch.zeros_like(image)
     d_texts = [torch.zeros_like(t) for t in texts]
     d_scale = scale.new_zeros(())
-    for blk, dzs in zip(plan.blocks, dz_blocks, strict=True):
+    for blk, dzs in zip(layout.blocks, dz_blocks, strict=True):
         x = image[blk.rows]
         for gs, dz in zip(blk.groups, dzs, strict=True):
             t = torch.stack([texts[g][blk.cols[g]] for g in gs])
@@ -104,7 +104,7 @@ def _run(plan: bm.Plan, st: bm.Stats, image, scale, bias, texts, want_grad: bool
     values = [scale.new_zeros(()) for _ in range(3)]
     db = scale.new_zeros(())
     dz_blocks = []
-    buffers = iter(_views(out, stack_shapes(plan))) if out is not None else None
+    buffers = iter(_views(out, stack_shapes(plan.layout))) if out is not None else None
     for blk in plan.blocks:
         zs, block_db = _block(plan, st, blk, image, scale, bias, texts, want_grad, values, buffers)
         dz_blocks.append(zs)
@@ -112,14 +112,13 @@ def _run(plan: bm.Plan, st: bm.Stats, image, scale, bias, texts, want_grad: bool
     return values, (dz_blocks, db)
 
 
-def stack_shapes(plan: bm.Plan) -> list[tuple[int, int, int]]:
+def stack_shapes(layout: bm.Layout) -> list[tuple[int, int, int]]:
     """(G', rows, columns) of every stack of logits, blocks in order."""
-    p = plan.problem
     shapes = []
-    for blk in plan.blocks:
-        rows = len(range(p.num_images)[blk.rows])
+    for blk in layout.blocks:
+        rows = len(range(layout.num_images)[blk.rows])
         for gs in blk.groups:
-            shapes.append((len(gs), rows, len(range(p.texts[gs[0]].shape[0])[blk.cols[gs[0]]])))
+            shapes.append((len(gs), rows, len(range(layout.widths[gs[0]])[blk.cols[gs[0]]])))
     return shapes
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from mgll._problem import LossConfig, LossTerms, Problem, pointwise_norm
+from mgll._problem import LossConfig, LossTerms, Problem
 from mgll._terms import (
     known_part,
     partial_smooth_kl_rows,
@@ -24,14 +24,14 @@ def compute(problem: Problem, config: LossConfig) -> LossTerms:
     n = problem.num_images
     zero = problem.scale.new_zeros(())
     soft_clip, pointwise, row_logits = zero, zero, []
-    for g, (text, cooc, cols) in enumerate(
-        zip(problem.texts, problem.cooc, problem.cols, strict=True)
+    for g, (text, cooc, cols, norm) in enumerate(
+        zip(problem.texts, problem.cooc, problem.cols, problem.pointwise_norms, strict=True)
     ):
         lam = config.lam(g)
         rows_z = problem.scale * problem.image[problem.rows] @ text.T  # (n_local, K_g)
         rows_c, rows_known = _known(cooc.block(problem.rows, slice(None), rows_z.dtype), cooc)
         row_logits.append(rows_z)
-        if config.soft_clip_weight != 0:
+        if problem.soft_clip_on:
             # (k_local, N): columns as rows; the same logits when this process owns everything
             cols_z = rows_z.T if problem.is_full else problem.scale * text[cols] @ problem.image.T
             cols_c, cols_known = _known(problem.column_block(g, cols, rows_z.dtype).T, cooc)
@@ -39,13 +39,12 @@ def compute(problem: Problem, config: LossConfig) -> LossTerms:
             i2t = soft_ce_rows(rows_z, rows_c, rows_known) / n_rows.clamp_min(1)
             t2i = soft_ce_rows(cols_z, cols_c, cols_known) / n_cols.clamp_min(1)
             soft_clip = soft_clip + lam * 0.5 * (i2t + t2i)
-        if config.pointwise_weight != 0:
-            norm = pointwise_norm(cooc, config.pointwise_norm)
+        if problem.pointwise_on:
             pointwise = (
                 pointwise + lam * _pointwise(rows_z, rows_c, rows_known, problem, config) / norm
             )
     smooth_kl = zero
-    if config.smooth_kl_weight != 0 and problem.num_granularities > 1:
+    if problem.smooth_kl_on:
         part = problem.partial
         if part is None:
             smooth_kl = smooth_kl_rows(row_logits, problem.kl_maps) / n

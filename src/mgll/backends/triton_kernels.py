@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from mgll._problem import LossConfig, LossTerms, Problem, kl_contributes
+from mgll._problem import LossConfig, LossTerms, Problem
 from mgll._terms import smooth_kl_rows
 from mgll.backends._triton_autograd import TritonMGLL
 from mgll.targets.cooc import CoOccurrence
@@ -162,7 +162,7 @@ class _Plan:
         feature_dtype = problem.image.dtype
         half = feature_dtype in (torch.float16, torch.bfloat16) and not interpreted
         ks = [t.shape[0] for t in problem.texts]
-        kl_on = config.smooth_kl_weight != 0 and g > 1 and kl_contributes(problem.kl_maps)
+        kl_on = problem.smooth_kl_on
         identity = all(m is None for m in problem.kl_maps)
         return _Plan(
             n=n,
@@ -180,11 +180,10 @@ class _Plan:
             weights=(config.soft_clip_weight, config.pointwise_weight, config.smooth_kl_weight),
             lam=torch.tensor([config.lam(i) for i in range(g)], device=device),
             norms=torch.tensor(
-                [float(n * k) if config.pointwise_norm == "pairs" else float(n) for k in ks],
-                device=device,
+                [1.0 if m is None else float(m) for m in problem.pointwise_norms], device=device
             ),
-            has_ce=config.soft_clip_weight != 0,
-            has_pw=config.pointwise_weight != 0,
+            has_ce=problem.soft_clip_on,
+            has_pw=problem.pointwise_on,
             has_kl=kl_on and identity,
             torch_kl=kl_on and not identity,
             soft_y=config.pointwise_target == "soft",
