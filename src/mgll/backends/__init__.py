@@ -155,14 +155,14 @@ def fused_would_run(image, texts) -> bool:
 def choose_backend(problem: Problem) -> str:
     """The fastest backend available for ``problem``.
 
-    ``"triton"`` on CUDA tensors when Triton is installed and the backend is registered (and
-    no label is unknown: docs/partial_annotation.rst); otherwise ``"fused"``, or ``"tiled"`` when the logits and their gradient would exceed the
-    budget of :func:`set_memory_budget`.
+    ``"triton"`` on CUDA tensors when Triton is installed and the backend is registered
+    (unknown labels included: docs/partial_annotation.rst); otherwise ``"fused"``, or
+    ``"tiled"`` when the logits and their gradient would exceed the budget of
+    :func:`set_memory_budget`.
     """
     on_cuda = problem.image.device.type == "cuda"
-    partial = any(c.partial for c in problem.cooc)  # the kernels do not handle unknowns yet
     triton = "triton" in BACKENDS and importlib.util.find_spec("triton") is not None
-    if on_cuda and triton and not partial:
+    if on_cuda and triton:
         return "triton"
     return "tiled" if logits_bytes(problem) > get_memory_budget() else "fused"
 
