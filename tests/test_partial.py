@@ -20,8 +20,6 @@ from mgll import targets
 from mgll.backends import fused, tiled, triton_kernels
 
 F64 = torch.float64
-# the Triton kernels do not handle unknown labels yet: they say so (test_triton_says_so)
-PARTIAL_BACKENDS = [b for b in CPU_BACKENDS if b != "triton"]
 NAN = math.nan
 RULES = ("any", "count", "jaccard")
 
@@ -131,7 +129,7 @@ def _paired_case(kind: str, g_count: int, n: int = 7):
 @pytest.mark.parametrize("support", ["samples", "coarse"])
 @pytest.mark.parametrize("g_count", [1, 2, 3])
 @pytest.mark.parametrize("kind", ["ids", "multi_hot", "soft", "mixed"])
-@pytest.mark.parametrize("backend", PARTIAL_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_paired_equals_naive(backend, kind, g_count, support):
     n = 7
     labels, rules = _paired_case(kind, g_count, n)
@@ -150,7 +148,7 @@ def test_paired_equals_naive(backend, kind, g_count, support):
 
 @pytest.mark.parametrize("support", ["samples", "coarse"])
 @pytest.mark.parametrize("g_count", [1, 2, 3])
-@pytest.mark.parametrize("backend", PARTIAL_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_bank_equals_naive(backend, g_count, support):
     n, ks = 7, [5, 4, 6][:g_count]
     gen = torch.Generator().manual_seed(3)
@@ -172,7 +170,7 @@ def test_bank_equals_naive(backend, g_count, support):
 
 
 @pytest.mark.parametrize("option", ["soft", "graded", "images", "bias"])
-@pytest.mark.parametrize("backend", PARTIAL_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_pointwise_options_equal_naive(backend, option):
     n = 7
     labels, rules = _paired_case("soft", 2, n)
@@ -194,7 +192,7 @@ def test_pointwise_options_equal_naive(backend, option):
 
 
 @pytest.mark.parametrize("term", ["soft_clip_loss", "pointwise_loss"])
-@pytest.mark.parametrize("backend", PARTIAL_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_adding_an_unannotated_image_changes_nothing(backend, term):
     """An image with no annotation at g leaves the g-terms of the others unchanged."""
     n = 6
@@ -213,7 +211,7 @@ def test_adding_an_unannotated_image_changes_nothing(backend, term):
     torch.testing.assert_close(after, before, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", PARTIAL_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_unannotated_text_gets_zero_gradient(backend):
     n = 6
     labels = partial_labels(n, 3, seed=6, whole_rows=0)
@@ -226,7 +224,7 @@ def test_unannotated_text_gets_zero_gradient(backend):
     assert (texts[0].grad.abs().sum(1) > 0).sum() == n - 1
 
 
-@pytest.mark.parametrize("backend", PARTIAL_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_all_unknown_granularity_is_a_differentiable_zero(backend):
     n = 5
     image, texts, scale = features(n, [n, n])
@@ -243,7 +241,7 @@ def test_all_unknown_granularity_is_a_differentiable_zero(backend):
     assert (texts[0].grad == 0).all() and torch.isfinite(image.grad).all()
 
 
-@pytest.mark.parametrize("backend", PARTIAL_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_paired_nan_labels_equal_bank_targets(backend):
     """Paired NaN labels and the bank targets from_multi_hot makes of them: the same loss."""
     n = 7
@@ -274,17 +272,9 @@ def test_without_unknowns_nothing_changes(backend):
     torch.testing.assert_close(loss.double(), want, **tol)
 
 
-@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton cannot run here")
-def test_triton_says_so():
-    image, texts, scale = features(4, [4], dtype=torch.float32)
-    labels = torch.tensor([0, -1, 1, 0])
-    with pytest.raises(ValueError, match=r'backend="triton" does not handle unknown labels yet'):
-        mgll.MGLLLoss(backend="triton")(image, texts, scale, labels=[labels])
-
-
 @pytest.mark.parametrize("partial", [False, True])
-def test_auto_never_picks_triton_for_unknowns(monkeypatch, partial):
-    """On CUDA with Triton, "auto" picks "triton", except for a batch with unknown labels."""
+def test_auto_picks_triton_for_unknowns_too(monkeypatch, partial):
+    """On CUDA with Triton, "auto" picks "triton", for a batch with unknown labels too."""
     from types import SimpleNamespace
 
     import mgll.backends as backends
@@ -295,4 +285,4 @@ def test_auto_never_picks_triton_for_unknowns(monkeypatch, partial):
     cooc = CoOccurrence("ids", torch.tensor([0, -1, 1]), partial=partial)
     image = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
     problem = SimpleNamespace(image=image, cooc=[cooc])
-    assert backends.choose_backend(problem) == ("fused" if partial else "triton")
+    assert backends.choose_backend(problem) == "triton"

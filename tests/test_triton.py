@@ -8,6 +8,7 @@ run compiled, plus the half-precision cases marked ``cuda``.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -21,7 +22,8 @@ pytest.importorskip("triton", reason='backend="triton" needs triton: pip install
 import triton
 import triton.language as tl
 
-from mgll._problem import LossConfig, build_problem
+import naive
+from mgll._problem import LossConfig, build_problem, cooccurrence_from_labels
 from mgll.backends import reference, triton_kernels
 from mgll.functional import mgll_loss
 from mgll.targets.cooc import CoOccurrence
@@ -256,6 +258,188 @@ def test_public_api_and_module_agree():
 def test_random_shapes_match_reference(mode, n, ks, d, support, seed):
     config = LossConfig(smooth_kl_support=support)
     _compare(_case(mode, n=n, ks=ks, d=d, seed=seed), config)
+
+
+# ---------------------------------------------------------------------------- unknown labels
+# NaN labels (per image and class), whole NaN rows, the id -1 and NaN bank targets are unknown
+# (docs/partial_annotation.rst): the kernels leave those pairs out, tile by tile.
+
+NAN = math.nan
+
+
+def _partial_labels(n, classes, gen, soft=False, whole_rows=2):
+    """0/1 labels (or probabilities) with NaN classes and ``whole_rows`` rows NaN everywhere."""
+    x = (torch.rand(n, classes, generator=gen) < 0.4).float()
+    if soft:
+        x = x * torch.tensor([0.5, 1.0, 0.25])[torch.randint(0, 3, (n, classes), generator=gen)]
+    x[torch.rand(n, classes, generator=gen) < 0.25] = NAN
+    x[torch.randperm(n, generator=gen)[:whole_rows]] = NAN
+    return x
+
+
+def _partial_ids(n, gen, classes=3, missing=3):
+    ids = torch.randint(0, classes, (n,), generator=gen)
+    ids[torch.randperm(n, generator=gen)[:missing]] = -1
+    return ids
+
+
+def _partial_case(mode="multi_hot", n=20, g=2, d=12, seed=0, rules=("any", "count", "jaccard")):
+    """A feature case with unknown labels at every granularity (bank: NaN targets)."""
+    image, texts, s, b, _ = _case("bank" if mode == "bank" else "ids", n=n, ks=[n, 13, 9][:g], g=g,
+                                  d=d, seed=seed)  # fmt: skip
+    gen = torch.Generator().manual_seed(100 + seed)
+    cooc = []
+    for i, t in enumerate(texts):
+        if mode == "ids" or (mode == "mixed" and i % 2 == 0):
+            cooc.append(cooccurrence_from_labels(_partial_ids(n, gen)))
+        elif mode in ("multi_hot", "soft", "mixed"):
+            labels = _partial_labels(n, 3 + 9 * i, gen, soft=mode == "soft")  # up to 2 chunks
+            cooc.append(cooccurrence_from_labels(labels, rules[i % len(rules)], check=True))
+        else:
+            k = t.shape[0]
+            c = (torch.rand(n, k, generator=gen) < 0.4).float() * torch.rand(n, k, generator=gen)
+            c[torch.rand(n, k, generator=gen) < 0.25] = NAN
+            c[1] = NAN  # an image unannotated at this granularity
+            cooc.append(CoOccurrence("dense", c, partial=True))
+    cooc = [CoOccurrence(c.kind, c.data.to(DEVICE), c.rule, c.zero_one, c.partial) for c in cooc]
+    assert all(c.partial for c in cooc)
+    return image, texts, s, b, cooc
+
+
+@pytest.mark.parametrize("support", ["samples", "coarse"])
+@pytest.mark.parametrize("g", [1, 2, 3])
+@pytest.mark.parametrize("mode", ["ids", "multi_hot", "soft", "mixed", "bank"])
+def test_unknown_labels_match_reference(mode, g, support):
+    _compare(_partial_case(mode, g=g), LossConfig(smooth_kl_support=support))
+
+
+@pytest.mark.parametrize("option", ["soft", "graded", "images"])
+@pytest.mark.parametrize("mode", ["soft", "bank"])
+def test_unknown_labels_pointwise_options(mode, option):
+    config = (
+        LossConfig(pointwise_norm="images")
+        if option == "images"
+        else LossConfig(pointwise_target=option)
+    )
+    _compare(_partial_case(mode, g=2), config)
+
+
+@pytest.mark.parametrize(
+    "mode,rows,cols",
+    [
+        ("multi_hot", slice(5, 22), [slice(0, 13), slice(19, 30)]),
+        ("ids", slice(0, 16), [slice(16, 30), slice(16, 30)]),
+        ("bank", slice(20, 30), [slice(3, 13), slice(0, 0)]),
+    ],
+)
+def test_unknown_labels_partial_rows_and_columns(mode, rows, cols):
+    """Distributed local loss with unknowns: global anchor counts and known-pair norms."""
+    case = _partial_case(mode, n=30, g=2)
+    _compare(case, rows=rows, cols=cols)
+
+
+def test_unknown_labels_against_the_naive_masked_reference():
+    """The public loss (float64 inputs, computed in float32) against the float64 loops."""
+    n = 9
+    gen = torch.Generator().manual_seed(4)
+    labels = [_partial_ids(n, gen), _partial_labels(n, 4, gen), _partial_labels(n, 3, gen, True)]
+    rules = ["any", "jaccard", "any"]
+    image = torch.randn(n, 6, generator=gen, dtype=torch.float64).requires_grad_()
+    texts = [torch.randn(n, 6, generator=gen, dtype=torch.float64).requires_grad_() for _ in labels]
+    scale = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
+    leaves = [image, *texts, scale, bias]
+    for support in ("samples", "coarse"):
+        got = mgll_loss(image, texts, scale, bias, labels=labels, backend="triton", overlap=rules,
+                        smooth_kl_support=support)  # fmt: skip
+        want = naive.partial_mgll(image, texts, scale, bias, labels=labels, rules=rules,
+                                  support=support)  # fmt: skip
+        torch.testing.assert_close(got, want, **F32)
+        got_g = torch.autograd.grad(got, leaves)
+        want_g = torch.autograd.grad(want, leaves)
+        for x, y in zip(got_g, want_g, strict=True):
+            torch.testing.assert_close(x, y, **F32)
+
+
+def test_unknown_bank_targets_against_the_naive_masked_reference():
+    n, ks = 8, [5, 7]
+    gen = torch.Generator().manual_seed(5)
+    bank = []
+    for k in ks:
+        c = (torch.rand(n, k, generator=gen) < 0.5).double() * torch.rand(n, k, generator=gen)
+        c[torch.rand(n, k, generator=gen) < 0.25] = NAN
+        c[2] = NAN
+        bank.append(c)
+    image = torch.randn(n, 6, generator=gen, dtype=torch.float64).requires_grad_()
+    texts = [torch.randn(k, 6, generator=gen, dtype=torch.float64).requires_grad_() for k in ks]
+    scale = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    leaves = [image, *texts, scale]
+    got = mgll_loss(
+        image, texts, scale, targets=bank, backend="triton", smooth_kl_support="samples"
+    )
+    want = naive.partial_mgll(image, texts, scale, targets=bank, support="samples")
+    torch.testing.assert_close(got, want, **F32)
+    for x, y in zip(
+        torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves), strict=True
+    ):
+        torch.testing.assert_close(x, y, **F32)
+
+
+def test_all_unknown_granularity_is_a_differentiable_zero():
+    """A granularity where every pair is unknown: zero terms, zero gradient to its texts."""
+    image, texts, s, b, cooc = _partial_case("ids", n=18, g=2)
+    unknown = torch.full((18, 5), NAN, device=DEVICE)
+    cooc[0] = cooccurrence_from_labels(unknown, "any", check=True)
+    config = LossConfig()
+    got = _compare((image, texts, s, b, cooc), config)
+    assert torch.isfinite(got).all()
+    alone = _compare((image, texts[1:], s, b, cooc[1:]), config)
+    torch.testing.assert_close(got[:2], alone[:2], **F32)  # soft CLIP, pointwise
+    assert got[2] == 0  # nobody is compared at two granularities
+    problem = build_problem(image, texts, s, b, cooc, config, normalize=True)
+    terms = triton_kernels.compute(problem, config)
+    grads = torch.autograd.grad(sum(terms), [image, texts[0]])
+    assert torch.isfinite(grads[0]).all() and (grads[1] == 0).all()
+
+
+@pytest.mark.parametrize("term", [0, 1])
+@pytest.mark.parametrize("mode", ["multi_hot", "ids"])
+def test_adding_an_unannotated_image_changes_nothing(mode, term):
+    """An image with no annotation at g leaves the g-terms (soft CLIP, pointwise) unchanged."""
+    n = 20
+    image, (text,), s, b, _ = _case("ids", n=n, g=1, d=12, seed=3)
+    gen = torch.Generator().manual_seed(7)
+    labels = _partial_labels(n, 4, gen) if mode == "multi_hot" else _partial_ids(n, gen)
+    missing = torch.full((1, 4), NAN) if mode == "multi_hot" else torch.tensor([-1])
+    extra = torch.randn(2, 12, generator=gen, device=DEVICE)
+    config = LossConfig()
+
+    def terms(image, text, labels):
+        cooc = [cooccurrence_from_labels(labels.to(DEVICE), "any", check=True)]
+        problem = build_problem(image, [text], s, b, cooc, config, normalize=True)
+        return triton_kernels.compute(problem, config)[term]
+
+    before = terms(image, text, labels)
+    after = terms(
+        torch.cat([image, extra[:1]]), torch.cat([text, extra[1:]]), torch.cat([labels, missing])
+    )
+    torch.testing.assert_close(after, before, rtol=1e-6, atol=1e-7)
+
+
+def test_partial_kernels_without_unknowns_equal_the_plain_ones():
+    """The PARTIAL kernels on labels that hold no unknown give the plain kernels' numbers."""
+    image, texts, s, b, cooc = _case("multi_hot", n=20, g=2)
+    config = LossConfig(smooth_kl_support="coarse")
+    flagged = [CoOccurrence(c.kind, c.data.float(), c.rule, True, True) for c in cooc]
+    results = []
+    for co in (cooc, flagged):
+        problem = build_problem(image, texts, s, b, co, config, normalize=True)
+        terms = torch.stack(list(triton_kernels.compute(problem, config)))
+        results.append((terms, torch.autograd.grad(terms.sum(), [image, *texts, s, b])))
+    (want, want_g), (got, got_g) = results
+    torch.testing.assert_close(got, want, **F32)
+    for x, y in zip(got_g, want_g, strict=True):
+        torch.testing.assert_close(x, y, **F32)
 
 
 # ---------------------------------------------------------------------------- errors

@@ -149,35 +149,30 @@ def _logit_count(problem: Problem) -> int:
     return total
 
 
-def auto_backend(device: torch.device, dtype: torch.dtype, logits: int, partial: bool) -> str:
+def auto_backend(device: torch.device, dtype: torch.dtype, logits: int) -> str:
     """What ``backend="auto"`` runs: the one policy of the eager and compiled paths.
 
-    ``"triton"`` on CUDA when Triton is installed and the backend is registered (and no label
-    is unknown: docs/partial_annotation.rst); otherwise ``"fused"``, or ``"tiled"`` when the
+    ``"triton"`` on CUDA when Triton is installed and the backend is registered (unknown labels
+    included: docs/partial_annotation.rst); otherwise ``"fused"``, or ``"tiled"`` when the
     ``logits`` elements and their gradient, in the compute ``dtype``, would exceed the budget
     of :func:`set_memory_budget`.
     """
     triton = "triton" in BACKENDS and importlib.util.find_spec("triton") is not None
-    if device.type == "cuda" and triton and not partial:
+    if device.type == "cuda" and triton:
         return "triton"
     return "tiled" if 2 * dtype.itemsize * logits > get_memory_budget() else "fused"
 
 
 def fused_would_run(image, texts) -> bool:
-    """Whether ``"auto"`` picks ``"fused"`` for one process's full batch, from shapes alone.
-
-    Under tracing no label value is read, so the batch counts as fully annotated; a partial
-    CUDA batch is then sent to the eager path, where :func:`choose_backend` sees it.
-    """
+    """Whether ``"auto"`` picks ``"fused"`` for one process's full batch, from shapes alone."""
     dtype = torch.promote_types(image.dtype, torch.float32)
     logits = image.shape[0] * sum(t.shape[0] for t in texts)
-    return auto_backend(image.device, dtype, logits, partial=False) == "fused"
+    return auto_backend(image.device, dtype, logits) == "fused"
 
 
 def choose_backend(problem: Problem) -> str:
     """The fastest backend available for ``problem`` (:func:`auto_backend`)."""
-    partial = any(c.partial for c in problem.cooc)  # the kernels do not handle unknowns yet
-    return auto_backend(problem.image.device, problem.image.dtype, _logit_count(problem), partial)
+    return auto_backend(problem.image.device, problem.image.dtype, _logit_count(problem))
 
 
 def first_order_only(name: str):

@@ -394,21 +394,26 @@ def _part(x: Tensor | None, s: slice, dim: int) -> Tensor | None:
 
 
 def tile_terms(
-    z,
-    c,
+    z: Tensor,
+    c: Tensor | None,
     v: GroupView,
+    *,
     rs: slice,
     cs: slice,
-    bias,
-    prob,
-    clse,
+    bias: Tensor | None,
+    prob: Tensor | None,
+    clse: Tensor | None,
     want_grad: bool,
-    c_col=None,
-    col_part=None,
-    dz_out=None,
-    known=None,
+    c_col: Tensor | None = None,
+    col_part: Tensor | None = None,
+    dz_out: Tensor | None = None,
+    known: Tensor | None = None,
 ):
     r"""A tile's share of the terms that need no log-sum-exp, and its whole dL/dZ.
+
+    Everything after the logits ``z``, the targets ``c`` and the view ``v`` is keyword-only:
+    several arguments are slices or tensors of the same shape, and a swapped pair would give
+    a wrong gradient without an error.
 
     ``rs``/``cs`` index the tile's rows/columns inside the block (``v``'s vectors); ``prob``
     is the row softmax of the tile and ``clse`` the column log-sum-exp (when those sides are

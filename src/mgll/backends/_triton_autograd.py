@@ -53,7 +53,7 @@ class TritonMGLL(torch.autograd.Function):
         b = bias.detach().float().reshape(1) if bias is not None else torch.zeros_like(s)
         blk = plan.blocks
         ks = torch.tensor(plan.ks, device=dev, dtype=torch.int32)
-        common = dict(BLOCK_C=plan.block_c, PREC=plan.prec, **blk)
+        common = dict(BLOCK_C=plan.block_c, PREC=plan.prec, PARTIAL=plan.partial, **blk)
         r_lo, r_hi = plan.rows
         lo = torch.full((g,), r_lo, device=dev, dtype=torch.int32)
         hi = torch.full((g,), r_hi, device=dev, dtype=torch.int32)
@@ -134,6 +134,7 @@ class TritonMGLL(torch.autograd.Function):
         ks = torch.tensor(plan.ks, device=dev, dtype=torch.int32)
         c_lo, c_hi = min(c[0] for c in plan.cols), max(c[1] for c in plan.cols)
         flags = dict(kind=plan.kind, has_kl=int(plan.has_kl), BLOCK_C=plan.block_c, PREC=plan.prec)
+        flags["PARTIAL"] = plan.partial
         flags.update(plan.blocks)
         y_code = 1 if plan.soft_y else 2 if plan.graded else 0
         args = (r_lo, r_hi, c_lo, c_hi, n, kmax, d, plan.n_classes, g, y_code)

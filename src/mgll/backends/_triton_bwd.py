@@ -48,6 +48,7 @@ def _dz_tile(
     BLOCK_D: tl.constexpr,
     BLOCK_C: tl.constexpr,
     PREC: tl.constexpr,
+    PARTIAL: tl.constexpr,
 ):
     r"""dL/dZ^g on an (image rows x text columns) tile, with its row sums for d(scale) and d(bias).
 
@@ -56,16 +57,38 @@ def _dz_tile(
              + v_i P (\log P - \log M - \mathrm{KL}_i)
 
     with every coefficient (``ROWF``, ``COLF``) zero outside the lines this process owns.
+    ``PARTIAL``: dZ is 0 at the unknown pairs (NaN targets), and both softmaxes are those of the
+    known pairs (the saved log-sum-exps are theirs).
     Returns dZ (masked), ``sum_k dZ_ik Z_ik`` (d(scale) is its total over s) and
     ``sum_k dL_pointwise/dZ_ik`` (d(bias) is its total).
     """
     z = scale * _dot_rows(X, T_g, offs_i, offs_k, mask_i, mask_k, D, BLOCK_D, PREC)
-    c = _targets(TGT, RULE, g, offs_i, offs_k, mask_i, mask_k, N, KMAX, NCLS, kind, False, BLOCK_C)
+    c = _targets(
+        TGT, RULE, g, offs_i, offs_k, mask_i, mask_k, N, KMAX, NCLS, kind, False, BLOCK_C, PARTIAL
+    )
     c_c = c  # the t2i side: bank targets normalised per column (W^c), else C itself
     if kind == 2:
         c_c = _targets(
-            TGT_C, RULE, g, offs_i, offs_k, mask_i, mask_k, N, KMAX, NCLS, kind, False, BLOCK_C
+            TGT_C,
+            RULE,
+            g,
+            offs_i,
+            offs_k,
+            mask_i,
+            mask_k,
+            N,
+            KMAX,
+            NCLS,
+            kind,
+            False,
+            BLOCK_C,
+            PARTIAL,
         )
+    valid = mask_i[:, None] & mask_k[None, :]
+    if PARTIAL:  # unknown pairs: out of dZ (below), weight 0 in the target sums
+        valid = valid & (c == c)
+        c = tl.where(valid, c, 0.0)
+        c_c = tl.where(valid, c_c, 0.0)
     rowf = ROWF + g * N_ROW_FIELDS * N + offs_i
     lse_r = tl.load(rowf + RF_LSE * N, mask=mask_i, other=0.0)
     inv_r = tl.load(rowf + RF_INV * N, mask=mask_i, other=0.0)
@@ -83,7 +106,6 @@ def _dz_tile(
     # soft_y: 0 binary 1[C > 0], 1 soft (C normalised per row), 2 graded min(C, 1)
     y = tl.where(c > 0, 1.0, 0.0)
     y = tl.where(soft_y == 1, c * inv_r[:, None], tl.where(soft_y == 2, tl.minimum(c, 1.0), y))
-    valid = mask_i[:, None] & mask_k[None, :]
     gpw = tl.where(valid, w_pw[:, None] * (_sigmoid(z + bias) - y), 0.0)
     d_bias = tl.sum(gpw, 1)
     dz += gpw
@@ -149,6 +171,7 @@ def dx_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_C: tl.constexpr,
     PREC: tl.constexpr,
+    PARTIAL: tl.constexpr,
 ):
     """One image row block: ``DX[i] += sum_g sum_k dZ^g_ik T^g_k`` (without the factor s).
 
@@ -217,6 +240,7 @@ def dx_kernel(
                     BLOCK_D,
                     BLOCK_C,
                     PREC,
+                    PARTIAL,
                 )
                 d_scale += d_scale_g
                 d_bias += d_bias_g
@@ -256,6 +280,7 @@ def dt_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_C: tl.constexpr,
     PREC: tl.constexpr,
+    PARTIAL: tl.constexpr,
 ):
     """One text column block: ``DT[g, k] += sum_i dZ^g_ik X_i`` (without the factor s).
 
@@ -320,6 +345,7 @@ def dt_kernel(
                     BLOCK_D,
                     BLOCK_C,
                     PREC,
+                    PARTIAL,
                 )
                 _accumulate(
                     DT + (g * KMAX).to(tl.int64) * D,

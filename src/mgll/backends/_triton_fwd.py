@@ -57,12 +57,15 @@ def stats_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_C: tl.constexpr,
     PREC: tl.constexpr,
+    PARTIAL: tl.constexpr,
 ):
     """Per-line statistics of granularity ``g = program_id(1)`` for lines ``LO[g]..HI[g]``.
 
     Lines are image rows against all K_g texts, or (``TEXT_ROWS``) text columns against all N
     images.  Writes ``OUT[g, :, line]``: log-sum-exp, sum C, sum C z, and for image rows
     sum softplus(z + b), sum Y z and sum Y with Y = 1[C>0] (``graded``: min(C, 1)).
+    ``PARTIAL``: every sum, the log-sum-exp included, runs over the known pairs only (the tile's
+    NaN targets are unknown pairs); a line without one has log-sum-exp about -1e30.
     """
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -92,19 +95,35 @@ def stats_kernel(
         offs_b = b0 + tl.arange(0, BLOCK_N)
         mask_b = offs_b < n_other
         z = scale * _dot_rows(A, B, offs_a, offs_b, mask_a, mask_b, D, BLOCK_D, PREC)
-        z_lse = tl.where(mask_b[None, :], z, float("-inf"))
+        c = _targets(
+            TGT,
+            RULE,
+            g,
+            offs_a,
+            offs_b,
+            mask_a,
+            mask_b,
+            N,
+            KMAX,
+            NCLS,
+            kind,
+            TEXT_ROWS,
+            BLOCK_C,
+            PARTIAL,
+        )
+        keep = mask_b[None, :]
+        if PARTIAL:  # unknown pairs (NaN targets) leave every sum and the softmax
+            keep = keep & (c == c)
+        z_lse = tl.where(keep, z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z_lse, 1))
         l = l * tl.exp(m - m_new) + tl.sum(tl.exp(z_lse - m_new[:, None]), 1)
         m = m_new
-        c = _targets(
-            TGT, RULE, g, offs_a, offs_b, mask_a, mask_b, N, KMAX, NCLS, kind, TEXT_ROWS, BLOCK_C
-        )
-        c = tl.where(mask_b[None, :], c, 0.0)
+        c = tl.where(keep, c, 0.0)
         s_c += tl.sum(c, 1)
         s_cz += tl.sum(c * z, 1)
         if not TEXT_ROWS:
             sp = _softplus(z + bias)
-            s_sp += tl.sum(tl.where(mask_b[None, :], sp, 0.0), 1)
+            s_sp += tl.sum(tl.where(keep, sp, 0.0), 1)
             y = tl.where(graded != 0, tl.minimum(c, 1.0), (c > 0).to(tl.float32))
             s_yz += tl.sum(y * z, 1)
             s_y += tl.sum(y, 1)

@@ -106,7 +106,18 @@ def _run(plan: bm.Plan, st: bm.Stats, image, scale, bias, texts, want_grad: bool
     dz_blocks = []
     buffers = iter(_views(out, stack_shapes(plan.layout))) if out is not None else None
     for blk in plan.blocks:
-        zs, block_db = _block(plan, st, blk, image, scale, bias, texts, want_grad, values, buffers)
+        zs, block_db = _block(
+            plan,
+            st,
+            blk,
+            image=image,
+            scale=scale,
+            bias=bias,
+            texts=texts,
+            want_grad=want_grad,
+            values=values,
+            buffers=buffers,
+        )
         dz_blocks.append(zs)
         db = db + block_db
     return values, (dz_blocks, db)
@@ -131,7 +142,23 @@ def _views(flat: Tensor, shapes) -> list[Tensor]:
     return out
 
 
-def _block(plan, st, blk: bm.Block, image, scale, bias, texts, want_grad, values, buffers=None):
+def _block(
+    plan: bm.Plan,
+    st: bm.Stats,
+    blk: bm.Block,
+    *,
+    image: Tensor,
+    scale: Tensor,
+    bias: Tensor | None,
+    texts,
+    want_grad: bool,
+    values: list[Tensor],
+    buffers=None,
+):
+    """One block's logits, its share of the terms (added to ``values``) and, with
+    ``want_grad``, dZ written over the logits; returns them and the block's dL/db.
+
+    Keyword-only after the block: a swapped pair of tensors would give a wrong gradient."""
     p = plan.problem
     n_all, dtype = p.num_images, image.dtype
     x = image[blk.rows]
@@ -188,16 +215,16 @@ def _block(plan, st, blk: bm.Block, image, scale, bias, texts, want_grad, values
                 chunk,
                 c,
                 v,
-                rs,
-                slice(None),
-                bias,
-                prob,
-                clse,
-                want_grad,
-                c_col,
-                col_part,
-                out,
-                known,
+                rs=rs,
+                cs=slice(None),
+                bias=bias,
+                prob=prob,
+                clse=clse,
+                want_grad=want_grad,
+                c_col=c_col,
+                col_part=col_part,
+                dz_out=out,
+                known=known,
             )
             if v.row_mass is not None:
                 ce = ce + (v.row_mass[:, rs] * rlse).sum()

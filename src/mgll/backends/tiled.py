@@ -124,7 +124,17 @@ def _forward(plan: bm.Plan, image, scale, bias, texts):
                 for local, cols in tiles.col_tiles(j):
                     z, c, c_col, known = _tile(plan, blk, v, tiles, rsl, rows, j, local, cols)
                     ce, pw, _, _ = bm.tile_terms(
-                        z, c, v, rsl, local, bias, None, None, False, c_col, known=known
+                        z,
+                        c,
+                        v,
+                        rs=rsl,
+                        cs=local,
+                        bias=bias,
+                        prob=None,
+                        clse=None,
+                        want_grad=False,
+                        c_col=c_col,
+                        known=known,
                     )
                     values[0] += ce
                     values[1] += pw
@@ -258,14 +268,14 @@ def _backward(plan: bm.Plan, st: bm.Stats, saved, image, scale, bias, texts):
                         blk,
                         v,
                         z,
-                        rsl,
-                        local,
-                        rows,
-                        cols,
-                        bias,
-                        lse,
-                        kl_rows[:, rsl],
-                        pooled,
+                        rsl=rsl,
+                        local=local,
+                        rows=rows,
+                        cols=cols,
+                        bias=bias,
+                        lse=lse,
+                        kl_rows=kl_rows[:, rsl],
+                        pooled=pooled,
                     )
                     db = db + dbias
                     dx = torch.matmul(dz, tiles.stacks[j][:, local]).sum(0)
@@ -277,8 +287,27 @@ def _backward(plan: bm.Plan, st: bm.Stats, saved, image, scale, bias, texts):
     return d_image, ds, db, d_texts
 
 
-def _tile_grad(plan, st: bm.Stats, blk, v, z, rsl, local, rows, cols, bias, lse, kl_rows, pooled):
-    """dL/dZ of one tile from the saved statistics, and its share of dL/db."""
+def _tile_grad(
+    plan: bm.Plan,
+    st: bm.Stats,
+    blk: bm.Block,
+    v: bm.GroupView,
+    z: Tensor,
+    *,
+    rsl: slice,
+    local: slice,
+    rows: slice,
+    cols: list[slice],
+    bias: Tensor | None,
+    lse: tuple[Tensor, Tensor],
+    kl_rows: Tensor,
+    pooled,
+):
+    """dL/dZ of one tile from the saved statistics, and its share of dL/db.
+
+    ``rsl``/``local``: the tile's rows and columns inside the block; ``rows``/``cols``: the same
+    as global slices; ``lse``: (row, column) log-sum-exps.  Keyword-only: the slices and the
+    tensors have the same types, and a swapped pair would give a wrong gradient silently."""
     p = plan.problem
     c = _target(plan, blk, v, rows, cols, z.dtype)
     c_col = _col_target(plan, blk, v, rows, cols, z.dtype)
@@ -290,7 +319,17 @@ def _tile_grad(plan, st: bm.Stats, blk, v, z, rsl, local, rows, cols, bias, lse,
     if blk.do_rows and (plan.ce or plan.kl):
         prob = torch.sub(z, lse[0]).exp_()
     _, _, dz, dbias = bm.tile_terms(
-        z, c, v, rsl, local, bias, prob, lse[1], True, c_col, known=known
+        z,
+        c,
+        v,
+        rs=rsl,
+        cs=local,
+        bias=bias,
+        prob=prob,
+        clse=lse[1],
+        want_grad=True,
+        c_col=c_col,
+        known=known,
     )
     if plan.kl and blk.do_rows and p.partial is None:
         if st.kl_identity:

@@ -14,6 +14,14 @@ The smooth KL with non-identity maps (bank mode, or ``smooth_kl_support="coarse"
 (:func:`mgll._terms.smooth_kl_rows`, checkpointed in row chunks so only one chunk's logits are
 held at a time).  Everything else runs in the kernels.
 
+Unknown labels (docs/partial_annotation.rst: NaN labels, the id -1, NaN bank targets) run in
+the same kernels compiled with ``PARTIAL``: each tile finds its unknown pairs from the label
+vectors of its rows and columns (``_triton_tiles._targets``) and leaves them out of both
+softmaxes, the target sums and the pointwise sum, and out of dZ; the pointwise ``"pairs"`` norm
+counts the known pairs.  The smooth KL of such a batch is the torch one above, over the
+compared images and supports (:func:`mgll._terms.partial_smooth_kl_rows`).  Without unknowns
+the kernels are compiled without ``PARTIAL``, exactly as before.
+
 Precision: fp32 features use exact fp32 dot products (``input_precision="ieee"``), or TF32
 tensor cores when the user allowed them for fp32 matmuls
 (``torch.set_float32_matmul_precision("high")`` or ``"medium"``); half
@@ -34,7 +42,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from mgll._problem import LossConfig, LossTerms, Problem
-from mgll._terms import smooth_kl_rows
+from mgll._terms import partial_smooth_kl_rows, smooth_kl_rows
 from mgll.backends._triton_autograd import TritonMGLL
 from mgll.targets.cooc import CoOccurrence
 
@@ -68,16 +76,9 @@ def compute(problem: Problem, config: LossConfig) -> LossTerms:
 
     Raises:
         ImportError: triton is not installed.
-        ValueError: the features are on a device the kernels cannot run on, ``problem.rows``
-            / ``problem.cols`` is a slice with a step, or some labels are unknown (not yet
-            supported by the kernels).
+        ValueError: the features are on a device the kernels cannot run on, or
+            ``problem.rows`` / ``problem.cols`` is a slice with a step.
     """
-    if any(c.partial for c in problem.cooc):
-        raise ValueError(
-            'backend="triton" does not handle unknown labels yet (NaN labels, the id -1, NaN '
-            'targets: see the "Partial annotation" page); use backend="fused" or "tiled", or '
-            '"auto", which picks one of them for such a batch'
-        )
     fwd, bwd = _kernels()
     interpreted = _is_interpreted(fwd.stats_kernel)
     device = problem.image.device
@@ -142,6 +143,7 @@ class _Plan:
     has_pw: bool
     has_kl: bool
     torch_kl: bool
+    partial: bool  # some labels are unknown: the kernels' PARTIAL variant
     soft_y: bool
     graded: bool
     dtype: torch.dtype
@@ -164,6 +166,14 @@ class _Plan:
         ks = [t.shape[0] for t in problem.texts]
         kl_on = problem.smooth_kl_on
         identity = all(m is None for m in problem.kl_maps)
+        partial = any(c.partial for c in problem.cooc)
+        # the pointwise divisors (known pairs, a tensor, when labels are unknown): no host sync
+        norms = torch.stack(
+            [
+                torch.as_tensor(1.0 if m is None else m, dtype=torch.float32, device=device)
+                for m in problem.pointwise_norms
+            ]
+        )
         return _Plan(
             n=n,
             ks=ks,
@@ -179,13 +189,12 @@ class _Plan:
             ],
             weights=(config.soft_clip_weight, config.pointwise_weight, config.smooth_kl_weight),
             lam=torch.tensor([config.lam(i) for i in range(g)], device=device),
-            norms=torch.tensor(
-                [1.0 if m is None else float(m) for m in problem.pointwise_norms], device=device
-            ),
+            norms=norms,
             has_ce=problem.soft_clip_on,
             has_pw=problem.pointwise_on,
-            has_kl=kl_on and identity,
-            torch_kl=kl_on and not identity,
+            has_kl=kl_on and identity and not partial,
+            torch_kl=kl_on and (not identity or partial),
+            partial=partial,
             soft_y=config.pointwise_target == "soft",
             graded=config.pointwise_target == "graded",
             dtype=feature_dtype if half else torch.float32,
@@ -210,26 +219,37 @@ def _stack_targets(problem: Problem) -> tuple[int, Tensor, int]:
     device = problem.image.device
     kinds = {c.kind for c in cooc}
     if kinds == {"ids"}:
-        ids = [torch.unique(c.data, return_inverse=True)[1] for c in cooc]
+        ids = [_compact_ids(c) for c in cooc]
         # compact ids 0..U-1 as floats: exact below 2**24, one kernel for every target kind
         return _KIND_IDS, torch.stack(ids).to(device=device, dtype=torch.float32), 0
     if kinds <= {"ids", "multi_hot"}:  # paired; ids become one-hot label sets
-        sets = [
-            torch.nn.functional.one_hot(torch.unique(c.data, return_inverse=True)[1])
-            if c.kind == "ids"
-            else c.data
-            for c in cooc
-        ]
+        sets = [_one_hot(c) if c.kind == "ids" else c.data for c in cooc]
         width = max(s.shape[1] for s in sets)
         out = torch.zeros(len(sets), problem.num_images, width, device=device)
         for g, s in enumerate(sets):
             out[g, :, : s.shape[1]] = s.to(device=device, dtype=torch.float32)
+            if cooc[g].partial:  # padded with "no class": 0 is an annotated negative there
+                out[g, :, s.shape[1] :] = -1.0
         return _KIND_MULTI_HOT, out, width
     kmax = max(t.shape[0] for t in problem.texts)
     out = torch.zeros(len(cooc), problem.num_images, kmax, device=device)
     for g, c in enumerate(cooc):
         out[g, :, : c.shape[1]] = c.data.to(device=device, dtype=torch.float32)
     return _KIND_DENSE, out, 0
+
+
+def _compact_ids(cooc: CoOccurrence) -> Tensor:
+    """Ids as their ranks 0..U-1; with unknowns the missing id stays -1."""
+    ranks = torch.unique(cooc.data, return_inverse=True)[1]
+    return torch.where(cooc.data >= 0, ranks, -1) if cooc.partial else ranks
+
+
+def _one_hot(cooc: CoOccurrence) -> Tensor:
+    """Ids as one-hot label sets; with unknowns the missing id -1 is a row annotated nowhere."""
+    sets = torch.nn.functional.one_hot(torch.unique(cooc.data, return_inverse=True)[1])
+    if not cooc.partial:
+        return sets
+    return torch.where(cooc.data[:, None] >= 0, sets.float(), torch.nan)
 
 
 def _stack_col_weights(problem: Problem, targets: Tensor) -> Tensor:
@@ -265,17 +285,23 @@ def _rule_code(cooc: CoOccurrence) -> int:
 
 
 def _torch_smooth_kl(problem: Problem, plan: _Plan) -> Tensor:
-    """Smooth KL for non-identity maps with torch ops, in checkpointed row chunks (see module)."""
+    """Smooth KL for non-identity maps, or with unknown labels, with torch ops, in checkpointed
+    row chunks (see module)."""
     lo, hi = plan.rows
+    part = problem.partial
 
-    def chunk(image: Tensor, scale: Tensor, *texts: Tensor) -> Tensor:
-        return smooth_kl_rows([scale * image @ t.T for t in texts], problem.kl_maps)
+    def chunk(rows: slice, image: Tensor, scale: Tensor, *texts: Tensor) -> Tensor:
+        logits = [scale * image @ t.T for t in texts]
+        if part is None:
+            return smooth_kl_rows(logits, problem.kl_maps)
+        return partial_smooth_kl_rows(logits, part.owners, part.groups, part.annotated, rows)
 
     total = problem.scale.new_zeros(())
     for start in range(lo, hi, KL_CHUNK):
-        args = (problem.image[start : min(hi, start + KL_CHUNK)], problem.scale, *problem.texts)
+        rows = slice(start, min(hi, start + KL_CHUNK))
+        args = (problem.image[rows], problem.scale, *problem.texts)
         if torch.is_grad_enabled() and any(a.requires_grad for a in args):
-            total = total + checkpoint(chunk, *args, use_reentrant=False)
+            total = total + checkpoint(chunk, rows, *args, use_reentrant=False)
         else:
-            total = total + chunk(*args)
-    return total / plan.n
+            total = total + chunk(rows, *args)
+    return total / (plan.n if part is None else part.compared.clamp_min(1))
