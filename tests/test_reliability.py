@@ -359,7 +359,7 @@ def test_reference_float64_pointwise_gradient_is_exact():
 def test_bank_targets_reach_the_backends_normalised_per_row_and_column():
     """The backends read W^r and W^c (both divisions), never 1 / (a subnormal sum)."""
     from mgll._problem import LossConfig, build_problem
-    from mgll.functional import CoOccurrence
+    from mgll.targets.cooc import CoOccurrence
 
     c = torch.tensor([[1e-44, 3e-44, 0.0], [0.0, 2.0, 2.0]])
     p = build_problem(torch.randn(2, 3), [torch.randn(3, 3)], torch.tensor(1.0), None,
