@@ -138,7 +138,7 @@ def smooth_kl_loss(
 
     Each granularity gives image i a distribution over a shared support: the samples of the
     batch through the ownership :math:`R^g` (paper eq. 5-6), optionally pooled into groups by
-    :math:`S` (docs/smooth_kl.rst).  Bounded by :math:`G\log G`, never NaN.
+    :math:`S` (:doc:`/smooth_kl`).  Bounded by :math:`G\log G`, never NaN.
 
     Args:
         logits: G logit matrices :math:`Z^g`.
@@ -282,11 +282,8 @@ def mgll_loss(
     output_dict: bool = False,
     **options,
 ) -> Tensor | dict[str, Tensor]:
-    r"""The full MGLL loss from features (docs/concepts.rst); see :class:`mgll.MGLLLoss` for the options.
-
-    .. math::
-        L = \alpha_1\sum_g\lambda_g L^g_{\mathrm{sCLIP}} + \alpha_2\sum_g\lambda_g L^g_P
-            + \alpha_3 L_{\mathrm{sKL}}
+    r"""The full MGLL loss from features (:doc:`/concepts`); :class:`mgll.MGLLLoss` gives the
+    formula and the options.
 
     Shape:
         - image_features: (N, D)
