@@ -13,6 +13,7 @@ import pytest
 
 from mgll.datasets import (
     CHEST_X_RAY_LABEL_MAP,
+    CompactAnnotations,
     LabelMap,
     SourceLabels,
     merge_sources,
@@ -450,3 +451,21 @@ def test_merged_recipe_trains_under_the_open_clip_launcher_with_2_processes(tmp_
     both = [c for r in (0, 1) for c in json.loads((tmp_path / f"rank{r}.json").read_text())]
     assert sum(c["nan_rows"][0] for c in both) > 0  # ChestX-ray14: no category at all
     assert sum(c["nan_rows"][1] for c in both) > 0  # the coarse-only source: no finding
+
+
+def test_compact_equals_the_list_of_every_reader():
+    import pickle
+
+    for policy in ("U-Ignore", "U-Soft"):
+        for name, reader in readers(policy).items():
+            want = list(readers(policy)[name])
+            store = reader.compact()
+            assert len(store) == len(want) and store == want and list(store) == want, name
+            assert [list(a) for a in store] == [list(a) for a in want]  # keys in order
+            assert pickle.loads(pickle.dumps(store)) == want
+            a = store[0]
+            a["uncertain"].append("changed")
+            assert store[0] == want[0]  # a fresh dict and fresh lists each time
+    many = [{"image": f"{i}.png", "finding": [str(i % 7)] * (i % 3), "w": {"a": i / 7}}
+            for i in range(5000)]  # fmt: skip
+    assert CompactAnnotations(many) == many
