@@ -29,6 +29,8 @@ SLOW = (
     "tests/test_bench.py::test_quick_json_is_complete",  # the two share the bench run fixture
     "tests/test_bench.py::test_quick_csv_md_png",
     "tests/test_core.py::test_torch_compile_equals_eager",
+    # torchrun, 2 processes:
+    "tests/test_datasets_merge.py::test_merged_recipe_trains_under_the_open_clip_launcher_with_2_processes",
     "tests/test_distributed.py",  # process groups in subprocesses
     "tests/test_docs.py",  # two Sphinx builds
     "tests/test_examples.py",  # the demo and the framework examples, end to end

@@ -25,6 +25,7 @@ from mgll.datasets import (
     read_label_table,
     read_mimic_cxr,
 )
+from mgll.targets import from_multi_hot
 from mgll.text import Granularity, MultiGranularTextBuilder
 
 # ChestX-ray14 Data_Entry_2017.csv: the header as published, with its trailing comma.
@@ -650,3 +651,9 @@ def test_no_finding_descriptions_are_not_positives_of_each_other(tmp_path):
     assert description.texts[:2] == ("A chest X-ray with no finding.",) * 2
     assert description.labels[:2].sum() == 0  # annotated, no positive: a pure negative
     assert description.labels[2].sum() == 1
+    pairs = from_multi_hot(description.labels)  # the loss's pair rule ("any" overlap)
+    assert pairs[0, 1] == 0 and pairs[1, 0] == 0 and pairs[2, 2] == 1
+    assert not description.labels.isnan().any()  # a known negative pair, not an unknown one
+    for preset in (chexpert_builder(["description"]), chestxray14_builder(["description"])):
+        labels = preset.build(healthy, label_format="multi_hot")["description"].labels
+        assert from_multi_hot(labels)[0, 1] == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import tarfile
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from mgll.datasets import (
     CHEST_X_RAY_LABEL_MAP,
+    CompactAnnotations,
     LabelMap,
     SourceLabels,
     merge_sources,
@@ -291,3 +293,179 @@ def test_open_clip_config_declares_the_union_classes():
     assert len(grans[1].classes) == 20 and cfg["loss"] == {"smooth_kl_weight": 0}
     with pytest.raises(ValueError, match=r"names \['description'\], not in `classes`"):
         open_clip_config(merged().classes, ["description"])
+
+
+# A coarse-only source in a generic "one row per image" layout: only the CheXpert-style
+# categories are annotated, so every finding of its images is unknown (a NaN row).
+COARSE_CSV = (
+    "image,category,patient\n"
+    "coarse/0.png,Lung Opacity,c1\n"
+    "coarse/1.png,Pleural Effusion|Lung Opacity,c2\n"
+    "coarse/2.png,,c3\n"
+    "coarse/3.png,Fracture,c4\n"
+)
+TINY_MODEL = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+# Runs the launcher under torchrun and records, on every rank, what reached the loss.
+RECORDING_LAUNCHER = """
+import json, math, os, sys
+import torch
+from mgll.integrations import open_clip as flat
+from mgll.integrations import open_clip_train
+
+calls, forward = [], flat.FlatMGLLLoss.forward
+
+def recording(self, *args, **kwargs):
+    labels = [kwargs[k] for k in sorted(kwargs) if k.startswith("labels_")]
+    out = forward(self, *args, **kwargs)
+    total = out["loss"] if isinstance(out, dict) and "loss" in out else (
+        sum(out.values()) if isinstance(out, dict) else out)
+    calls.append({
+        "loss": float(total),
+        "n": int(labels[0].shape[0]),
+        "nan_rows": [int(x.isnan().all(1).sum()) for x in labels],
+        "nan_entries": [int(x.isnan().sum()) for x in labels],
+    })
+    return out
+
+flat.FlatMGLLLoss.forward = recording
+try:
+    open_clip_train.main(sys.argv[1:])
+finally:
+    with open(f"rank{os.environ.get('RANK', '0')}.json", "w") as f:
+        json.dump(calls, f)
+"""
+
+
+def _coarse_source(tmp_path):
+    from mgll.datasets import read_label_table
+
+    (tmp_path / "coarse.csv").write_text(COARSE_CSV)
+    annotations = read_label_table(
+        tmp_path / "coarse.csv", image="image", labels="category", label_key="category",
+        separator="|", metadata=["patient"],
+    )  # fmt: skip
+    label_map = CHEST_X_RAY_LABEL_MAP.with_source(
+        "coarse", SourceLabels({"category": ["Lung Opacity", "Pleural Effusion", "Fracture"]})
+    )
+    return [{**a, "patient_id": a["patient"]} for a in annotations], label_map
+
+
+def _launcher_args(argv):
+    from open_clip_train.params import parse_args
+
+    args = parse_args(argv)
+    args.distributed, args.world_size, args.rank, args.local_rank = False, 1, 0, 0
+    return args
+
+
+def test_merged_recipe_trains_under_the_open_clip_launcher_with_2_processes(tmp_path):
+    """The data guide's recipe end to end: provider files -> readers -> merge_sources ->
+    split_by_patient -> write_webdataset -> the open_clip launcher under torchrun (2 gloo
+    processes, a tiny offline model).  The unannotated labels stay unknown on the way: the
+    shards' .json keep them, the launcher's loader yields NaN where merged.labels() has NaN,
+    and on both ranks NaN rows reach the loss, which stays finite."""
+    import gc
+    import os
+    import subprocess
+    import sys
+    import warnings
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    pytest.importorskip("open_clip_train.main")
+    pytest.importorskip("webdataset")
+    from mgll.integrations import open_clip_train
+
+    coarse, label_map = _coarse_source(tmp_path)
+    m = merge_sources({**readers(), "coarse": coarse}, label_map, uncertainty="U-Ignore")
+    assert len(m) == 18 and m.summary()["coarse"]["granularities"] == {"category": 3}
+    parts = split_by_patient(m, {"train": 0.7, "val": 0.3}, seed=0)
+    train_ids = {a["patient_id"] for a in parts["train"]}
+    assert not train_ids & {a["patient_id"] for a in parts["val"]}
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    for k, a in enumerate(m):  # tiny stand-in images, one file per annotation
+        a["image"] = str(tmp_path / "img" / f"{k}.png")
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(a["image"])
+    grans = ["category", "finding"]
+    train = write_webdataset(parts["train"], tmp_path / "shards", grans, shards=2)
+    val = write_webdataset(parts["val"], tmp_path / "shards", grans, prefix="val")
+    config = open_clip_config(m.classes, grans, loss={"smooth_kl_weight": 0.5})
+    (tmp_path / "mgll.json").write_text(json.dumps(config))
+    (tmp_path / "mgll-tiny-vit.json").write_text(json.dumps(TINY_MODEL))
+
+    # The launcher's own webdataset loader gives the merged labels, NaN where they are unknown.
+    n_val = len(parts["val"])
+    argv = ["--train-data", train, "--val-data", val, "--dataset-type", "webdataset",
+            "--model", "mgll-tiny-vit", "--batch-size", "2", "--epochs", "2", "--lr", "1e-3",
+            "--warmup", "0", "--workers", "0", "--device", "cpu", "--seed", "0",
+            "--precision", "fp32", "--log-every-n-steps", "1", "--name", "run",
+            "--mgll-model-config", str(tmp_path / "mgll-tiny-vit.json"),
+            "--mgll-config", str(tmp_path / "mgll.json")]  # fmt: skip
+    rest, cfg = open_clip_train.parse_mgll_args([*argv, "--batch-size", "64"])
+    hooks = open_clip_train._Hooks(cfg)
+    to_tensor = lambda im: torch.from_numpy(np.asarray(im, dtype=np.float32))  # noqa: E731
+    info = hooks.wds_data(_launcher_args(rest), to_tensor, is_train=False)
+    with warnings.catch_warnings():  # webdataset leaves the shard's file to the collector
+        warnings.simplefilter("ignore", ResourceWarning)
+        ((images, texts),) = list(info.dataloader)
+        del info
+        gc.collect()
+    assert images.shape == (n_val, 32, 32, 3)
+    val_merged = type(m)(list(parts["val"]), label_map)
+    for g, name in enumerate(grans):
+        got, want = texts[g].labels, val_merged.labels(name)
+        assert torch.equal(got.isnan(), want.isnan()), name
+        assert torch.equal(got.nan_to_num(-1), want.nan_to_num(-1)), name
+        assert bool(want.isnan().any()), name  # the check has unknowns to carry
+
+    # And trains under torchrun with 2 processes.
+    (tmp_path / "launch.py").write_text(RECORDING_LAUNCHER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", str(tmp_path / "launch.py")]  # fmt: skip
+    proc = subprocess.run(
+        [*torchrun, *argv], cwd=tmp_path, env=env, capture_output=True,
+        text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    run = tmp_path / "logs" / "run"
+    assert (run / "checkpoints" / "epoch_2.pt").is_file()
+    log = (run / "out.log").read_text()
+    assert "total 2." in log  # open_clip: "Process (global: 0, local 0), total 2."
+    steps = re.findall(r"Train Epoch: (\d+) .* Loss: (\S+) \(", log)
+    assert {int(e) for e, _ in steps} == {0, 1} and all(math.isfinite(float(v)) for _, v in steps)
+    for rank in (0, 1):  # every step of both epochs, on both ranks (log: one line a step)
+        calls = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert len(calls) == len(steps), (calls, steps)
+        assert all(math.isfinite(c["loss"]) and c["n"] == 2 for c in calls), calls
+        assert sum(c["nan_entries"][1] for c in calls) > 0, calls  # unknown findings
+    both = [c for r in (0, 1) for c in json.loads((tmp_path / f"rank{r}.json").read_text())]
+    assert sum(c["nan_rows"][0] for c in both) > 0  # ChestX-ray14: no category at all
+    assert sum(c["nan_rows"][1] for c in both) > 0  # the coarse-only source: no finding
+
+
+def test_compact_equals_the_list_of_every_reader():
+    import pickle
+
+    for policy in ("U-Ignore", "U-Soft"):
+        for name, reader in readers(policy).items():
+            want = list(readers(policy)[name])
+            store = reader.compact()
+            assert len(store) == len(want) and store == want and list(store) == want, name
+            assert [list(a) for a in store] == [list(a) for a in want]  # keys in order
+            assert pickle.loads(pickle.dumps(store)) == want
+            a = store[0]
+            a["uncertain"].append("changed")
+            assert store[0] == want[0]  # a fresh dict and fresh lists each time
+    many = [{"image": f"{i}.png", "finding": [str(i % 7)] * (i % 3), "w": {"a": i / 7}}
+            for i in range(5000)]  # fmt: skip
+    assert CompactAnnotations(many) == many

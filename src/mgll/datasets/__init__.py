@@ -29,6 +29,7 @@ from mgll.datasets.chexpert import (
     read_chexpert,
 )
 from mgll.datasets.collate import MultiGranularCollate
+from mgll.datasets.compact import CompactAnnotations
 from mgll.datasets.export import open_clip_config, write_csv, write_webdataset
 from mgll.datasets.generic import UNCERTAINTY_POLICIES, VIEWS, apply_uncertainty, read_label_table
 from mgll.datasets.harmonise import CHEST_X_RAY_LABEL_MAP, LabelMap, SourceLabels
@@ -51,6 +52,7 @@ __all__ = [
     "MIMIC_IMAGE_TEMPLATE",
     "UNCERTAINTY_POLICIES",
     "VIEWS",
+    "CompactAnnotations",
     "LabelMap",
     "MergeSummary",
     "MergedAnnotations",

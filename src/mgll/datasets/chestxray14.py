@@ -105,8 +105,9 @@ def read_chestxray14(
         needs=["Patient ID", "View Position"],
         patient_of=patient_column("Patient ID"),
         contradicts=lambda found: "No Finding" in found and len(found) > 1,
+        levels=lambda part: {"description": sentence(part["finding"])},
     )
-    return rows.map(lambda a: {**a, "description": sentence(a["finding"])})
+    return rows
 
 
 def _view(row: dict[str, str]) -> str:

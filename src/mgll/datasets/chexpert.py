@@ -154,8 +154,9 @@ def read_chexpert(
         view_of=_view,
         needs=["Frontal/Lateral", "AP/PA"],
         patient_of=_patient,
+        levels=level_fields,
     )
-    return rows.map(with_levels)
+    return rows
 
 
 _RELEASES = ("CheXpert-v1.0", "CheXpert-v1.0-small")
@@ -205,6 +206,12 @@ def _read_observations(path: Source, **options: object) -> Annotations:
 
 def with_levels(annotation: dict[str, object]) -> dict[str, object]:
     """Add ``"category"`` and ``"description"`` from ``"finding"`` and ``"uncertain"``."""
+    return {**annotation, **level_fields(annotation)}
+
+
+def level_fields(annotation: Mapping[str, object]) -> dict[str, object]:
+    """``"category"``, ``"description"`` and (under U-Ignore) the categories made unknown,
+    from ``"finding"``, ``"uncertain"`` and ``"unknown"``."""
     finding, uncertain = annotation["finding"], annotation["uncertain"]
     positives = [x for x in finding if x not in uncertain]
     category: dict[str, float] = {}
@@ -214,7 +221,6 @@ def with_levels(annotation: dict[str, object]) -> dict[str, object]:
         category[top] = max(category.get(top, 0.0), w)
     ordered = dict(sorted(category.items(), key=lambda item: _ORDER.get(item[0], len(_ORDER))))
     out = {
-        **annotation,
         "category": ordered if isinstance(finding, Mapping) else list(ordered),
         "description": sentence(positives, uncertain),
     }

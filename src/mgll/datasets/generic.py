@@ -149,6 +149,7 @@ class _Spec:
     view_of: Callable[[dict[str, str]], str] | None = None
     patient_of: Callable[[dict[str, str]], str] | None = None
     contradicts: Callable[[dict], bool] | None = None
+    levels: Callable[[dict], dict] | None = None
 
 
 def read_label_table(
@@ -259,10 +260,13 @@ def read_rows(
     needs: Sequence[str] = (),
     patient_of: Callable | None = None,
     contradicts: Callable[[object], bool] | None = None,
+    levels: Callable[[dict], dict] | None = None,
 ) -> Annotations:
     """:func:`read_label_table` with the providers' hooks: a view and a patient id per row
-    (from the columns ``needs``), a check that counts contradictory rows; the header is
-    checked now, rows read lazily."""
+    (from the columns ``needs``), a check that counts contradictory rows, and ``levels``:
+    the fields derived from the label fields (``{label_key, "uncertain"[, "unknown"]}`` ->
+    new or replaced fields, added last; computed once per distinct label cells); the header
+    is checked now, rows read lazily."""
     policy = check_policy(uncertainty, soft_weight)
     one_column = isinstance(labels, str)
     label_columns = [labels] if one_column else _names("labels", labels)
@@ -293,52 +297,92 @@ def read_rows(
         view_of=view_of,
         patient_of=patient_of,
         contradicts=contradicts,
+        levels=levels,
     )
     return Annotations(lambda counts: _annotations(table, spec, counts))
 
 
+_CACHE_LIMIT = 1 << 17  # distinct label cells remembered while reading a file
+
+
 def _annotations(table: Table, spec: _Spec, counts: dict) -> Iterator[dict[str, object]]:
     seen: dict[str, int] = {}
+    cache: dict[object, tuple[dict, dict, bool]] = {}
+    columns = spec.label_columns
+    column = columns[0] if spec.one_column else None
+    image, join = spec.image, spec.paths.join
+    texts, meta = list(spec.text_map.items()), spec.meta
     for line, row in table.rows():
         counts["rows"] += 1
-        ident = row[spec.image]
+        ident = row[image]
         if not ident:
-            raise table.error(line, spec.image, "the id is blank")
+            raise table.error(line, image, "the id is blank")
         if ident in seen:
             raise table.error(
-                line, spec.image, f"{ident!r} repeats line {seen[ident]}; each row needs its own id"
+                line, image, f"{ident!r} repeats line {seen[ident]}; each row needs its own id"
             )
         seen[ident] = line
         view = spec.view_of(row) if spec.view_of is not None else None
         if spec.views is not None and view not in spec.views:
             counts["skipped_view"] += 1
             continue
-        if spec.one_column:
-            column = spec.label_columns[0]
-            found = _split(table, line, column, row[column], spec.separator, spec.allowed)
-            labels, uncertain = [x for x in found if x not in spec.null], []
-            evidence: object = found
-        else:
-            values = {c: _value(table, line, c, row[c]) for c in spec.label_columns}
-            labels, uncertain = _resolve(values, spec.policy, spec.soft_weight, spec.null)
-            evidence = values
-        if spec.contradicts is not None and spec.contradicts(evidence):
+        key = row[column] if spec.one_column else tuple([row[c] for c in columns])
+        hit = cache.get(key)
+        if hit is None:
+            hit = _label_part(table, line, row, spec)
+            if len(cache) < _CACHE_LIMIT:
+                cache[key] = hit
+        part, derived, contradiction = hit
+        if contradiction:
             counts["contradictions"] += 1
-        out: dict[str, object] = {
-            "image": spec.paths.join(ident, table, line, spec.image),
-            spec.label_key: labels,
-            "uncertain": uncertain,
-        }
-        if uncertain and spec.policy == "U-Ignore":
-            out[UNKNOWN_KEY] = {spec.label_key: list(uncertain)}
-        out.update({key: row[column] for key, column in spec.text_map.items()})
-        out.update({column: row[column] for column in spec.meta})
+        out: dict[str, object] = {"image": join(ident, table, line, image)}
+        out.update(_fresh(part))
+        for k, c in texts:
+            out[k] = row[c]
+        for c in meta:
+            out[c] = row[c]
         if spec.view_of is not None:
             out["view"] = view
         if spec.patient_of is not None:
             out["patient_id"] = spec.patient_of(table, line, row)
+        if derived:
+            out.update(_fresh(derived))
         counts["kept"] += 1
         yield out
+
+
+def _label_part(table: Table, line: int, row: dict[str, str], spec: _Spec) -> tuple:
+    """``(labels, uncertain[, unknown])``, the fields ``spec.levels`` derives from them, and
+    whether the row contradicts itself: all that one row's label cells decide."""
+    if spec.one_column:
+        column = spec.label_columns[0]
+        found = _split(table, line, column, row[column], spec.separator, spec.allowed)
+        labels, uncertain = [x for x in found if x not in spec.null], []
+        evidence: object = found
+    else:
+        values = {c: _value(table, line, c, row[c]) for c in spec.label_columns}
+        labels, uncertain = _resolve(values, spec.policy, spec.soft_weight, spec.null)
+        evidence = values
+    contradiction = spec.contradicts is not None and bool(spec.contradicts(evidence))
+    part: dict[str, object] = {spec.label_key: labels, "uncertain": uncertain}
+    if uncertain and spec.policy == "U-Ignore":
+        part[UNKNOWN_KEY] = {spec.label_key: list(uncertain)}
+    derived = spec.levels(part) if spec.levels is not None else {}
+    return part, derived, contradiction
+
+
+def _fresh(fields: dict[str, object]) -> dict[str, object]:
+    """A copy of cached fields whose lists and dicts (one level inside too) are new objects,
+    so that no two annotations share them."""
+    out = {}
+    for k, v in fields.items():
+        kind = type(v)
+        if kind is list:
+            v = v.copy()
+        elif kind is dict:
+            v = {a: b.copy() if type(b) in (list, dict) else b for a, b in v.items()}
+        out[k] = v
+    return out
 
 
 def integer_id(table: Table, line: int, column: str, value: str) -> str:

@@ -18,9 +18,10 @@ from mgll.datasets._csv import Annotations, ImagePaths, Source, Table
 from mgll.datasets.chexpert import (  # CHEXPERT_OBSERVATIONS: the examples use it
     CHEXPERT_OBSERVATIONS,  # noqa: F401
     _read_observations,
-    with_levels,
+    level_fields,
 )
-from mgll.datasets.generic import check_views, integer_id
+from mgll.datasets.compact import _freeze
+from mgll.datasets.generic import _fresh, check_views, integer_id
 
 __all__ = ["MIMIC_IMAGE_TEMPLATE", "read_mimic_cxr"]
 
@@ -109,6 +110,7 @@ def read_mimic_cxr(
         patient_of=lambda table, line, row: integer_id(
             table, line, "subject_id", row["subject_id"]
         ),
+        levels=level_fields,
     )
     studies = studies.map(_study)
     chosen = check_views(views)
@@ -125,7 +127,7 @@ def read_mimic_cxr(
 
 def _study(a: dict) -> dict:
     """A study's annotation keyed by its normalised ids (``subject_id`` is the patient)."""
-    return {**with_levels(a), "study_id": _digits(a.pop("image")), "subject_id": a["patient_id"]}
+    return {**a, "study_id": _digits(a.pop("image")), "subject_id": a["patient_id"]}
 
 
 def _digits(value: str) -> str:
@@ -136,11 +138,29 @@ def _digits(value: str) -> str:
     raise ValueError(f"MIMIC-CXR label file: `study_id` {value!r} is not an integer id")
 
 
+_IDS = ("image", "subject_id", "patient_id", "study_id")
+
+
 def _join(studies, table, views, paths, template, counts) -> Iterator[dict[str, object]]:
-    by_study = {a["study_id"]: a for a in studies}
+    # The studies in few objects: {study id: (subject, code)} and one field dict per distinct
+    # study annotation (ids left out), so a 227,835-study label file stays small in memory.
+    by_study: dict[int, tuple[str, int]] = {}
+    codes: dict[object, int] = {}
+    kinds: list[dict] = []
+    subjects: dict[str, str] = {}
+    for a in studies:
+        fields = {k: (None if k in _IDS else v) for k, v in a.items()}
+        key = _freeze(fields)
+        code = codes.get(key)
+        if code is None:
+            code = codes[key] = len(kinds)
+            kinds.append(fields)
+        subject = subjects.setdefault(a["subject_id"], a["subject_id"])
+        by_study[int(a["study_id"])] = (subject, code)
+    del codes, subjects
     counts.update(studies.counts, unmatched_images=0, unmatched_studies=0)
     counts["rows"] = counts["kept"] = 0
-    matched: set[str] = set()
+    matched: set[int] = set()
     seen: dict[str, int] = {}
     for line, row in table.rows():
         counts["rows"] += 1
@@ -150,28 +170,36 @@ def _join(studies, table, views, paths, template, counts) -> Iterator[dict[str, 
         if dicom in seen:
             raise table.error(line, "dicom_id", f"{dicom!r} repeats line {seen[dicom]}")
         seen[dicom] = line
-        row["study_id"] = integer_id(table, line, "study_id", row["study_id"])
-        row["subject_id"] = integer_id(table, line, "subject_id", row["subject_id"])
-        study = by_study.get(row["study_id"])
+        study_id = row["study_id"] = integer_id(table, line, "study_id", row["study_id"])
+        subject_id = row["subject_id"] = integer_id(table, line, "subject_id", row["subject_id"])
+        number = int(study_id)
+        study = by_study.get(number)
         if study is None:
             counts["unmatched_images"] += 1
             continue
-        matched.add(row["study_id"])
+        matched.add(number)
         view = _view(row.get("ViewPosition", ""))
         if views is not None and view not in views:
             counts["skipped_view"] += 1
             continue
-        if study["subject_id"] != row["subject_id"]:
+        subject, code = study
+        if subject != subject_id:
             raise table.error(
                 line,
                 "subject_id",
-                f"study {row['study_id']} belongs to subject {study['subject_id']} in the "
-                f"label file, not {row['subject_id']}",
+                f"study {study_id} belongs to subject {subject} in the label file, not "
+                f"{subject_id}",
             )
-        fields = {**row, "group": row["subject_id"][:2]}
-        image = paths.join(template.format(**fields), table, line, "dicom_id")
+        image = paths.join(
+            template.format_map({**row, "group": subject_id[:2]}), table, line, "dicom_id"
+        )
+        out = _fresh(kinds[code])
+        out["subject_id"] = out["patient_id"] = subject
+        out["study_id"] = study_id
+        out.update(row)
+        out["image"], out["view"] = image, view
         counts["kept"] += 1
-        yield {**study, **row, "image": image, "view": view}
+        yield out
     counts["unmatched_studies"] = len(by_study) - len(matched)
     if not matched:
         raise ValueError(
