@@ -313,6 +313,7 @@ def test_partial_methods_share_everything_but_the_coarse_only_labels(merged):
     assert rows["mgll_masked"].isnan().all()
     implied = rows["mgll_masked_implied"]
     assert ((implied == 0) | implied.isnan()).all() and implied.isnan().any()
+    assert by_name["mgll_masked_pw0"].loss_kwargs == {"pointwise_weight": (1.0, 0.0)}
     names = {m.name for m in (*MERGED, *PARTIAL)}
     assert all(a in names and b in names for a, b in PARTIAL_CONTRASTS)
 

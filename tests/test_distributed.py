@@ -48,6 +48,8 @@ SETTINGS = {
         pointwise_target="soft",
         pointwise_norm="images",
         granularity_weights=(1.0, 0.5),
+        soft_clip_weight=(0.5, 1.0),  # per-granularity term weights, one granularity's off
+        pointwise_weight=(1.0, 0.0),
     ),
 }
 BANK_SIZES = (5, 2)  # K_1 = 2 < W = 3: a rank owns no bank text of that granularity

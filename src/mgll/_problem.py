@@ -25,10 +25,14 @@ from mgll.targets.overlap import rules_for
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Term weights (alpha_1..3), granularity weights (lambda_g) and term options."""
+    """Term weights (alpha_1..3), granularity weights (lambda_g) and term options.
 
-    soft_clip_weight: float = 1.0
-    pointwise_weight: float = 1.0
+    ``soft_clip_weight`` and ``pointwise_weight`` are one float for every granularity, or a
+    tuple of one float per granularity (alpha_{1,g}, alpha_{2,g}).
+    """
+
+    soft_clip_weight: float | tuple[float, ...] = 1.0
+    pointwise_weight: float | tuple[float, ...] = 1.0
     smooth_kl_weight: float = 1.0
     granularity_weights: tuple[float, ...] | None = None
     pointwise_target: str = "binary"
@@ -39,6 +43,39 @@ class LossConfig:
 
     def lam(self, g: int) -> float:
         return 1.0 if self.granularity_weights is None else float(self.granularity_weights[g])
+
+    def soft_clip_weight_at(self, g: int) -> float:
+        """alpha_1 at granularity g."""
+        return _weight_at(self.soft_clip_weight, g)
+
+    def pointwise_weight_at(self, g: int) -> float:
+        """alpha_2 at granularity g."""
+        return _weight_at(self.pointwise_weight, g)
+
+    def term_factors(self, term: str, num_granularities: int) -> tuple[float, list[float]]:
+        """``(outer, inner)`` with term weight = ``outer * sum_g inner[g] * L^g``.
+
+        One weight for every granularity (a float, or a tuple of equal values) stays outside
+        the sum, ``inner[g] = lambda_g``, as the loss is written; per-granularity weights move
+        inside, ``inner[g] = alpha_g lambda_g`` and ``outer = 1``.  ``term``: ``"soft_clip"``
+        or ``"pointwise"``.
+        """
+        weight = getattr(self, f"{term}_weight")
+        lams = [self.lam(g) for g in range(num_granularities)]
+        if not isinstance(weight, tuple):
+            return float(weight), lams
+        if len(set(weight)) <= 1:
+            return (float(weight[0]) if weight else 1.0), lams
+        return 1.0, [float(a) * lam for a, lam in zip(weight, lams, strict=True)]
+
+
+def _weight_at(weight: float | tuple[float, ...], g: int) -> float:
+    return float(weight[g]) if isinstance(weight, tuple) else float(weight)
+
+
+def _weight_on(weight: float | tuple[float, ...]) -> bool:
+    """A term runs when any of its weights is non-zero."""
+    return any(w != 0 for w in weight) if isinstance(weight, tuple) else weight != 0
 
 
 class LossTerms(NamedTuple):
@@ -65,9 +102,10 @@ class Problem:
 
     Which terms run, and the pointwise divisors, are decided once, here, when the batch is built
     (:func:`build_problem`); every backend reads them and derives none:
-    ``soft_clip_on`` and ``pointwise_on`` (their weight is not 0), ``smooth_kl_on`` (its weight
+    ``soft_clip_on`` and ``pointwise_on`` (a weight of theirs is not 0), ``smooth_kl_on`` (its weight
     is not 0 and the term can be non-zero, :func:`kl_contributes`), and ``pointwise_norms[g]``,
-    the pointwise term's divisor at granularity g (:func:`pointwise_norm`; None when it is off).
+    the pointwise term's divisor at granularity g (:func:`pointwise_norm`; None when it is off,
+    or its weight at g is 0).
     To change the rows and columns a backend computes, use :func:`dataclasses.replace`.
     """
 
@@ -277,13 +315,13 @@ def _distinct_groups(groups: Tensor | GroupMap) -> int:
 def requested_terms(config: LossConfig, num_granularities: int) -> tuple[bool, bool, bool]:
     """Which of (soft CLIP, pointwise, smooth KL) the settings ask for, from them and G alone.
 
-    A term with weight 0 is off; the smooth KL also needs two granularities.  This reads no
+    A term whose weights are all 0 is off; the smooth KL also needs two granularities.  This reads no
     tensor, so it holds under tracing too (the compiled operator sizes its buffers by it);
     :func:`build_problem` then turns the smooth KL off as well where it cannot contribute.
     """
     return (
-        config.soft_clip_weight != 0,
-        config.pointwise_weight != 0,
+        _weight_on(config.soft_clip_weight),
+        _weight_on(config.pointwise_weight),
         config.smooth_kl_weight != 0 and num_granularities > 1,
     )
 
@@ -326,7 +364,12 @@ def build_problem(
             else c
             for c in cooc
         ]
-        norms = [pointwise_norm(c, config.pointwise_norm) if pw_on else None for c in w_rows]
+        norms = [  # none where the term is off at g (its weight there is 0)
+            pointwise_norm(c, config.pointwise_norm)
+            if pw_on and config.pointwise_weight_at(g) != 0
+            else None
+            for g, c in enumerate(w_rows)
+        ]
         return Problem(
             image=prepare_features(image_features, dtype, normalize),
             texts=[prepare_features(t, dtype, normalize) for t in text_features],

@@ -50,6 +50,33 @@ def check_weight(name: str, value: object) -> float:
     return float(value)
 
 
+def check_term_weight(name: str, value: object) -> float | tuple[float, ...]:
+    """A term weight: one number, or a non-empty sequence of one number per granularity."""
+    if isinstance(value, Tensor):
+        value = value.tolist()
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) == 0:
+            raise ValueError(
+                f"`{name}` must be one number or one number per granularity, got an empty "
+                f"sequence; pass a float, or a sequence of length G"
+            )
+        return tuple(check_weight(f"{name}[{g}]", w) for g, w in enumerate(value))
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"`{name}` must be a real number or a sequence of one per granularity, "
+            f"got {type(value).__name__}"
+        )
+    return check_weight(name, value)
+
+
+def check_term_weight_count(name: str, weight: object, g_count: int) -> None:
+    if isinstance(weight, tuple) and len(weight) != g_count:
+        raise ValueError(
+            f"`{name}` must have one weight per granularity: G={g_count} from "
+            f"`text_features`, got {len(weight)} ({weight}); pass {g_count} values or one float"
+        )
+
+
 def check_granularity_weights(value: Sequence[float] | None) -> tuple[float, ...] | None:
     if value is None:
         return None

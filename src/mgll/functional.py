@@ -197,8 +197,9 @@ class LossOptions(LossConfig):
         def store(name: str, value: object) -> None:
             object.__setattr__(self, name, value)
 
-        for name in ("soft_clip_weight", "pointwise_weight", "smooth_kl_weight"):
-            store(name, v.check_weight(name, getattr(self, name)))
+        for name in ("soft_clip_weight", "pointwise_weight"):  # one, or one per granularity
+            store(name, v.check_term_weight(name, getattr(self, name)))
+        store("smooth_kl_weight", v.check_weight("smooth_kl_weight", self.smooth_kl_weight))
         for name in ("pointwise_target", "pointwise_norm", "smooth_kl_support"):
             v.check_option(name, getattr(self, name))
         store("granularity_weights", v.check_granularity_weights(self.granularity_weights))
@@ -236,6 +237,8 @@ def option_parameters() -> list[inspect.Parameter]:
     # what a caller may pass (checked, then stored as a tuple)
     hints = {
         "granularity_weights": "Sequence[float] | None",
+        "soft_clip_weight": "float | Sequence[float]",
+        "pointwise_weight": "float | Sequence[float]",
         "overlap": "str | Sequence[str]",
         "group": object,
     }
@@ -339,6 +342,8 @@ def loss_with(
     v.check_scale_and_bias(logit_scale, logit_bias, image_features)
     mode, values = v.check_labels_or_targets(labels, targets, image_features, texts)
     v.check_granularity_count(config.granularity_weights, len(texts))
+    v.check_term_weight_count("soft_clip_weight", config.soft_clip_weight, len(texts))
+    v.check_term_weight_count("pointwise_weight", config.pointwise_weight, len(texts))
     v.check_reference(config.smooth_kl_reference, len(texts))
     rules = rules_for(config.overlap, len(texts))
     if torch.compiler.is_compiling() and _compiles_as_one_op(

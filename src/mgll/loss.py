@@ -20,8 +20,13 @@ class MGLLLoss(nn.Module):
     Language Learning*, ICLR 2026 (arXiv:2511.15943).
 
     Args:
-        soft_clip_weight: :math:`\alpha_1`, weight of the soft-target CLIP term.
-        pointwise_weight: :math:`\alpha_2`, weight of the pointwise sigmoid term.
+        soft_clip_weight: :math:`\alpha_1`, weight of the soft-target CLIP term: one float, or
+            a sequence of one per granularity (:math:`\alpha_{1,g}`, inside the sum over g).
+        pointwise_weight: :math:`\alpha_2`, weight of the pointwise sigmoid term, one float or
+            one per granularity.  Drop a coarse granularity's pointwise term (e.g.
+            ``(1.0, 0.0)``, coarse last) when most image-caption pairs there are positives:
+            it then mostly learns "everything matches" (:ref:`concepts-term-weights`).  A 0 at
+            g removes that granularity's term.
         smooth_kl_weight: :math:`\alpha_3`, weight of the cross-granularity smooth KL.
         granularity_weights: :math:`\lambda_g`, one per granularity (default all 1).
         pointwise_target: ``"binary"`` (:math:`1[C>0]`, default: every pair with a positive

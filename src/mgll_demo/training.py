@@ -409,6 +409,7 @@ MERGED = (
 
 
 FP = ("fine", "parity")  # merged task: fine captions where annotated, parity everywhere
+COARSE_NO_POINTWISE = {"pointwise_weight": (1.0, 0.0)}
 PARTIAL = (
     Method(
         "mgll_dropped",
@@ -439,6 +440,30 @@ PARTIAL = (
         unannotated="implied",
         description="as mgll_masked, with the digits their parity rules out annotated 0",
     ),
+    Method(
+        "mgll_dropped_pw0",
+        "mgll",
+        FP,
+        COARSE_NO_POINTWISE,
+        subset="fine",
+        description="as mgll_dropped, without the parity granularity's pointwise term",
+    ),
+    Method(
+        "mgll_masked_pw0",
+        "mgll",
+        FP,
+        COARSE_NO_POINTWISE,
+        unannotated="unknown",
+        description="as mgll_masked, without the parity granularity's pointwise term",
+    ),
+    Method(
+        "mgll_masked_implied_pw0",
+        "mgll",
+        FP,
+        COARSE_NO_POINTWISE,
+        unannotated="implied",
+        description="as mgll_masked_implied, without the parity granularity's pointwise term",
+    ),
 )
 # The paired differences between the ways of keeping the coarse-only canvases (method, base).
 PARTIAL_CONTRASTS = (
@@ -448,6 +473,9 @@ PARTIAL_CONTRASTS = (
     ("mgll_masked", "mgll_negative"),
     ("mgll_masked_implied", "mgll_negative"),
     ("mgll_masked_implied", "mgll_masked"),
+    ("mgll_dropped_pw0", "mgll_dropped"),
+    ("mgll_masked_pw0", "mgll_masked"),
+    ("mgll_masked_implied_pw0", "mgll_masked_implied"),
     ("mgll_dropped", "clip_fine_only"),
 )
 

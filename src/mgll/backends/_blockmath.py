@@ -160,12 +160,12 @@ def _make_stats(plan: Plan) -> Stats:
         st.row_inv.append(_inverse(rows))
         st.col_inv.append(_inverse(cols))
         lam = cfg.lam(g)
-        half = 0.5 * cfg.soft_clip_weight * lam
+        half = 0.5 * cfg.soft_clip_weight_at(g) * lam
         st.w_row.append(half / st.row_mass[g].sum().clamp_min(1))
         st.w_col.append(half / st.col_mass[g].sum().clamp_min(1))
         norm = p.pointwise_norms[g]  # None: the term is off, its weight unused
         st.w_pw.append(
-            cfg.pointwise_weight * lam / _as_tensor(p.scale, 1 if norm is None else norm)
+            cfg.pointwise_weight_at(g) * lam / _as_tensor(p.scale, 1 if norm is None else norm)
         )
     compared = n if p.partial is None else p.partial.compared.clamp_min(1)
     st.w_kl = cfg.smooth_kl_weight / _as_tensor(p.scale, compared)

@@ -33,10 +33,12 @@ from mgll.targets.overlap import rules_for
 
 def _config(weights: list[float], lam: list[float] | None, options: str, ref: int):
     # options: "pointwise_target,pointwise_norm,smooth_kl_support,rule+rule+..." (one per g)
+    # weights: alpha_{1,g} for every g, alpha_{2,g} for every g, then alpha_3 (2 G + 1 values)
+    g = (len(weights) - 1) // 2
     return LossConfig(
-        soft_clip_weight=weights[0],
-        pointwise_weight=weights[1],
-        smooth_kl_weight=weights[2],
+        soft_clip_weight=tuple(weights[:g]),
+        pointwise_weight=tuple(weights[g : 2 * g]),
+        smooth_kl_weight=weights[2 * g],
         granularity_weights=None if lam is None else tuple(lam),
         pointwise_target=options.split(",")[0],
         pointwise_norm=options.split(",")[1],
@@ -234,7 +236,12 @@ def loss_terms(image, texts, scale, bias, values, mode, config: LossConfig, norm
     options = (
         f"{config.pointwise_target},{config.pointwise_norm},{config.smooth_kl_support},{rules}"
     )
-    weights = [config.soft_clip_weight, config.pointwise_weight, config.smooth_kl_weight]
+    g = len(texts)
+    weights = [
+        *(config.soft_clip_weight_at(i) for i in range(g)),
+        *(config.pointwise_weight_at(i) for i in range(g)),
+        config.smooth_kl_weight,
+    ]
     out = torch.ops.mgll.fused_loss_v2(image, list(texts), scale, bias, values, mode, weights, lam,
                                     options, ref, normalize, validate, need_grad)  # fmt: skip
     return out[0], out[1], out[2]

@@ -85,7 +85,7 @@ class TritonMGLL(torch.autograd.Function):
         if plan.has_ce:
             row = _ce_lines(stats_r, fwd).sum(1) / n_rows.clamp_min(1)
             col = _ce_lines(stats_c, fwd).sum(1) / n_cols.clamp_min(1)
-            soft_clip = a1 * (plan.lam * 0.5 * (row + col)).sum()
+            soft_clip = a1 * (plan.lam_ce * 0.5 * (row + col)).sum()
         pointwise = s.new_zeros(())
         if plan.has_pw:
             sp = stats_r[:, int(fwd.ST_SP)]
@@ -94,7 +94,7 @@ class TritonMGLL(torch.autograd.Function):
                 yz = safe_divide(cz + b * c, c)
             else:
                 yz = stats_r[:, int(fwd.ST_YZ)] + b * stats_r[:, int(fwd.ST_Y)]
-            pointwise = a2 * (plan.lam * (sp - yz).sum(1) / plan.norms).sum()
+            pointwise = a2 * (plan.lam_pw * (sp - yz).sum(1) / plan.norms).sum()
         smooth_kl = a3 * kl.sum() / n if plan.has_kl else s.new_zeros(())
         ctx.plan = plan
         ctx.has_bias = bias is not None
@@ -119,14 +119,14 @@ class TritonMGLL(torch.autograd.Function):
         rowf[:, int(bwd.RF_INV)] = safe_divide(torch.ones_like(c_r), c_r)
         colf = torch.zeros(g, int(bwd.N_COL_FIELDS), kmax, device=dev)
         if plan.has_ce:
-            coef = (a1 * 0.5 * plan.lam * _grad(g_clip, s)).unsqueeze(1)
+            coef = (a1 * 0.5 * plan.lam_ce * _grad(g_clip, s)).unsqueeze(1)
             rowf[:, int(bwd.RF_CE)] = coef / n_rows.clamp_min(1).unsqueeze(1) * (c_r > 0)
             c_c = stats_c[:, int(fwd.ST_C)]
             colf[:, int(bwd.CF_LSE)] = stats_c[:, int(fwd.ST_LSE)]
             colf[:, int(bwd.CF_CE)] = coef / n_cols.clamp_min(1).unsqueeze(1) * (c_c > 0)
             colf[:, int(bwd.CF_INV)] = safe_divide(torch.ones_like(c_c), c_c)
         if plan.has_pw:
-            coef = a2 * plan.lam * _grad(g_pw, s) / plan.norms
+            coef = a2 * plan.lam_pw * _grad(g_pw, s) / plan.norms
             rowf[:, int(bwd.RF_PW)] = coef.unsqueeze(1) * owned_r
         if plan.has_kl:
             rowf[:, int(bwd.RF_KL)] = a3 * _grad(g_kl, s) / n * owned_r

@@ -24,24 +24,27 @@ def compute(problem: Problem, config: LossConfig) -> LossTerms:
     n = problem.num_images
     zero = problem.scale.new_zeros(())
     soft_clip, pointwise, row_logits = zero, zero, []
+    # alpha_g lambda_g inside the sum over g, or alpha outside it (one weight for every g)
+    a_ce, lam_ce = config.term_factors("soft_clip", problem.num_granularities)
+    a_pw, lam_pw = config.term_factors("pointwise", problem.num_granularities)
     for g, (text, cooc, cols, norm) in enumerate(
         zip(problem.texts, problem.cooc, problem.cols, problem.pointwise_norms, strict=True)
     ):
-        lam = config.lam(g)
         rows_z = problem.scale * problem.image[problem.rows] @ text.T  # (n_local, K_g)
         rows_c, rows_known = _known(cooc.block(problem.rows, slice(None), rows_z.dtype), cooc)
         row_logits.append(rows_z)
-        if problem.soft_clip_on:
+        if problem.soft_clip_on and config.soft_clip_weight_at(g) != 0:
             # (k_local, N): columns as rows; the same logits when this process owns everything
             cols_z = rows_z.T if problem.is_full else problem.scale * text[cols] @ problem.image.T
             cols_c, cols_known = _known(problem.column_block(g, cols, rows_z.dtype).T, cooc)
             n_rows, n_cols = cooc.anchor_counts()
             i2t = soft_ce_rows(rows_z, rows_c, rows_known) / n_rows.clamp_min(1)
             t2i = soft_ce_rows(cols_z, cols_c, cols_known) / n_cols.clamp_min(1)
-            soft_clip = soft_clip + lam * 0.5 * (i2t + t2i)
-        if problem.pointwise_on:
+            soft_clip = soft_clip + lam_ce[g] * 0.5 * (i2t + t2i)
+        if problem.pointwise_on and config.pointwise_weight_at(g) != 0:
             pointwise = (
-                pointwise + lam * _pointwise(rows_z, rows_c, rows_known, problem, config) / norm
+                pointwise
+                + lam_pw[g] * _pointwise(rows_z, rows_c, rows_known, problem, config) / norm
             )
     smooth_kl = zero
     if problem.smooth_kl_on:
@@ -54,8 +57,8 @@ def compute(problem: Problem, config: LossConfig) -> LossTerms:
             )
             smooth_kl = kl / part.compared.clamp_min(1)
     return LossTerms(
-        config.soft_clip_weight * soft_clip,
-        config.pointwise_weight * pointwise,
+        a_ce * soft_clip,
+        a_pw * pointwise,
         config.smooth_kl_weight * smooth_kl,
     )
 

@@ -137,7 +137,8 @@ class _Plan:
     rows: tuple[int, int]
     cols: list[tuple[int, int]]
     weights: tuple[float, float, float]
-    lam: Tensor
+    lam_ce: Tensor  # per g: lambda_g, or alpha_{1,g} lambda_g (see weights)
+    lam_pw: Tensor
     norms: Tensor
     has_ce: bool
     has_pw: bool
@@ -167,6 +168,9 @@ class _Plan:
         kl_on = problem.smooth_kl_on
         identity = all(m is None for m in problem.kl_maps)
         partial = any(c.partial for c in problem.cooc)
+        # alpha outside the sum over g, or alpha_g lambda_g inside (LossConfig.term_factors)
+        a_ce, lam_ce = config.term_factors("soft_clip", g)
+        a_pw, lam_pw = config.term_factors("pointwise", g)
         # the pointwise divisors (known pairs, a tensor, when labels are unknown): no host sync
         norms = torch.stack(
             [
@@ -187,8 +191,9 @@ class _Plan:
                 _span(c, k, f"problem.cols[{i}]")
                 for i, (c, k) in enumerate(zip(problem.cols, ks, strict=True))
             ],
-            weights=(config.soft_clip_weight, config.pointwise_weight, config.smooth_kl_weight),
-            lam=torch.tensor([config.lam(i) for i in range(g)], device=device),
+            weights=(a_ce, a_pw, config.smooth_kl_weight),
+            lam_ce=torch.tensor(lam_ce, device=device),
+            lam_pw=torch.tensor(lam_pw, device=device),
             norms=norms,
             has_ce=problem.soft_clip_on,
             has_pw=problem.pointwise_on,
