@@ -7,7 +7,7 @@ blocks only.  Bank targets arrive dense and stay dense.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -41,6 +41,9 @@ class CoOccurrence:
     rule: str = "any"
     zero_one: bool = False
     partial: bool = False
+    #: Statistics of ``data`` computed once per call (a paired C is symmetric: its row and
+    #: column sums are one vector, and the distinct label sets are found once).
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -106,14 +109,33 @@ class CoOccurrence:
         dtype = dtype or torch.float32
         if self.kind == "dense":
             return self.data.to(dtype).nansum(dim) if self.partial else self.data.to(dtype).sum(dim)
-        if self.kind == "ids":  # symmetric: both are the size of each sample's class
-            _, inverse, counts = torch.unique(self.data, return_inverse=True, return_counts=True)
-            sums = counts[inverse].to(dtype)
+        # paired: C is symmetric (every rule is), so the row and column sums are one vector
+        key = ("line_sums", dtype)
+        if key not in self._memo:
+            self._memo[key] = self._paired_line_sums(dtype)
+        return self._memo[key]
+
+    def _paired_line_sums(self, dtype) -> Tensor:
+        if self.kind == "ids":  # the size of each sample's class, counted in the sorted ids
+            ordered = self.data.sort().values  # sorting needs no host synchronisation
+            counts = torch.searchsorted(ordered, self.data, right=True) - torch.searchsorted(
+                ordered, self.data
+            )
+            sums = counts.to(dtype)
             return torch.where(self.data >= 0, sums, 0) if self.partial else sums
         if self.data.shape[1] == 0:  # multi-hot over C_g = 0 classes: no positive anywhere
             return torch.zeros(self.data.shape[0], dtype=dtype, device=self.data.device)
-        # multi_hot: symmetric (every rule is)
         return self._over_sets(lambda w, known: w, dtype)
+
+    def distinct_sets(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The distinct label vectors of multi-hot ``data`` (NaN as -1), the index of each
+        sample's, and how many samples have each: one ``torch.unique``, once per call."""
+        if "sets" not in self._memo:
+            x = self.data
+            if self.partial:  # torch.unique keeps every NaN apart: mark them with -1 instead
+                x = torch.where(torch.isnan(x), -1.0, x)
+            self._memo["sets"] = torch.unique(x, dim=0, return_inverse=True, return_counts=True)
+        return self._memo["sets"]
 
     def _over_sets(self, value, dtype=torch.float64) -> Tensor:
         """Row sums of ``value(weights, known)`` over C's columns, for paired multi-hot labels.
@@ -122,10 +144,7 @@ class CoOccurrence:
         counted once: U x U blocks (U <= N, usually far fewer), a bounded number of elements
         at a time, instead of N x N.  NaN entries (not annotated) are one value for this.
         """
-        x = self.data
-        if self.partial:  # torch.unique keeps every NaN apart: mark them with -1 instead
-            x = torch.where(torch.isnan(x), -1.0, x)
-        sets, inverse, counts = torch.unique(x, dim=0, return_inverse=True, return_counts=True)
+        sets, inverse, counts = self.distinct_sets()
         sets = sets.to(dtype)
         if self.partial:
             sets = torch.where(sets < 0, torch.nan, sets)
@@ -144,7 +163,8 @@ class CoOccurrence:
 
     def anchor_counts(self) -> tuple[Tensor, Tensor]:
         """Numbers of rows and of columns with at least one positive (|A_r|, |A_c|)."""
-        return (self.line_sums(1) > 0).sum(), (self.line_sums(0) > 0).sum()
+        rows = (self.line_sums(1) > 0).sum()
+        return rows, rows if self.paired else (self.line_sums(0) > 0).sum()
 
 
 class GroupMap:
@@ -196,6 +216,16 @@ class GroupMap:
         return self.index.numel() > 0 and self.num_groups > 0
 
 
+def dense_ranks(ids: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.unique(ids, return_inverse=True)``'s inverse (each id's rank among the distinct
+    ids, 0..U-1) and U as a 0-dim tensor, for (N,) ids: by sorting, without a host sync."""
+    ordered, order = ids.sort()
+    new = torch.ones_like(ordered, dtype=torch.bool)
+    new[1:] = ordered[1:] != ordered[:-1]
+    ranks = new.cumsum(0) - 1
+    return torch.empty_like(ranks).scatter_(0, order, ranks), new.sum()
+
+
 def apply_map(p: Tensor, t: Tensor | GroupMap | None) -> Tensor:
     """``p @ t`` for a smooth-KL map: dense, grouped by ids, or None (the identity)."""
     if t is None:
@@ -238,8 +268,8 @@ def sample_groups(cooc: CoOccurrence, dtype=torch.float32) -> Tensor | GroupMap:
     are dropped; samples without a label have a zero row.
     """
     if cooc.kind == "ids" and not cooc.partial:
-        values, inverse = torch.unique(cooc.data, return_inverse=True)
-        return GroupMap(inverse, values.shape[0])
+        inverse, size = dense_ranks(cooc.data)
+        return GroupMap(inverse, int(size))
     if cooc.kind == "ids":  # the missing id -1 belongs to no group
         values = torch.unique(cooc.data)
         return normalize_rows((cooc.data[:, None] == values[values >= 0][None, :]).to(dtype))

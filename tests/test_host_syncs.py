@@ -1,0 +1,175 @@
+"""Host synchronisations per call: counted on CPU, bounded per case (docs/errors.rst).
+
+On a GPU every operation that reads a tensor's value on the host (``.item()``, ``bool(t)``,
+``.tolist()``), or whose output size depends on the data (``torch.unique``, ``nonzero``,
+boolean-mask indexing, ``repeat_interleave`` without ``output_size``), waits for the device.
+The counter below sees each of them on CPU, where they cost nothing, around one forward and
+backward; the bounds are what the code does today, so that a new sync fails a test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import mgll
+
+#: aten operators that wait for the device: a host read, or an output sized by the data.
+_SYNC_OPS = {
+    "aten._local_scalar_dense.default",  # .item(), bool(t), float(t), int(t), __index__
+    "aten.equal.default",
+    "aten.is_nonzero.default",
+    "aten.nonzero.default",
+    "aten.masked_select.default",
+    "aten._unique.default",
+    "aten._unique2.default",
+    "aten.unique_dim.default",
+    "aten.unique_consecutive.default",
+}
+
+
+class _DispatchCounter(TorchDispatchMode):
+    def __init__(self, seen: list[str]) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func)
+        if name in _SYNC_OPS:
+            self.seen.append(name)
+        elif name.startswith("aten.index.Tensor") and any(
+            i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1]
+        ):
+            self.seen.append("boolean-mask indexing")
+        elif name.startswith("aten.repeat_interleave") and kwargs.get("output_size") is None:
+            self.seen.append(name)
+        return func(*args, **kwargs)
+
+
+class _FunctionCounter(TorchFunctionMode):
+    """What the dispatcher does not see: ``Tensor.tolist`` reads the data directly."""
+
+    def __init__(self, seen: list[str]) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.tolist:
+            self.seen.append("tolist")
+        return func(*args, **(kwargs or {}))
+
+
+def count_syncs(fn) -> list[str]:
+    seen: list[str] = []
+    with _FunctionCounter(seen), _DispatchCounter(seen):
+        fn()
+    return seen
+
+
+def test_counter_sees_every_kind_of_sync():
+    x = torch.randn(6)
+    cases = [
+        lambda: bool((x > 0).any()),
+        lambda: float(x.sum()),
+        lambda: int(x.argmax()),
+        lambda: x.sum().item(),
+        lambda: x.tolist(),
+        lambda: x[x > 0],
+        lambda: torch.unique(x),
+        lambda: torch.unique(x[None], dim=0),
+        lambda: x.nonzero(),
+        lambda: x.masked_select(x > 0),
+        lambda: x.repeat_interleave(torch.ones(6, dtype=torch.int64)),
+        lambda: range(10)[torch.tensor(3)],
+    ]
+    for case in cases:
+        assert len(count_syncs(case)) == 1
+    assert count_syncs(lambda: (x * 2).sum() + x[2:4].exp().sum()) == []
+
+
+N, D = 8, 6
+
+
+def _labels(kind: str):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.tensor([0, 0, 1, 2, 2, 2, 3, 1])
+    if kind == "ids":
+        return {"labels": [ids, ids % 2]}
+    if kind == "ids_unknown":
+        return {"labels": [torch.tensor([0, -1, 1, 2, 2, -1, 3, 1]), ids % 2]}
+    if kind == "multi_hot":  # declared classes: (N, C_g) 0/1 integers
+        multi = (torch.rand(N, 5, generator=gen) < 0.4).to(torch.int64)
+        return {"labels": [multi, ids % 3]}
+    if kind == "multi_hot_float":
+        multi = (torch.rand(N, 5, generator=gen) < 0.4).to(torch.float32)
+        return {"labels": [multi, ids % 3]}
+    if kind == "multi_hot_nan":
+        multi = (torch.rand(N, 5, generator=gen) < 0.4).to(torch.float32)
+        multi[1, 2] = multi[4] = math.nan
+        return {"labels": [multi, ids % 3]}
+    if kind == "bank":
+        c0 = (torch.rand(N, 5, generator=gen) < 0.4).float()
+        c0[:, 0] = 1.0
+        c1 = torch.rand(N, 3, generator=gen)
+        return {"targets": [c0, c1]}
+    if kind == "bank_nan":
+        c0 = (torch.rand(N, 5, generator=gen) < 0.4).float()
+        c0[:, 0] = 1.0
+        c0[2, 3] = math.nan
+        c1 = torch.rand(N, 3, generator=gen)
+        return {"targets": [c0, c1]}
+    raise AssertionError(kind)
+
+
+def _widths(kind: str) -> list[int]:
+    return [5, 3] if kind.startswith("bank") else [N, N]
+
+
+def run_case(kind: str, backend: str, validate: bool) -> list[str]:
+    gen = torch.Generator().manual_seed(1)
+    image = torch.randn(N, D, generator=gen, requires_grad=True)
+    texts = [torch.randn(k, D, generator=gen, requires_grad=True) for k in _widths(kind)]
+    scale = torch.tensor(10.0, requires_grad=True)
+    loss_fn = mgll.MGLLLoss(backend=backend, validate=validate)
+    inputs = _labels(kind)
+
+    def step():
+        loss_fn(image, texts, scale, **inputs).backward()
+
+    return count_syncs(step)
+
+
+KINDS = (
+    "ids",
+    "ids_unknown",
+    "multi_hot",
+    "multi_hot_float",
+    "multi_hot_nan",
+    "bank",
+    "bank_nan",
+)
+BACKENDS = ("reference", "fused", "tiled")
+
+#: The most host synchronisations of one forward + backward, per (kind, validate); the same
+#: bound for every CPU backend.
+BOUNDS: dict[tuple[str, bool], int] = {}
+
+
+@pytest.mark.parametrize("validate", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_host_syncs_are_bounded(kind, backend, validate):
+    seen = run_case(kind, backend, validate)
+    assert len(seen) <= BOUNDS[kind, validate], seen
+
+
+if __name__ == "__main__":  # the table in the report: python tests/test_host_syncs.py
+    for kind in KINDS:
+        for validate in (False, True):
+            counts = [len(run_case(kind, b, validate)) for b in BACKENDS]
+            print(f"{kind:16} validate={validate!s:5} " + " ".join(f"{c:3}" for c in counts))
