@@ -15,6 +15,7 @@ from mgll._validation import NORM_EPS
 from mgll.targets.cooc import (
     CoOccurrence,
     GroupMap,
+    count_labels,
     dense_ranks,
     map_takes_part,
     map_width,
@@ -168,31 +169,35 @@ def build_batch(
     (:func:`cooccurrence_from_labels`).
     """
     rules = rules_for(config.overlap, len(values))
-    unknown, zero_one = label_flags(values, rules, check and mode == "paired")
+    paired = mode == "paired"
+    unknown, zero_one, stats = label_flags(values, rules, check and paired, count=paired)
     cooc = [
         cooccurrence_from_labels(x, rule, partial=u, zero_one=z)
-        if mode == "paired"
+        if paired
         else CoOccurrence("dense", x, partial=u)
         for x, rule, u, z in zip(values, rules, unknown, zero_one, strict=True)
     ]
+    for c, found in zip(cooc, stats, strict=True):
+        c.stats.update(found)
     return build_problem(
         image_features, text_features, logit_scale, logit_bias, cooc, config, normalize
     )
 
 
 def label_flags(
-    values: Sequence[Tensor], rules: Sequence[str], check: bool
-) -> tuple[list[bool], list[bool]]:
-    """Whether each granularity's labels or targets hold an unknown (:func:`has_unknowns`), and
+    values: Sequence[Tensor], rules: Sequence[str], check: bool, count: bool = False
+) -> tuple[list[bool], list[bool], list[dict]]:
+    """Whether each granularity's labels or targets hold an unknown (:func:`has_unknowns`),
     whether its float multi-hot labels are 0/1 (read only with ``check``, see
-    :func:`cooccurrence_from_labels`): every flag of the batch read in one host synchronisation.
+    :func:`cooccurrence_from_labels`) and, with ``count`` (paired labels), the statistics of
+    :func:`~mgll.targets.cooc.count_labels`: everything of the batch read in one host sync.
     """
     pending: list[Tensor] = []
 
     def defer(flag: Tensor | bool) -> int | bool:
         if isinstance(flag, bool):
             return flag
-        pending.append(flag)
+        pending.append(flag.to(torch.int64))
         return len(pending) - 1
 
     unknown = [defer(unknown_flag(x)) for x in values]
@@ -200,9 +205,18 @@ def label_flags(
         defer(zero_one_flag(x, rule) if check else False)
         for x, rule in zip(values, rules, strict=True)
     ]
+    counted = [count_labels(x) if count else None for x in values]
+    places = []
+    for found in counted:
+        places.append(len(pending))
+        pending += found[0] if found is not None else []
     read = torch.stack(pending).tolist() if pending else []
     flag = lambda f: f if isinstance(f, bool) else bool(read[f])  # noqa: E731
-    return [flag(f) for f in unknown], [flag(f) for f in zero_one]
+    stats = [
+        {} if found is None else found[1](read[at : at + len(found[0])])
+        for found, at in zip(counted, places, strict=True)
+    ]
+    return [flag(f) for f in unknown], [flag(f) for f in zero_one], stats
 
 
 def cooccurrence_from_labels(
@@ -337,7 +351,13 @@ def reference_groups(
     deferred: dict[int, str] = {}  # granularity -> "ids" (found: ranks) or "sets" (used columns)
     found: dict[int, Tensor | GroupMap] = {}
     for g, c in enumerate(cooc):
-        if c.kind == "ids" and not c.partial:
+        if c.kind == "ids" and not c.partial and "ranks" in c.stats:  # read with the flags
+            found[g], size = c.stats["ranks"]
+            keys[g] = (size, size)
+        elif c.kind == "multi_hot" and not c.partial and "groups" in c.stats:
+            found[g], keys[g] = c.stats["used"], c.stats["groups"]
+            deferred[g] = "counted"
+        elif c.kind == "ids" and not c.partial:
             inverse, size = dense_ranks(c.data)
             found[g], keys[g], deferred[g] = inverse, (len(pending), len(pending)), "ids"
             pending.append(size)
@@ -352,15 +372,16 @@ def reference_groups(
             found[g] = sample_groups(c, dtype)
             keys[g] = (_distinct_groups(found[g]), found[g].shape[1])
     read = torch.stack(pending).tolist() if pending else []
-    for g in deferred:
-        keys[g] = tuple(read[i] for i in keys[g])
+    for g, how in deferred.items():
+        if how != "counted":
+            keys[g] = tuple(read[i] for i in keys[g])
     if not keys:
         return None
     best = min(keys, key=lambda g: (keys[g], g))  # ties: fewer columns, then the first
     groups = found[best]
-    if deferred.get(best) == "ids":
+    if cooc[best].kind == "ids" and not cooc[best].partial:
         return GroupMap(groups, keys[best][0])
-    if deferred.get(best) == "sets":  # the used columns, in their order
+    if deferred.get(best) in ("sets", "counted"):  # the used columns, in their order
         columns = torch.argsort((~groups).to(torch.uint8), stable=True)[: keys[best][1]]
         return normalize_rows(cooc[best].data.to(dtype).index_select(1, columns))
     return groups

@@ -7,6 +7,7 @@ blocks only.  Bank targets arrive dense and stay dense.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -43,7 +44,8 @@ class CoOccurrence:
     partial: bool = False
     #: Statistics of ``data`` computed once per call (a paired C is symmetric: its row and
     #: column sums are one vector, and the distinct label sets are found once).
-    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    #: Filled by :func:`count_labels` when the batch is built, or on first use.
+    stats: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -111,9 +113,9 @@ class CoOccurrence:
             return self.data.to(dtype).nansum(dim) if self.partial else self.data.to(dtype).sum(dim)
         # paired: C is symmetric (every rule is), so the row and column sums are one vector
         key = ("line_sums", dtype)
-        if key not in self._memo:
-            self._memo[key] = self._paired_line_sums(dtype)
-        return self._memo[key]
+        if key not in self.stats:
+            self.stats[key] = self._paired_line_sums(dtype)
+        return self.stats[key]
 
     def _paired_line_sums(self, dtype) -> Tensor:
         if self.kind == "ids":  # the size of each sample's class, counted in the sorted ids
@@ -130,12 +132,12 @@ class CoOccurrence:
     def distinct_sets(self) -> tuple[Tensor, Tensor, Tensor]:
         """The distinct label vectors of multi-hot ``data`` (NaN as -1), the index of each
         sample's, and how many samples have each: one ``torch.unique``, once per call."""
-        if "sets" not in self._memo:
+        if "sets" not in self.stats:
             x = self.data
             if self.partial:  # torch.unique keeps every NaN apart: mark them with -1 instead
                 x = torch.where(torch.isnan(x), -1.0, x)
-            self._memo["sets"] = torch.unique(x, dim=0, return_inverse=True, return_counts=True)
-        return self._memo["sets"]
+            self.stats["sets"] = torch.unique(x, dim=0, return_inverse=True, return_counts=True)
+        return self.stats["sets"]
 
     def _over_sets(self, value, dtype=torch.float64) -> Tensor:
         """Row sums of ``value(weights, known)`` over C's columns, for paired multi-hot labels.
@@ -214,6 +216,55 @@ class GroupMap:
 
     def any_positive(self) -> bool:
         return self.index.numel() > 0 and self.num_groups > 0
+
+
+#: Widest multi-hot labels counted as one integer code per row (bits of an int64).
+_CODE_BITS = 62
+
+
+def count_labels(labels: Tensor) -> tuple[list[Tensor], Callable[[list[int]], dict]] | None:
+    """The statistics of paired labels that need a host read, prepared on the device.
+
+    Returns the 0-dim int64 tensors to read (the caller reads those of the whole batch in one
+    host sync) and a function from their values to the :attr:`CoOccurrence.stats` they give,
+    or None where the labels are counted on first use instead (float labels, which may hold
+    unknowns, and more than 62 classes).  Integer ids: their ranks (``"ranks"``, the groups of
+    S).  Bool or integer 0/1 multi-hot: each row as one integer code whose order is the
+    rows' lexicographic one, so that sorting the codes gives exactly ``torch.unique(labels,
+    dim=0)`` (``"sets"``), and the key of :func:`mgll._problem.reference_groups`.  Entries that
+    are not 0/1 (``validate=False``) give nothing: counted on first use, as before.
+    """
+    if labels.is_floating_point() or labels.numel() == 0:
+        return None
+    if labels.dim() == 1:
+        inverse, size = dense_ranks(labels)
+        return [size], lambda read: {"ranks": (inverse, read[0])}
+    n, width = labels.shape
+    if width > _CODE_BITS:
+        return None
+    x = labels.to(torch.int64)
+    valid = ((x == 0) | (x == 1)).all().to(torch.int64)
+    bits = 2 ** torch.arange(width - 1, -1, -1, device=x.device, dtype=torch.int64)
+    codes = (x * bits).sum(1)  # column 0 most significant: code order = lexicographic order
+    ranks, size = dense_ranks(codes)
+    first = torch.full((n,), n, dtype=torch.int64, device=x.device)
+    first = first.scatter_reduce(0, ranks, torch.arange(n, device=x.device), "amin")
+    used = x.sum(0) > 0
+    empty = (codes == 0).any().to(torch.int64)  # a sample without a label: S's zero row
+
+    def stats(read: list[int]) -> dict:
+        u, no_label, columns, ok = read
+        if not ok:
+            return {}
+        counts = torch.zeros(u, dtype=torch.int64, device=x.device)
+        counts = counts.scatter_add_(0, ranks, torch.ones_like(ranks))
+        return {
+            "sets": (labels.index_select(0, first[:u]), ranks, counts),
+            "groups": (u - no_label, columns),
+            "used": used,
+        }
+
+    return [size, empty, used.sum(), valid], stats
 
 
 def dense_ranks(ids: Tensor) -> tuple[Tensor, Tensor]:
