@@ -17,6 +17,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mgll
+from mgll._problem import cooccurrence_from_labels, label_flags, reference_groups
+from mgll.targets.cooc import GroupMap, count_labels, sample_groups
 
 #: aten operators that wait for the device: a host read, or an output sized by the data.
 _SYNC_OPS = {
@@ -198,3 +200,55 @@ if __name__ == "__main__":  # the table in the report: python tests/test_host_sy
         for validate in (False, True):
             counts = [len(run_case(kind, b, validate)) for b in BACKENDS]
             print(f"{kind:16} validate={validate!s:5} " + " ".join(f"{c:3}" for c in counts))
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.uint8])
+@pytest.mark.parametrize("shape", [(1, 1), (9, 3), (40, 7), (33, 62)])
+def test_counted_label_sets_are_torch_unique(shape, dtype):
+    """The sets counted by sorting integer codes are exactly ``torch.unique(dim=0)``'s."""
+    gen = torch.Generator().manual_seed(shape[0] * 100 + shape[1])
+    labels = (torch.rand(*shape, generator=gen) < 0.3).to(dtype)
+    labels[0] = 0  # a sample without a label
+    pending, stats = count_labels(labels)
+    found = stats(torch.stack(pending).tolist())
+    sets, inverse, counts = torch.unique(labels, dim=0, return_inverse=True, return_counts=True)
+    for got, want in zip(found["sets"], (sets, inverse, counts), strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    assert found["groups"] == (len(sets) - 1, int((labels.to(torch.int64).sum(0) > 0).sum()))
+
+
+def test_labels_that_are_not_0_1_are_counted_as_before():
+    assert count_labels(torch.tensor([[0, 2], [1, 0]]))[1]([2, 1, 2, 0]) == {}
+    assert count_labels(torch.rand(4, 3)) is None
+    assert count_labels(torch.zeros(4, 63, dtype=torch.bool)) is None
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_coarsest_groups_match_per_granularity_count(seed):
+    """The coarsest S, counted in one read, is the one each granularity's own count picks."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = [
+        torch.randint(0, 3 + seed, (12,), generator=gen),
+        (torch.rand(12, 4, generator=gen) < 0.4).to(torch.int64),
+        (torch.rand(12, 2, generator=gen) < 0.5).to(torch.bool),
+    ]
+    rules = ["any"] * len(labels)
+    unknown, _, stats = label_flags(labels, rules, check=False, count=True)
+    cooc = [cooccurrence_from_labels(x, partial=u) for x, u in zip(labels, unknown, strict=True)]
+    plain = [cooccurrence_from_labels(x) for x in labels]
+    for c, found in zip(cooc, stats, strict=True):
+        c.stats.update(found)
+
+    def key(g):  # each granularity's S and its own count of distinct non-zero rows
+        s = sample_groups(plain[g])
+        if isinstance(s, GroupMap):
+            return (s.num_groups, s.num_groups, g)
+        return (len(torch.unique(s[s.sum(1) > 0], dim=0)), s.shape[1], g)
+
+    want = min(range(len(plain)), key=key)
+    got, expected = reference_groups(cooc, None), sample_groups(plain[want])
+    if isinstance(expected, GroupMap):
+        assert isinstance(got, GroupMap) and got.num_groups == expected.num_groups
+        assert torch.equal(got.index, expected.index)
+    else:
+        assert torch.equal(got, expected)
