@@ -15,8 +15,11 @@ from mgll._validation import NORM_EPS
 from mgll.targets.cooc import (
     CoOccurrence,
     GroupMap,
+    count_labels,
+    dense_ranks,
     map_takes_part,
     map_width,
+    normalize_rows,
     ownership,
     sample_groups,
 )
@@ -102,10 +105,11 @@ class Problem:
 
     Which terms run, and the pointwise divisors, are decided once, here, when the batch is built
     (:func:`build_problem`); every backend reads them and derives none:
-    ``soft_clip_on`` and ``pointwise_on`` (a weight of theirs is not 0), ``smooth_kl_on`` (its weight
-    is not 0 and the term can be non-zero, :func:`kl_contributes`), and ``pointwise_norms[g]``,
+    ``soft_clip_on`` and ``pointwise_on`` (a weight of theirs is not 0), ``smooth_kl_on`` (its
+    weight is not 0 and the term can be non-zero, :func:`kl_contributes`), and ``pointwise_norms[g]``,
     the pointwise term's divisor at granularity g (:func:`pointwise_norm`; None when it is off,
     or its weight at g is 0).
+    ``kl_taking[g]``: whether T^g has a positive entry (:func:`maps_taking_part`, read once).
     To change the rows and columns a backend computes, use :func:`dataclasses.replace`.
     """
 
@@ -123,12 +127,15 @@ class Problem:
     cols: list[slice] = field(default_factory=list)
     col_weights: list[Tensor | None] = field(default_factory=list)
     partial: Partial | None = None
+    kl_taking: list[bool] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.cols:
             self.cols = [slice(None)] * len(self.texts)
         if not self.col_weights:
             self.col_weights = [None] * len(self.texts)
+        if not self.kl_taking:
+            self.kl_taking = maps_taking_part(self.kl_maps)
 
     def column_block(self, g: int, cols: slice, dtype=None) -> Tensor:
         """The targets of granularity g's text columns ``cols`` for the t2i direction (N x k)."""
@@ -200,36 +207,87 @@ def build_batch(
     (:func:`cooccurrence_from_labels`).
     """
     rules = rules_for(config.overlap, len(values))
+    paired = mode == "paired"
+    unknown, zero_one, stats = label_flags(values, rules, check and paired, count=paired)
     cooc = [
-        cooccurrence_from_labels(x, rule, check)
-        if mode == "paired"
-        else CoOccurrence("dense", x, partial=has_unknowns(x))
-        for x, rule in zip(values, rules, strict=True)
+        cooccurrence_from_labels(x, rule, partial=u, zero_one=z)
+        if paired
+        else CoOccurrence("dense", x, partial=u)
+        for x, rule, u, z in zip(values, rules, unknown, zero_one, strict=True)
     ]
+    for c, found in zip(cooc, stats, strict=True):
+        c.stats.update(found)
     return build_problem(
         image_features, text_features, logit_scale, logit_bias, cooc, config, normalize
     )
 
 
+def label_flags(
+    values: Sequence[Tensor], rules: Sequence[str], check: bool, count: bool = False
+) -> tuple[list[bool], list[bool], list[dict]]:
+    """Whether each granularity's labels or targets hold an unknown (:func:`has_unknowns`),
+    whether its float multi-hot labels are 0/1 (read only with ``check``, see
+    :func:`cooccurrence_from_labels`) and, with ``count`` (paired labels), the statistics of
+    :func:`~mgll.targets.cooc.count_labels`: everything of the batch read in one host sync.
+    """
+    pending: list[Tensor] = []
+
+    def defer(flag: Tensor | bool) -> int | bool:
+        if isinstance(flag, bool):
+            return flag
+        pending.append(flag.to(torch.int64))
+        return len(pending) - 1
+
+    unknown = [defer(unknown_flag(x)) for x in values]
+    zero_one = [
+        defer(zero_one_flag(x, rule) if check else False)
+        for x, rule in zip(values, rules, strict=True)
+    ]
+    counted = [count_labels(x) if count else None for x in values]
+    places = []
+    for found in counted:
+        places.append(len(pending))
+        pending += found[0] if found is not None else []
+    read = torch.stack(pending).tolist() if pending else []
+    flag = lambda f: f if isinstance(f, bool) else bool(read[f])  # noqa: E731
+    stats = [
+        {} if found is None else found[1](read[at : at + len(found[0])])
+        for found, at in zip(counted, places, strict=True)
+    ]
+    return [flag(f) for f in unknown], [flag(f) for f in zero_one], stats
+
+
 def cooccurrence_from_labels(
-    labels: Tensor, rule: str = "any", check: bool = False
+    labels: Tensor,
+    rule: str = "any",
+    check: bool = False,
+    *,
+    partial: bool | None = None,
+    zero_one: bool | None = None,
 ) -> CoOccurrence:
     """Paired mode: (N,) integer ids (equal ids, whatever ``rule``), or (N, C_g) multi-hot
     label vectors combined by the overlap ``rule`` (see :mod:`mgll.targets.overlap`).
 
     ``check``: find out whether float labels are 0/1 (one host synchronisation) so that they
     take the matrix-product path; otherwise they take the elementwise one (the same values).
+    ``partial`` and ``zero_one``: those flags when already read (:func:`label_flags`).
     """
-    partial = has_unknowns(labels)
+    if partial is None:
+        partial = has_unknowns(labels)
     if labels.dim() == 1:
         return CoOccurrence("ids", labels, partial=partial)
-    zero_one = (
-        check
-        and labels.is_floating_point()
-        and rule != "count"  # count is one matrix product on any entries
-        and bool(((labels == 0) | (labels == 1) | torch.isnan(labels)).all())
-    )
+    if zero_one is None:
+        flag = zero_one_flag(labels, rule) if check else False
+        zero_one = flag if isinstance(flag, bool) else bool(flag)
     return CoOccurrence("multi_hot", labels, rule, zero_one, partial)
+
+
+def zero_one_flag(labels: Tensor, rule: str) -> Tensor | bool:
+    """Whether float multi-hot labels hold only 0, 1 (and NaN): a 0-dim tensor, or False where
+    it does not matter (ids, bool or integer labels, the ``"count"`` rule)."""
+    if labels.dim() != 2 or not labels.is_floating_point() or rule == "count":
+        return False  # count is one matrix product on any entries
+    return ((labels == 0) | (labels == 1) | torch.isnan(labels)).all()
 
 
 def pointwise_norm(cooc: CoOccurrence, norm: str) -> int | Tensor:
@@ -244,22 +302,43 @@ def pointwise_norm(cooc: CoOccurrence, norm: str) -> int | Tensor:
 
 def has_unknowns(values: Tensor) -> bool:
     """Whether labels or targets hold an unknown: NaN, or the missing id -1 (a host sync)."""
+    flag = unknown_flag(values)
+    return flag if isinstance(flag, bool) else bool(flag)
+
+
+def unknown_flag(values: Tensor) -> Tensor | bool:
+    """:func:`has_unknowns` as a 0-dim bool tensor, not yet read (False: none can be there)."""
     if values.is_floating_point():
-        return bool(torch.isnan(values).any())
-    return values.dim() == 1 and bool((values == -1).any())
+        return torch.isnan(values).any()
+    if values.dim() == 1:
+        return (values == -1).any()
+    return False
 
 
-def partial_kl(cooc: Sequence[CoOccurrence], config: LossConfig, dtype) -> Partial:
-    """The smooth KL's pieces when some labels are unknown: R^g and S apart, and who is compared."""
-    owners = [ownership(c, dtype) for c in cooc]
-    groups = (
-        None
-        if config.smooth_kl_support == "samples"
-        else reference_groups(cooc, config.smooth_kl_reference, dtype)
-    )
+def partial_kl(
+    cooc: Sequence[CoOccurrence],
+    config: LossConfig,
+    dtype,
+    *,
+    owners: list[Tensor | None] | None = None,
+    groups: Tensor | GroupMap | str | None = "find",
+) -> Partial:
+    """The smooth KL's pieces when some labels are unknown: R^g and S apart, and who is compared.
+
+    ``owners`` and ``groups``: R^g and S when already built (:func:`build_problem` builds them
+    once for this and :func:`smooth_kl_maps`).
+    """
+    if owners is None:
+        owners = [ownership(c, dtype) for c in cooc]
+    if isinstance(groups, str):
+        groups = (
+            None
+            if config.smooth_kl_support == "samples"
+            else reference_groups(cooc, config.smooth_kl_reference, dtype)
+        )
     annotated = torch.stack(
         [
-            c.annotated() & (r is None or bool((r > 0).any()))
+            c.annotated() if r is None else c.annotated() & (r > 0).any()
             for c, r in zip(cooc, owners, strict=True)
         ]
     )
@@ -267,13 +346,21 @@ def partial_kl(cooc: Sequence[CoOccurrence], config: LossConfig, dtype) -> Parti
 
 
 def smooth_kl_maps(
-    cooc: Sequence[CoOccurrence], config: LossConfig, dtype: torch.dtype = torch.float32
+    cooc: Sequence[CoOccurrence],
+    config: LossConfig,
+    dtype: torch.dtype = torch.float32,
+    *,
+    owners: list[Tensor | None] | None = None,
+    groups: Tensor | GroupMap | str | None = "find",
 ) -> list[Tensor | GroupMap | None]:
-    """T^g = R^g S for every granularity (see docs/smooth_kl.rst)."""
-    owners = [ownership(c, dtype) for c in cooc]
+    """T^g = R^g S for every granularity (see docs/smooth_kl.rst); ``owners``, ``groups``: R^g
+    and S when already built."""
+    if owners is None:
+        owners = [ownership(c, dtype) for c in cooc]
     if config.smooth_kl_support == "samples":
         return owners
-    groups = reference_groups(cooc, config.smooth_kl_reference, dtype)
+    if isinstance(groups, str):
+        groups = reference_groups(cooc, config.smooth_kl_reference, dtype)
     return [groups if r is None else _compose(r, groups) for r in owners]
 
 
@@ -295,21 +382,59 @@ def reference_groups(
     """
     if reference is not None:
         return sample_groups(cooc[reference], dtype)
-    best, best_key = None, None
-    for c in cooc:
-        groups = sample_groups(c, dtype)
-        key = (_distinct_groups(groups), groups.shape[1])
-        if best_key is None or key < best_key:
-            best, best_key = groups, key
-    return best
+    # ids and 0/1 label sets: each key counted on the device, and all of them read in one host
+    # sync; S is then built for the coarsest granularity only
+    keys: dict[int, tuple] = {}
+    pending: list[Tensor] = []
+    deferred: dict[int, str] = {}  # granularity -> "ids" (found: ranks) or "sets" (used columns)
+    found: dict[int, Tensor | GroupMap] = {}
+    for g, c in enumerate(cooc):
+        if c.kind == "ids" and not c.partial and "ranks" in c.stats:  # read with the flags
+            found[g], size = c.stats["ranks"]
+            keys[g] = (size, size)
+        elif c.kind == "multi_hot" and not c.partial and "groups" in c.stats:
+            found[g], keys[g] = c.stats["used"], c.stats["groups"]
+            deferred[g] = "counted"
+        elif c.kind == "ids" and not c.partial:
+            inverse, size = dense_ranks(c.data)
+            found[g], keys[g], deferred[g] = inverse, (len(pending), len(pending)), "ids"
+            pending.append(size)
+        elif c.kind == "multi_hot" and not c.partial and c.zero_one_labels and c.data.numel():
+            # 0/1 rows: equal rows of S are equal label vectors; the all-zero one (no label),
+            # if any, sorts first among the distinct vectors
+            sets = c.distinct_sets()[0]
+            used = c.data.to(dtype).sum(0) > 0
+            found[g], keys[g], deferred[g] = used, (len(pending), len(pending) + 1), "sets"
+            pending += [sets.shape[0] - (sets[0] == 0).all().long(), used.sum()]
+        else:
+            found[g] = sample_groups(c, dtype)
+            keys[g] = (_distinct_groups(found[g]), found[g].shape[1])
+    read = torch.stack(pending).tolist() if pending else []
+    for g, how in deferred.items():
+        if how != "counted":
+            keys[g] = tuple(read[i] for i in keys[g])
+    if not keys:
+        return None
+    best = min(keys, key=lambda g: (keys[g], g))  # ties: fewer columns, then the first
+    groups = found[best]
+    if cooc[best].kind == "ids" and not cooc[best].partial:
+        return GroupMap(groups, keys[best][0])
+    if deferred.get(best) in ("sets", "counted"):  # the used columns, in their order
+        columns = torch.argsort((~groups).to(torch.uint8), stable=True)[: keys[best][1]]
+        return normalize_rows(cooc[best].data.to(dtype).index_select(1, columns))
+    return groups
 
 
 def _distinct_groups(groups: Tensor | GroupMap) -> int:
     """Distinct non-zero rows of S (samples without a label form no group)."""
     if isinstance(groups, GroupMap):  # one row per id: the distinct rows are the distinct ids
         return groups.num_groups if groups.index.numel() else 0
-    labelled = groups[groups.sum(1) > 0]
-    return int(torch.unique(labelled, dim=0).shape[0]) if labelled.numel() else 0
+    if groups.numel() == 0:
+        return 0
+    # S >= 0: a zero row is a sample without a label.  One zero row is added, so that the
+    # distinct rows always include it, instead of selecting the labelled rows (a second sync).
+    padded = torch.cat([groups, groups.new_zeros(1, groups.shape[1])])
+    return torch.unique(padded, dim=0).shape[0] - 1
 
 
 def requested_terms(config: LossConfig, num_granularities: int) -> tuple[bool, bool, bool]:
@@ -326,16 +451,29 @@ def requested_terms(config: LossConfig, num_granularities: int) -> tuple[bool, b
     )
 
 
-def kl_contributes(maps) -> bool:
+def kl_contributes(maps, taking: Sequence[bool] | None = None) -> bool:
     """Whether the smooth KL over these maps can be non-zero (its value and gradient).
 
     It needs two granularities with a distribution, and a support of more than one group: over
     J = 1 every Q^g is the single point 1, so the term and its gradient vanish identically.
+    ``taking``: :func:`maps_taking_part` of the maps, when already read.
     """
-    taking = [t for t in maps if map_takes_part(t)]
-    if len(taking) < 2:
+    taking = maps_taking_part(maps) if taking is None else taking
+    part = [t for t, on in zip(maps, taking, strict=True) if on]
+    if len(part) < 2:
         return False
-    return any(t is None or map_width(t) > 1 for t in taking)
+    return any(t is None or map_width(t) > 1 for t in part)
+
+
+def maps_taking_part(maps) -> list[bool]:
+    """:func:`~mgll.targets.cooc.map_takes_part` of every map, read in one host sync."""
+    dense = [i for i, t in enumerate(maps) if isinstance(t, Tensor)]
+    taking = [map_takes_part(t) if i not in dense else False for i, t in enumerate(maps)]
+    if dense:
+        flags = torch.stack([(maps[i] > 0).any() for i in dense]).tolist()
+        for i, flag in zip(dense, flags, strict=True):
+            taking[i] = bool(flag)
+    return taking
 
 
 def build_problem(
@@ -354,10 +492,18 @@ def build_problem(
         free = config.pointwise_target != "graded"
         cooc = scale_free_targets(cooc, dtype) if free else list(cooc)
         ce_on, pw_on, kl_on = requested_terms(config, len(cooc))
-        kl_maps = smooth_kl_maps(cooc, config, dtype) if kl_on else [None] * len(cooc)
-        partial = (
-            partial_kl(cooc, config, dtype) if kl_on and any(c.partial for c in cooc) else None
-        )
+        kl_maps, partial, taking = [None] * len(cooc), None, [True] * len(cooc)
+        if kl_on:  # R^g and S built once for the maps and the unknowns' pieces
+            owners = [ownership(c, dtype) for c in cooc]
+            groups = (
+                None
+                if config.smooth_kl_support == "samples"
+                else reference_groups(cooc, config.smooth_kl_reference, dtype)
+            )
+            kl_maps = smooth_kl_maps(cooc, config, dtype, owners=owners, groups=groups)
+            if any(c.partial for c in cooc):
+                partial = partial_kl(cooc, config, dtype, owners=owners, groups=groups)
+            taking = maps_taking_part(kl_maps)
         w_rows = [  # W^r for bank targets
             CoOccurrence("dense", normalise_lines(c.data, 1, unknown=c.partial), partial=c.partial)
             if c.kind == "dense" and free
@@ -379,7 +525,8 @@ def build_problem(
             kl_maps=kl_maps,
             soft_clip_on=ce_on,
             pointwise_on=pw_on,
-            smooth_kl_on=kl_on and kl_contributes(kl_maps),
+            smooth_kl_on=kl_on and kl_contributes(kl_maps, taking),
+            kl_taking=taking,
             pointwise_norms=norms,
             # W^c: weights only (the support and the anchors are read from W^r)
             col_weights=[

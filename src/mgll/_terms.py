@@ -65,23 +65,28 @@ def pointwise_rows(logits: Tensor, targets: Tensor, known: Tensor | None = None)
     return (terms if known is None else torch.where(known, terms, 0)).sum()
 
 
-def smooth_kl_rows(logits: Sequence[Tensor], maps: Sequence) -> Tensor:
+def smooth_kl_rows(
+    logits: Sequence[Tensor], maps: Sequence, taking: Sequence[bool] | None = None
+) -> Tensor:
     """sum_i sum_g KL(Q^g_i || M_i), Q^g_i = normalise(softmax(Z^g_i) T^g), M_i = mean_g Q^g_i.
 
     ``maps[g]`` is T^g (K_g x J; a tensor or a :class:`~mgll.targets.cooc.GroupMap`), or None for the
     identity (then K_g = J).  Granularities whose
     T^g has no positive entry have no distribution and take no part; with fewer than two taking
     part the term is 0.  Never NaN: identity maps stay in log space, the others mask 0 log 0.
+    ``taking``: whether each map takes part, when already read (``Problem.kl_taking``).
     """
     maps = list(maps)
     if all(m is None for m in maps):  # the paper's paired form, exactly in log space
         log_q = torch.stack([torch.log_softmax(z, dim=1) for z in logits])  # (G, n, N)
         log_m = torch.logsumexp(log_q, dim=0) - math.log(len(logits))
         return _clamp_rows((log_q.exp() * (log_q - log_m)).sum((0, 2)))
+    if taking is None:
+        taking = [map_takes_part(t) for t in maps]
     probs = [
         apply_map(torch.softmax(z, dim=1), t)
-        for z, t in zip(logits, maps, strict=True)
-        if map_takes_part(t)
+        for z, t, on in zip(logits, maps, taking, strict=True)
+        if on
     ]
     if len(probs) < 2:
         return logits[0].new_zeros(())

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from mgll._problem import LossConfig, Problem
 from mgll._terms import safe_divide
-from mgll.targets.cooc import apply_map, apply_map_transposed, map_takes_part
+from mgll.targets.cooc import apply_map, apply_map_transposed, dense_ranks
 
 # ------------------------------------------------------------------------------ planning
 
@@ -133,10 +133,6 @@ def make_plan(problem: Problem, config: LossConfig) -> Plan:
     return plan
 
 
-def _takes_part(t) -> bool:
-    return map_takes_part(t)
-
-
 def _group(widths: list[int], cols: list[slice]) -> list[list[int]]:
     """Stack granularities whose column ranges have the same length (paired mode: all)."""
     groups: dict[tuple[int, ...], list[int]] = {}
@@ -170,7 +166,7 @@ def _make_stats(plan: Plan) -> Stats:
     compared = n if p.partial is None else p.partial.compared.clamp_min(1)
     st.w_kl = cfg.smooth_kl_weight / _as_tensor(p.scale, compared)
     st.kl_identity = all(t is None for t in p.kl_maps)
-    st.kl_part = [_takes_part(t) for t in p.kl_maps]
+    st.kl_part = list(p.kl_taking)  # read once, when the batch was built
     st.soft_target = cfg.pointwise_target == "soft"
     st.graded_target = cfg.pointwise_target == "graded"
     return st
@@ -268,7 +264,7 @@ def _ranks(ids: Tensor, dtype) -> Tensor:
     """
     if ids.shape[0] >= _EXACT_INTEGERS.get(dtype, 0):
         return ids
-    return torch.unique(ids, return_inverse=True)[1].to(dtype)
+    return dense_ranks(ids)[0].to(dtype)  # sorting: no host sync
 
 
 def targets(problem: Problem, v: GroupView, rows: slice, cols: list[slice], dtype) -> Tensor:

@@ -50,7 +50,7 @@ def compute(problem: Problem, config: LossConfig) -> LossTerms:
     if problem.smooth_kl_on:
         part = problem.partial
         if part is None:
-            smooth_kl = smooth_kl_rows(row_logits, problem.kl_maps) / n
+            smooth_kl = smooth_kl_rows(row_logits, problem.kl_maps, problem.kl_taking) / n
         else:
             kl = partial_smooth_kl_rows(
                 row_logits, part.owners, part.groups, part.annotated, problem.rows

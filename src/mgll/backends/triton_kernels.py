@@ -298,7 +298,7 @@ def _torch_smooth_kl(problem: Problem, plan: _Plan) -> Tensor:
     def chunk(rows: slice, image: Tensor, scale: Tensor, *texts: Tensor) -> Tensor:
         logits = [scale * image @ t.T for t in texts]
         if part is None:
-            return smooth_kl_rows(logits, problem.kl_maps)
+            return smooth_kl_rows(logits, problem.kl_maps, problem.kl_taking)
         return partial_smooth_kl_rows(logits, part.owners, part.groups, part.annotated, rows)
 
     total = problem.scale.new_zeros(())

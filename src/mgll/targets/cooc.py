@@ -7,7 +7,8 @@ blocks only.  Bank targets arrive dense and stay dense.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -41,6 +42,10 @@ class CoOccurrence:
     rule: str = "any"
     zero_one: bool = False
     partial: bool = False
+    #: Statistics of ``data`` computed once per call (a paired C is symmetric: its row and
+    #: column sums are one vector, and the distinct label sets are found once).
+    #: Filled by :func:`count_labels` when the batch is built, or on first use.
+    stats: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -106,14 +111,33 @@ class CoOccurrence:
         dtype = dtype or torch.float32
         if self.kind == "dense":
             return self.data.to(dtype).nansum(dim) if self.partial else self.data.to(dtype).sum(dim)
-        if self.kind == "ids":  # symmetric: both are the size of each sample's class
-            _, inverse, counts = torch.unique(self.data, return_inverse=True, return_counts=True)
-            sums = counts[inverse].to(dtype)
+        # paired: C is symmetric (every rule is), so the row and column sums are one vector
+        key = ("line_sums", dtype)
+        if key not in self.stats:
+            self.stats[key] = self._paired_line_sums(dtype)
+        return self.stats[key]
+
+    def _paired_line_sums(self, dtype) -> Tensor:
+        if self.kind == "ids":  # the size of each sample's class, counted in the sorted ids
+            ordered = self.data.sort().values  # sorting needs no host synchronisation
+            counts = torch.searchsorted(ordered, self.data, right=True) - torch.searchsorted(
+                ordered, self.data
+            )
+            sums = counts.to(dtype)
             return torch.where(self.data >= 0, sums, 0) if self.partial else sums
         if self.data.shape[1] == 0:  # multi-hot over C_g = 0 classes: no positive anywhere
             return torch.zeros(self.data.shape[0], dtype=dtype, device=self.data.device)
-        # multi_hot: symmetric (every rule is)
         return self._over_sets(lambda w, known: w, dtype)
+
+    def distinct_sets(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The distinct label vectors of multi-hot ``data`` (NaN as -1), the index of each
+        sample's, and how many samples have each: one ``torch.unique``, once per call."""
+        if "sets" not in self.stats:
+            x = self.data
+            if self.partial:  # torch.unique keeps every NaN apart: mark them with -1 instead
+                x = torch.where(torch.isnan(x), -1.0, x)
+            self.stats["sets"] = torch.unique(x, dim=0, return_inverse=True, return_counts=True)
+        return self.stats["sets"]
 
     def _over_sets(self, value, dtype=torch.float64) -> Tensor:
         """Row sums of ``value(weights, known)`` over C's columns, for paired multi-hot labels.
@@ -122,10 +146,7 @@ class CoOccurrence:
         counted once: U x U blocks (U <= N, usually far fewer), a bounded number of elements
         at a time, instead of N x N.  NaN entries (not annotated) are one value for this.
         """
-        x = self.data
-        if self.partial:  # torch.unique keeps every NaN apart: mark them with -1 instead
-            x = torch.where(torch.isnan(x), -1.0, x)
-        sets, inverse, counts = torch.unique(x, dim=0, return_inverse=True, return_counts=True)
+        sets, inverse, counts = self.distinct_sets()
         sets = sets.to(dtype)
         if self.partial:
             sets = torch.where(sets < 0, torch.nan, sets)
@@ -144,7 +165,8 @@ class CoOccurrence:
 
     def anchor_counts(self) -> tuple[Tensor, Tensor]:
         """Numbers of rows and of columns with at least one positive (|A_r|, |A_c|)."""
-        return (self.line_sums(1) > 0).sum(), (self.line_sums(0) > 0).sum()
+        rows = (self.line_sums(1) > 0).sum()
+        return rows, rows if self.paired else (self.line_sums(0) > 0).sum()
 
 
 class GroupMap:
@@ -196,6 +218,65 @@ class GroupMap:
         return self.index.numel() > 0 and self.num_groups > 0
 
 
+#: Widest multi-hot labels counted as one integer code per row (bits of an int64).
+_CODE_BITS = 62
+
+
+def count_labels(labels: Tensor) -> tuple[list[Tensor], Callable[[list[int]], dict]] | None:
+    """The statistics of paired labels that need a host read, prepared on the device.
+
+    Returns the 0-dim int64 tensors to read (the caller reads those of the whole batch in one
+    host sync) and a function from their values to the :attr:`CoOccurrence.stats` they give,
+    or None where the labels are counted on first use instead (float labels, which may hold
+    unknowns, and more than 62 classes).  Integer ids: their ranks (``"ranks"``, the groups of
+    S).  Bool or integer 0/1 multi-hot: each row as one integer code whose order is the
+    rows' lexicographic one, so that sorting the codes gives exactly ``torch.unique(labels,
+    dim=0)`` (``"sets"``), and the key of :func:`mgll._problem.reference_groups`.  Entries that
+    are not 0/1 (``validate=False``) give nothing: counted on first use, as before.
+    """
+    if labels.is_floating_point() or labels.numel() == 0:
+        return None
+    if labels.dim() == 1:
+        inverse, size = dense_ranks(labels)
+        return [size], lambda read: {"ranks": (inverse, read[0])}
+    n, width = labels.shape
+    if width > _CODE_BITS:
+        return None
+    x = labels.to(torch.int64)
+    valid = ((x == 0) | (x == 1)).all().to(torch.int64)
+    bits = 2 ** torch.arange(width - 1, -1, -1, device=x.device, dtype=torch.int64)
+    codes = (x * bits).sum(1)  # column 0 most significant: code order = lexicographic order
+    ranks, size = dense_ranks(codes)
+    first = torch.full((n,), n, dtype=torch.int64, device=x.device)
+    first = first.scatter_reduce(0, ranks, torch.arange(n, device=x.device), "amin")
+    used = x.sum(0) > 0
+    empty = (codes == 0).any().to(torch.int64)  # a sample without a label: S's zero row
+
+    def stats(read: list[int]) -> dict:
+        u, no_label, columns, ok = read
+        if not ok:
+            return {}
+        counts = torch.zeros(u, dtype=torch.int64, device=x.device)
+        counts = counts.scatter_add_(0, ranks, torch.ones_like(ranks))
+        return {
+            "sets": (labels.index_select(0, first[:u]), ranks, counts),
+            "groups": (u - no_label, columns),
+            "used": used,
+        }
+
+    return [size, empty, used.sum(), valid], stats
+
+
+def dense_ranks(ids: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.unique(ids, return_inverse=True)``'s inverse (each id's rank among the distinct
+    ids, 0..U-1) and U as a 0-dim tensor, for (N,) ids: by sorting, without a host sync."""
+    ordered, order = ids.sort()
+    new = torch.ones_like(ordered, dtype=torch.bool)
+    new[1:] = ordered[1:] != ordered[:-1]
+    ranks = new.cumsum(0) - 1
+    return torch.empty_like(ranks).scatter_(0, order, ranks), new.sum()
+
+
 def apply_map(p: Tensor, t: Tensor | GroupMap | None) -> Tensor:
     """``p @ t`` for a smooth-KL map: dense, grouped by ids, or None (the identity)."""
     if t is None:
@@ -238,8 +319,8 @@ def sample_groups(cooc: CoOccurrence, dtype=torch.float32) -> Tensor | GroupMap:
     are dropped; samples without a label have a zero row.
     """
     if cooc.kind == "ids" and not cooc.partial:
-        values, inverse = torch.unique(cooc.data, return_inverse=True)
-        return GroupMap(inverse, values.shape[0])
+        inverse, size = dense_ranks(cooc.data)
+        return GroupMap(inverse, int(size))
     if cooc.kind == "ids":  # the missing id -1 belongs to no group
         values = torch.unique(cooc.data)
         return normalize_rows((cooc.data[:, None] == values[values >= 0][None, :]).to(dtype))
