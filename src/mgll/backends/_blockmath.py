@@ -28,6 +28,7 @@ from torch import Tensor
 from mgll._problem import LossConfig, Problem
 from mgll._terms import safe_divide
 from mgll.targets.cooc import apply_map, apply_map_transposed, map_takes_part
+from mgll.targets.overlap import partial_overlap
 
 # ------------------------------------------------------------------------------ planning
 
@@ -292,12 +293,68 @@ def known_targets(c: Tensor | None, c_col: Tensor | None):
     return c, (None if c_col is None else c_col.masked_fill(~known, 0)), known
 
 
+def known_mask(problem: Problem, v: GroupView, rows: slice, cols: list[slice], dtype) -> Tensor:
+    """The known pairs of ``C^g[rows, cols[g]]`` for the stacked granularities as 0/1 in
+    ``dtype`` (G', r, k); for ids an outer product of the annotated rows and columns."""
+    return torch.stack([_known_one(problem.cooc[g], rows, cols[g], dtype) for g in v.gs])
+
+
+def _known_one(cooc, rows: slice, cols: slice, dtype) -> Tensor:
+    if not cooc.partial:
+        return torch.ones(*cooc.shape, dtype=dtype, device=cooc.data.device)[rows, cols]
+    if cooc.kind == "ids":
+        return torch.outer((cooc.data[rows] >= 0).to(dtype), (cooc.data[cols] >= 0).to(dtype))
+    if cooc.kind == "multi_hot":
+        a, b = cooc.data[rows].to(dtype), cooc.data[cols].to(dtype)
+        return partial_overlap(a, b, cooc.rule, cooc.zero_one_labels)[1].to(dtype)
+    return (~torch.isnan(cooc.data[rows, cols])).to(dtype)
+
+
+def partial_targets(problem: Problem, v: GroupView, rows: slice, cols: list[slice], dtype):
+    """C^g[rows, cols[g]] with 0 at the unknown pairs and the known mask (0/1 in ``dtype``).
+
+    The same values as :func:`targets` followed by :func:`known_targets`, without the NaN in
+    between: ids compare as float ranks and take their mask as an outer product, multi-hot
+    labels read the known pairs from the overlap rule directly.  Both (G', r, k).
+    """
+    cs, ks = [], []
+    for g in v.gs:
+        cooc, col = problem.cooc[g], cols[g]
+        if not cooc.partial:
+            c = cooc.block(rows, col, dtype)
+            k = torch.ones_like(c)
+        elif cooc.kind == "ids":
+            a, b = cooc.data[rows], cooc.data[col]
+            k = torch.outer((a >= 0).to(dtype), (b >= 0).to(dtype))
+            c = torch.eq(a[:, None], b[None, :]).to(dtype).mul_(k)
+        elif cooc.kind == "multi_hot":
+            a, b = cooc.data[rows].to(dtype), cooc.data[col].to(dtype)
+            c, known = partial_overlap(a, b, cooc.rule, cooc.zero_one_labels)
+            k = known.to(dtype)
+        else:
+            block = cooc.data[rows, col].to(dtype)
+            known = ~torch.isnan(block)
+            c, k = block.masked_fill(~known, 0), known.to(dtype)
+        cs.append(c)
+        ks.append(k)
+    return torch.stack(cs), torch.stack(ks)
+
+
+def keep_known(x: Tensor, known: Tensor | None) -> Tensor:
+    """``x`` with 0 at the unknown pairs, in place; ``known`` a bool or a 0/1 float mask."""
+    if known is None:
+        return x
+    return x.mul_(known) if known.is_floating_point() else x.masked_fill_(~known, 0)
+
+
 def mask_logits(z: Tensor, known: Tensor | None) -> Tensor:
     """Unknown logits set to the most negative float, whose exponential is exactly 0."""
     return z if known is None else z.masked_fill(~known, torch.finfo(z.dtype).min)
 
 
-def partial_kl_strip(problem: Problem, logits: list[Tensor], rows: slice, want_grad: bool):
+def partial_kl_strip(
+    problem: Problem, logits: list[Tensor], rows: slice, want_grad: bool, shifts=None
+):
     r"""The smooth KL of image rows ``rows`` with unknowns, and its gradient w.r.t. their logits.
 
     The value is :func:`mgll._terms.partial_smooth_kl_rows` (docs/partial_annotation.rst); the
@@ -305,7 +362,9 @@ def partial_kl_strip(problem: Problem, logits: list[Tensor], rows: slice, want_g
     :math:`\partial/\partial q^g_j = [q^g_j > 0](\log(q^g_j/m_j) + 1) - [\exists h: q^h_j > 0]`
     for a granularity g where the image is compared, back through
     :math:`q = u / \sum u`, :math:`u = (\mathrm{softmax}(z) R \odot \mathrm{support}) S`.
-    ``logits[g]`` holds the rows' full (r, K_g) logits.
+    ``logits[g]`` holds the rows' full (r, K_g) logits; ``shifts[g]``, when given, a bound on
+    them (:func:`logit_bound`): the support's softmax is then one exponential of the shifted
+    logits times the support, never an exponential of a masked logit.
     """
     part = problem.partial
     take = part.annotated[:, rows]  # (G, n)
@@ -313,8 +372,13 @@ def partial_kl_strip(problem: Problem, logits: list[Tensor], rows: slice, want_g
     compared = count >= 2
     support = ~(take[:, :, None] & ~part.annotated[:, None, :]).any(0)  # (n, N)
     probs, us = [], []
-    for z, r in zip(logits, part.owners, strict=True):
-        if r is None:  # paired: the softmax over the support's texts
+    for g, (z, r) in enumerate(zip(logits, part.owners, strict=True)):
+        shift = None if shifts is None else shifts[g]
+        if r is None and shift is not None:  # paired: the softmax over the support's texts
+            e = torch.sub(z, shift).exp_().mul_(support)
+            total = e.sum(1, keepdim=True)
+            prob = e.div_(torch.where(total > 0, total, torch.ones_like(total)))
+        elif r is None:
             prob = torch.softmax(mask_logits(z, support), dim=1)
         else:
             prob = torch.softmax(z, dim=1)
@@ -422,7 +486,7 @@ def tile_terms(
     (or None) and the pointwise share of dL/db.  ``col_part``, when the caller has it, is the
     column-softmax part of dZ (column weight times column softmax), reused as dZ's buffer.
     ``dz_out``: where the pointwise term's last update writes dZ (may be ``z`` itself, which is
-    not read after it), saving the caller a copy.  ``known`` (G', r, k) bool: the known pairs
+    not read after it), saving the caller a copy.  ``known`` (G', r, k), bool or 0/1: the known pairs
     when some are unknown (``c`` and ``c_col`` are then 0 at the others, and ``prob`` /
     ``clse`` were computed over the known pairs): the pointwise term keeps the known ones.
     """
@@ -477,7 +541,7 @@ def tile_terms(
             hinge = torch.addcmul(x, x, y, value=-2).clamp_min_(0)
         else:
             hinge = x.clamp_min(0).sub_(y * x)
-        hinge = (hinge if known is None else hinge.masked_fill_(~known, 0)).sum((1, 2))
+        hinge = keep_known(hinge, known).sum((1, 2))
         pw = pw + (v.w_pw.flatten() * (hinge + log_sums)).sum()
         if want_grad:
             dz = (
@@ -503,14 +567,10 @@ def softplus(z: Tensor, bias: Tensor | None, want_grad: bool, known: Tensor | No
     u = e + 1
     delta = e.sub_(u - 1).div_(u)
     log_u = u.log_()
-    if known is not None:
-        log_u.masked_fill_(~known, 0)
-        delta.masked_fill_(~known, 0)
-    sums = log_u.sum((1, 2)) + delta.sum((1, 2))
+    sums = keep_known(log_u, known).sum((1, 2)) + keep_known(delta, known).sum((1, 2))
     if not want_grad:
         return x, sums, None
-    sig = torch.sigmoid(x)
-    return x, sums, (sig if known is None else sig.masked_fill_(~known, 0))
+    return x, sums, keep_known(torch.sigmoid(x), known)
 
 
 # ------------------------------------------------------------------------------ smooth KL
