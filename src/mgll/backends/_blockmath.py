@@ -28,7 +28,7 @@ from torch import Tensor
 from mgll._problem import LossConfig, Problem
 from mgll._terms import safe_divide
 from mgll.targets.cooc import apply_map, apply_map_transposed, map_takes_part
-from mgll.targets.overlap import partial_overlap
+from mgll.targets.overlap import partial_overlap, partial_side
 
 # ------------------------------------------------------------------------------ planning
 
@@ -222,6 +222,7 @@ class GroupView:
     ids: Tensor | None  # (G', N) stacked class ids when every C of the stack is paired ids
     graded: bool = False  # pointwise Y = min(C, 1) instead of 1[C > 0]
     partial: bool = False  # some pairs are unknown: NaN in the target blocks
+    sides: dict = field(default_factory=dict)  # per-view pieces of the known-pair targets
 
 
 def group_view(plan: Plan, st: Stats, blk: Block, gs: list[int], dtype) -> GroupView:
@@ -296,18 +297,10 @@ def known_targets(c: Tensor | None, c_col: Tensor | None):
 def known_mask(problem: Problem, v: GroupView, rows: slice, cols: list[slice], dtype) -> Tensor:
     """The known pairs of ``C^g[rows, cols[g]]`` for the stacked granularities as 0/1 in
     ``dtype`` (G', r, k); for ids an outer product of the annotated rows and columns."""
-    return torch.stack([_known_one(problem.cooc[g], rows, cols[g], dtype) for g in v.gs])
-
-
-def _known_one(cooc, rows: slice, cols: slice, dtype) -> Tensor:
-    if not cooc.partial:
-        return torch.ones(*cooc.shape, dtype=dtype, device=cooc.data.device)[rows, cols]
-    if cooc.kind == "ids":
-        return torch.outer((cooc.data[rows] >= 0).to(dtype), (cooc.data[cols] >= 0).to(dtype))
-    if cooc.kind == "multi_hot":
-        a, b = cooc.data[rows].to(dtype), cooc.data[cols].to(dtype)
-        return partial_overlap(a, b, cooc.rule, cooc.zero_one_labels)[1].to(dtype)
-    return (~torch.isnan(cooc.data[rows, cols])).to(dtype)
+    known = _stack_like(problem, v, rows, cols, dtype)
+    for j, g in enumerate(v.gs):
+        _fill(problem.cooc[g], v, g, rows, cols[g], None, known[j])
+    return known
 
 
 def partial_targets(problem: Problem, v: GroupView, rows: slice, cols: list[slice], dtype):
@@ -315,29 +308,63 @@ def partial_targets(problem: Problem, v: GroupView, rows: slice, cols: list[slic
 
     The same values as :func:`targets` followed by :func:`known_targets`, without the NaN in
     between: ids compare as float ranks and take their mask as an outer product, multi-hot
-    labels read the known pairs from the overlap rule directly.  Both (G', r, k).
+    labels read the known pairs from the overlap rule directly (the columns' side of it
+    computed once per view).  Both (G', r, k), written in place, never stacked.
     """
-    cs, ks = [], []
-    for g in v.gs:
-        cooc, col = problem.cooc[g], cols[g]
-        if not cooc.partial:
-            c = cooc.block(rows, col, dtype)
-            k = torch.ones_like(c)
-        elif cooc.kind == "ids":
-            a, b = cooc.data[rows], cooc.data[col]
-            k = torch.outer((a >= 0).to(dtype), (b >= 0).to(dtype))
-            c = torch.eq(a[:, None], b[None, :]).to(dtype).mul_(k)
-        elif cooc.kind == "multi_hot":
-            a, b = cooc.data[rows].to(dtype), cooc.data[col].to(dtype)
-            c, known = partial_overlap(a, b, cooc.rule, cooc.zero_one_labels)
-            k = known.to(dtype)
-        else:
-            block = cooc.data[rows, col].to(dtype)
-            known = ~torch.isnan(block)
-            c, k = block.masked_fill(~known, 0), known.to(dtype)
-        cs.append(c)
-        ks.append(k)
-    return torch.stack(cs), torch.stack(ks)
+    c = _stack_like(problem, v, rows, cols, dtype)
+    known = torch.empty_like(c)
+    for j, g in enumerate(v.gs):
+        _fill(problem.cooc[g], v, g, rows, cols[g], c[j], known[j])
+    return c, known
+
+
+def _stack_like(problem: Problem, v: GroupView, rows: slice, cols: list[slice], dtype) -> Tensor:
+    r = len(range(problem.num_images)[rows])
+    k = len(range(problem.cooc[v.gs[0]].shape[1])[cols[v.gs[0]]])
+    return torch.empty(len(v.gs), r, k, dtype=dtype, device=problem.image.device)
+
+
+def _fill(cooc, v: GroupView, g: int, rows: slice, col: slice, c: Tensor | None, known: Tensor):
+    """One granularity's known-pair targets (``c``, skipped when None) and mask, in place."""
+    dtype = known.dtype
+    if cooc.kind == "ids":
+        ranks, annotated = _cached(v, ("ids", g, dtype), lambda: _id_sides(cooc.data, dtype))
+        torch.outer(annotated[rows], annotated[col], out=known)
+        if c is not None and ranks.is_floating_point():
+            torch.eq(ranks[rows, None], ranks[None, col], out=c).mul_(known)
+        elif c is not None:
+            c.copy_(ranks[rows, None] == ranks[None, col]).mul_(known)
+        return
+    if not cooc.partial:
+        known.fill_(1)
+        if c is not None:
+            c.copy_(cooc.block(rows, col, dtype))
+        return
+    if cooc.kind == "multi_hot":
+        key = ("multi_hot", g, dtype, col.start, col.stop, col.step)
+        side = _cached(v, key, lambda: partial_side(cooc.data[col].to(dtype), left=False))
+        a, b = cooc.data[rows].to(dtype), cooc.data[col].to(dtype)
+        weights, mask = partial_overlap(a, b, cooc.rule, cooc.zero_one_labels, b_side=side)
+        known.copy_(mask)
+        if c is not None:
+            c.copy_(weights)
+        return
+    block = cooc.data[rows, col].to(dtype)
+    mask = ~torch.isnan(block)
+    known.copy_(mask)
+    if c is not None:
+        c.copy_(block).masked_fill_(~mask, 0)  # block may be a view of the data
+
+
+def _cached(v: GroupView, key, make):
+    if key not in v.sides:
+        v.sides[key] = make()
+    return v.sides[key]
+
+
+def _id_sides(ids: Tensor, dtype) -> tuple[Tensor, Tensor]:
+    """Class ids as ranks (as :func:`_ranks`; -1 has its own) and annotated as 0/1 in ``dtype``."""
+    return _ranks(ids, dtype), (ids >= 0).to(dtype)
 
 
 def keep_known(x: Tensor, known: Tensor | None) -> Tensor:
