@@ -152,7 +152,8 @@ def _make_stats(plan: Plan) -> Stats:
     dtype, n = p.image.dtype, p.num_images
     st = Stats([], [], [], [], [], [], [], p.scale.new_zeros(()), False, [], False)
     for g, cooc in enumerate(p.cooc):
-        rows, cols = cooc.line_sums(1, dtype), cooc.line_sums(0, dtype)
+        rows = cooc.line_sums(1, dtype)
+        cols = rows if cooc.paired else cooc.line_sums(0, dtype)  # paired C is symmetric
         if p.col_weights[g] is not None:  # bank: the t2i side reads W^c (see Problem)
             weights = p.col_weights[g].to(dtype)
             cols = weights.nansum(0) if cooc.partial else weights.sum(0)
