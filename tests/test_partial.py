@@ -169,6 +169,33 @@ def test_bank_equals_naive(backend, g_count, support):
     )
 
 
+@pytest.mark.parametrize("case", ["paired", "bank"])
+def test_fused_without_a_fixed_shift_equals_naive(monkeypatch, case):
+    """Logits too large for a fixed log-sum-exp shift: fused masks the unknown ones instead."""
+    from mgll.backends import _blockmath
+
+    monkeypatch.setattr(_blockmath, "_SHIFT_LIMIT", {})
+    n = 7
+    if case == "paired":
+        labels, rules = _paired_case("mixed", 2, n)
+        leaves = features(n, [n, n])
+        naive_kwargs = {
+            "call": {"labels": labels},
+            "naive": {"labels": labels, "rules": rules, "support": "samples"},
+        }
+        kwargs = dict(overlap=rules, smooth_kl_support="samples")
+    else:
+        gen = torch.Generator().manual_seed(4)
+        bank = [torch.rand(n, k, generator=gen, dtype=F64) for k in (5, 6)]
+        for c in bank:
+            c[torch.rand(c.shape, generator=gen) < 0.3] = NAN
+            c[2] = NAN
+        leaves = features(n, [5, 6])
+        naive_kwargs = {"call": {"targets": bank}, "naive": {"targets": bank, "support": "samples"}}
+        kwargs = dict(smooth_kl_support="samples")
+    check_against_naive("fused", leaves, kwargs, naive_kwargs)
+
+
 @pytest.mark.parametrize("option", ["soft", "graded", "images", "bias"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_pointwise_options_equal_naive(backend, option):

@@ -28,6 +28,7 @@ from torch import Tensor
 from mgll._problem import LossConfig, Problem
 from mgll._terms import safe_divide
 from mgll.targets.cooc import apply_map, apply_map_transposed, dense_ranks
+from mgll.targets.overlap import partial_overlap, partial_side
 
 # ------------------------------------------------------------------------------ planning
 
@@ -147,7 +148,8 @@ def _make_stats(plan: Plan) -> Stats:
     dtype, n = p.image.dtype, p.num_images
     st = Stats([], [], [], [], [], [], [], p.scale.new_zeros(()), False, [], False)
     for g, cooc in enumerate(p.cooc):
-        rows, cols = cooc.line_sums(1, dtype), cooc.line_sums(0, dtype)
+        rows = cooc.line_sums(1, dtype)
+        cols = rows if cooc.paired else cooc.line_sums(0, dtype)  # paired C is symmetric
         if p.col_weights[g] is not None:  # bank: the t2i side reads W^c (see Problem)
             weights = p.col_weights[g].to(dtype)
             cols = weights.nansum(0) if cooc.partial else weights.sum(0)
@@ -217,6 +219,7 @@ class GroupView:
     ids: Tensor | None  # (G', N) stacked class ids when every C of the stack is paired ids
     graded: bool = False  # pointwise Y = min(C, 1) instead of 1[C > 0]
     partial: bool = False  # some pairs are unknown: NaN in the target blocks
+    sides: dict = field(default_factory=dict)  # per-view pieces of the known-pair targets
 
 
 def group_view(plan: Plan, st: Stats, blk: Block, gs: list[int], dtype) -> GroupView:
@@ -288,12 +291,94 @@ def known_targets(c: Tensor | None, c_col: Tensor | None):
     return c, (None if c_col is None else c_col.masked_fill(~known, 0)), known
 
 
+def known_mask(problem: Problem, v: GroupView, rows: slice, cols: list[slice], dtype) -> Tensor:
+    """The known pairs of ``C^g[rows, cols[g]]`` for the stacked granularities as 0/1 in
+    ``dtype`` (G', r, k); for ids an outer product of the annotated rows and columns."""
+    known = _stack_like(problem, v, rows, cols, dtype)
+    for j, g in enumerate(v.gs):
+        _fill(problem.cooc[g], v, g, rows, cols[g], None, known[j])
+    return known
+
+
+def partial_targets(problem: Problem, v: GroupView, rows: slice, cols: list[slice], dtype):
+    """C^g[rows, cols[g]] with 0 at the unknown pairs and the known mask (0/1 in ``dtype``).
+
+    The same values as :func:`targets` followed by :func:`known_targets`, without the NaN in
+    between: ids compare as float ranks and take their mask as an outer product, multi-hot
+    labels read the known pairs from the overlap rule directly (the columns' side of it
+    computed once per view).  Both (G', r, k), written in place, never stacked.
+    """
+    c = _stack_like(problem, v, rows, cols, dtype)
+    known = torch.empty_like(c)
+    for j, g in enumerate(v.gs):
+        _fill(problem.cooc[g], v, g, rows, cols[g], c[j], known[j])
+    return c, known
+
+
+def _stack_like(problem: Problem, v: GroupView, rows: slice, cols: list[slice], dtype) -> Tensor:
+    r = len(range(problem.num_images)[rows])
+    k = len(range(problem.cooc[v.gs[0]].shape[1])[cols[v.gs[0]]])
+    return torch.empty(len(v.gs), r, k, dtype=dtype, device=problem.image.device)
+
+
+def _fill(cooc, v: GroupView, g: int, rows: slice, col: slice, c: Tensor | None, known: Tensor):
+    """One granularity's known-pair targets (``c``, skipped when None) and mask, in place."""
+    dtype = known.dtype
+    if cooc.kind == "ids":
+        ranks, annotated = _cached(v, ("ids", g, dtype), lambda: _id_sides(cooc.data, dtype))
+        torch.outer(annotated[rows], annotated[col], out=known)
+        if c is not None and ranks.is_floating_point():
+            torch.eq(ranks[rows, None], ranks[None, col], out=c).mul_(known)
+        elif c is not None:
+            c.copy_(ranks[rows, None] == ranks[None, col]).mul_(known)
+        return
+    if not cooc.partial:
+        known.fill_(1)
+        if c is not None:
+            c.copy_(cooc.block(rows, col, dtype))
+        return
+    if cooc.kind == "multi_hot":
+        key = ("multi_hot", g, dtype, col.start, col.stop, col.step)
+        side = _cached(v, key, lambda: partial_side(cooc.data[col].to(dtype), left=False))
+        a, b = cooc.data[rows].to(dtype), cooc.data[col].to(dtype)
+        weights, mask = partial_overlap(a, b, cooc.rule, cooc.zero_one_labels, b_side=side)
+        known.copy_(mask)
+        if c is not None:
+            c.copy_(weights)
+        return
+    block = cooc.data[rows, col].to(dtype)
+    mask = ~torch.isnan(block)
+    known.copy_(mask)
+    if c is not None:
+        c.copy_(block).masked_fill_(~mask, 0)  # block may be a view of the data
+
+
+def _cached(v: GroupView, key, make):
+    if key not in v.sides:
+        v.sides[key] = make()
+    return v.sides[key]
+
+
+def _id_sides(ids: Tensor, dtype) -> tuple[Tensor, Tensor]:
+    """Class ids as ranks (as :func:`_ranks`; -1 has its own) and annotated as 0/1 in ``dtype``."""
+    return _ranks(ids, dtype), (ids >= 0).to(dtype)
+
+
+def keep_known(x: Tensor, known: Tensor | None) -> Tensor:
+    """``x`` with 0 at the unknown pairs, in place; ``known`` a bool or a 0/1 float mask."""
+    if known is None:
+        return x
+    return x.mul_(known) if known.is_floating_point() else x.masked_fill_(~known, 0)
+
+
 def mask_logits(z: Tensor, known: Tensor | None) -> Tensor:
     """Unknown logits set to the most negative float, whose exponential is exactly 0."""
     return z if known is None else z.masked_fill(~known, torch.finfo(z.dtype).min)
 
 
-def partial_kl_strip(problem: Problem, logits: list[Tensor], rows: slice, want_grad: bool):
+def partial_kl_strip(
+    problem: Problem, logits: list[Tensor], rows: slice, want_grad: bool, shifts=None
+):
     r"""The smooth KL of image rows ``rows`` with unknowns, and its gradient w.r.t. their logits.
 
     The value is :func:`mgll._terms.partial_smooth_kl_rows` (docs/partial_annotation.rst); the
@@ -301,7 +386,9 @@ def partial_kl_strip(problem: Problem, logits: list[Tensor], rows: slice, want_g
     :math:`\partial/\partial q^g_j = [q^g_j > 0](\log(q^g_j/m_j) + 1) - [\exists h: q^h_j > 0]`
     for a granularity g where the image is compared, back through
     :math:`q = u / \sum u`, :math:`u = (\mathrm{softmax}(z) R \odot \mathrm{support}) S`.
-    ``logits[g]`` holds the rows' full (r, K_g) logits.
+    ``logits[g]`` holds the rows' full (r, K_g) logits; ``shifts[g]``, when given, a bound on
+    them (:func:`logit_bound`): the support's softmax is then one exponential of the shifted
+    logits times the support, never an exponential of a masked logit.
     """
     part = problem.partial
     take = part.annotated[:, rows]  # (G, n)
@@ -309,8 +396,13 @@ def partial_kl_strip(problem: Problem, logits: list[Tensor], rows: slice, want_g
     compared = count >= 2
     support = ~(take[:, :, None] & ~part.annotated[:, None, :]).any(0)  # (n, N)
     probs, us = [], []
-    for z, r in zip(logits, part.owners, strict=True):
-        if r is None:  # paired: the softmax over the support's texts
+    for g, (z, r) in enumerate(zip(logits, part.owners, strict=True)):
+        shift = None if shifts is None else shifts[g]
+        if r is None and shift is not None:  # paired: the softmax over the support's texts
+            e = torch.sub(z, shift).exp_().mul_(support)
+            total = e.sum(1, keepdim=True)
+            prob = e.div_(torch.where(total > 0, total, torch.ones_like(total)))
+        elif r is None:
             prob = torch.softmax(mask_logits(z, support), dim=1)
         else:
             prob = torch.softmax(z, dim=1)
@@ -418,7 +510,7 @@ def tile_terms(
     (or None) and the pointwise share of dL/db.  ``col_part``, when the caller has it, is the
     column-softmax part of dZ (column weight times column softmax), reused as dZ's buffer.
     ``dz_out``: where the pointwise term's last update writes dZ (may be ``z`` itself, which is
-    not read after it), saving the caller a copy.  ``known`` (G', r, k) bool: the known pairs
+    not read after it), saving the caller a copy.  ``known`` (G', r, k), bool or 0/1: the known pairs
     when some are unknown (``c`` and ``c_col`` are then 0 at the others, and ``prob`` /
     ``clse`` were computed over the known pairs): the pointwise term keeps the known ones.
     """
@@ -473,7 +565,7 @@ def tile_terms(
             hinge = torch.addcmul(x, x, y, value=-2).clamp_min_(0)
         else:
             hinge = x.clamp_min(0).sub_(y * x)
-        hinge = (hinge if known is None else hinge.masked_fill_(~known, 0)).sum((1, 2))
+        hinge = keep_known(hinge, known).sum((1, 2))
         pw = pw + (v.w_pw.flatten() * (hinge + log_sums)).sum()
         if want_grad:
             dz = (
@@ -499,14 +591,10 @@ def softplus(z: Tensor, bias: Tensor | None, want_grad: bool, known: Tensor | No
     u = e + 1
     delta = e.sub_(u - 1).div_(u)
     log_u = u.log_()
-    if known is not None:
-        log_u.masked_fill_(~known, 0)
-        delta.masked_fill_(~known, 0)
-    sums = log_u.sum((1, 2)) + delta.sum((1, 2))
+    sums = keep_known(log_u, known).sum((1, 2)) + keep_known(delta, known).sum((1, 2))
     if not want_grad:
         return x, sums, None
-    sig = torch.sigmoid(x)
-    return x, sums, (sig if known is None else sig.masked_fill_(~known, 0))
+    return x, sums, keep_known(torch.sigmoid(x), known)
 
 
 # ------------------------------------------------------------------------------ smooth KL

@@ -170,11 +170,10 @@ def _block(
         t = torch.stack([texts[g][blk.cols[g]] for g in gs])
         a, b = xs.expand(len(gs), *xs.shape), t.transpose(1, 2)
         zs.append(torch.bmm(a, b) if buffers is None else torch.bmm(a, b, out=next(buffers)))
-    # a fixed shift needs every row and column to have a logit near it: not with unknown pairs,
-    # where a row or column may have none (its maximum of masked logits is then the shift)
+    # with unknown pairs and a fixed shift, exp(Z - b) of the raw logits times the known mask
+    # (exp of a normal number: fast); without a shift the unknown logits are masked in place
     shifts = [
-        None if v.partial else bm.logit_bound(xs, torch.cat([texts[g][blk.cols[g]] for g in gs]))
-        for v, gs in zip(views, blk.groups, strict=True)
+        bm.logit_bound(xs, torch.cat([texts[g][blk.cols[g]] for g in gs])) for gs in blk.groups
     ]
     clses = [
         _column_lse(v, z, values, sh, _known_rows(plan, v, blk))
@@ -197,21 +196,31 @@ def _block(
         parts = []
         for v, z, clse, shift, factor in zip(views, zs, clses, shifts, col_factors, strict=True):
             chunk = z[:, rs]
-            c = bm.targets(p, v, rows, blk.cols, dtype) if need_c else None
+            c = None
+            if need_c and not (v.partial and shift is not None):
+                c = bm.targets(p, v, rows, blk.cols, dtype)
             c_col = bm.col_targets(p, v, rows, blk.cols, dtype) if need_c else None
             known = None
-            if v.partial:  # unknown pairs: out of every softmax and sum (their logits masked)
+            if v.partial and shift is not None:  # unknown pairs: out of every softmax and sum
+                c, known = bm.partial_targets(p, v, rows, blk.cols, dtype)
+                c_col = None if c_col is None else c_col.nan_to_num(0.0)
+            elif v.partial:  # no shift: the unknown logits masked (done already with a t2i side)
                 c, c_col, known = bm.known_targets(c, c_col)
-                chunk.masked_fill_(~known, torch.finfo(dtype).min)  # done already with a t2i side
+                chunk.masked_fill_(~known, torch.finfo(dtype).min)
             col_part = None
-            if factor is not None and (need_prob or want_grad):
+            if shift is not None and v.partial and (need_prob or want_grad):
+                e = torch.sub(chunk, shift).exp_().mul_(known)
+                prob, rlse = _shared_softmax(e, shift) if need_prob else (None, None)
+                col_part = e.mul_(factor) if want_grad and factor is not None else None
+            elif factor is not None and (need_prob or want_grad):
                 e = torch.sub(chunk, shift).exp_()
                 prob, rlse = _shared_softmax(e, shift) if need_prob else (None, None)
                 col_part = e.mul_(factor) if want_grad else None
             else:
                 prob, rlse = bm.row_softmax(chunk, shift) if need_prob else (None, None)
             # dZ may overwrite the chunk's logits at once unless the paired KL still reads them
-            out = chunk if want_grad and not (plan.kl and st.kl_identity) else None
+            # (and the partial KL, after every stack)
+            out = chunk if want_grad and not (partial_kl or (plan.kl and st.kl_identity)) else None
             ce, pw, dz, dbias = bm.tile_terms(
                 chunk,
                 c,
@@ -234,7 +243,11 @@ def _block(
             db = db + dbias
             parts.append((dz, prob, rlse))
         if partial_kl:
-            _partial_kl(plan, st, blk, xs[rs], texts, rows, parts, want_grad, values)
+            kl_shifts = {g: sh for gs, sh in zip(blk.groups, shifts, strict=True) for g in gs}
+            masked = any(v.partial and sh is None for v, sh in zip(views, shifts, strict=True))
+            logits = None if masked else zs  # masked logits: recomputed from the features
+            kl = (xs[rs], texts, logits, kl_shifts)
+            _partial_kl(plan, st, blk, kl, rs, rows, parts, want_grad, values)
         elif plan.kl and blk.do_rows:
             _smooth_kl(plan, st, blk, zs, rs, parts, want_grad, values)
         if want_grad:
@@ -246,8 +259,12 @@ def _block(
 
 
 def _shared_softmax(e: Tensor, shift: float) -> tuple[Tensor, Tensor]:
-    """Row softmax and row log-sum-exp from E = exp(Z - shift) (E is left unchanged)."""
+    """Row softmax and row log-sum-exp from E = exp(Z - shift) (E is left unchanged).
+
+    A row whose E is all 0 (only unknown pairs) gets a zero softmax and the log-sum-exp
+    ``shift``: it is no anchor, its weights are 0."""
     total = e.sum(-1, keepdim=True)
+    total = torch.where(total > 0, total, 1.0)
     return e * total.reciprocal(), total.log().add_(shift)
 
 
@@ -256,23 +273,29 @@ def _column_lse(v: bm.GroupView, z: Tensor, values, shift=None, known=None) -> T
 
     ``shift``: a bound on every logit (see :func:`~mgll.backends._blockmath.logit_bound`) used
     instead of the column maximum, which then needs no pass of its own.  ``known(rows)``: the
-    known pairs of a slice of the stack's rows, when some pairs are unknown: their logits are
-    set to the most negative float in place (the row direction reads them so, too).
+    known pairs (0/1) of a slice of the stack's rows, when some pairs are unknown: with a shift
+    the exponentials are multiplied by them (a column without a known pair gets the
+    log-sum-exp ``shift``, its weight is 0); without, their logits are set to the most
+    negative float in place (the row direction reads them so, too).
     """
     if v.col_mass is None:
         return None
     step = max(1, CHUNK // max(1, z.shape[0] * z.shape[2]))
-    if known is not None:  # the unknown logits masked in place, once for both directions
+    if known is not None and shift is None:  # masked in place, once for both directions
         for a in range(0, z.shape[1], step):
             rs = slice(a, a + step)
-            z[:, rs].masked_fill_(~known(rs), torch.finfo(z.dtype).min)
+            z[:, rs].masked_fill_(known(rs) == 0, torch.finfo(z.dtype).min)
+        known = None
     if shift is not None:
         top = z.new_full((z.shape[0], 1, z.shape[2]), shift)
     else:
         top = z.amax(1, keepdim=True)
     total = torch.zeros_like(top)
     for a in range(0, z.shape[1], step):
-        total += torch.sub(z[:, a : a + step], top).exp_().sum(1, keepdim=True)
+        e = torch.sub(z[:, a : a + step], top).exp_()
+        total += (e if known is None else e.mul_(known(slice(a, a + step)))).sum(1, keepdim=True)
+    if known is not None:
+        total = torch.where(total > 0, total, 1.0)
     clse = top + total.log_()
     values[0] += (v.col_mass * clse).sum()
     return clse
@@ -310,20 +333,29 @@ def _known_rows(plan: bm.Plan, v: bm.GroupView, blk: bm.Block):
     p = plan.problem
 
     def known(rs: slice) -> Tensor:
-        rows = bm.sub(blk.rows, p.num_images, rs)
-        return ~torch.isnan(bm.targets(p, v, rows, blk.cols, p.image.dtype))
+        return bm.known_mask(p, v, bm.sub(blk.rows, p.num_images, rs), blk.cols, p.image.dtype)
 
     return known
 
 
-def _partial_kl(plan, st: bm.Stats, blk, xs, texts, rows, parts, want_grad, values):
-    """The smooth-KL share of a chunk of full rows when some labels are unknown.
+def _partial_kl(plan, st: bm.Stats, blk, kl, rs, rows, parts, want_grad, values):
+    """The smooth-KL share of a chunk of full rows ``rs`` when some labels are unknown.
 
-    Its logits are recomputed from the features (``xs``: the rows' scaled features): the
-    buffer's have their unknown pairs masked, and the smooth KL reads every pair it compares.
+    ``kl``: (the rows' scaled features, the texts, the block's stacks of logits or None, the
+    logit bound of each granularity).  The chunk's logits are read in the stacks (a row block
+    holds every column); None when some were masked in place (a stack without a fixed
+    shift): they are then recomputed from the features.
     """
-    logits = [xs @ t.T for t in texts]
-    value, grads = bm.partial_kl_strip(plan.problem, logits, rows, want_grad)
+    xs, texts, zs, shifts = kl
+    g_all = plan.problem.num_granularities
+    if zs is None:
+        logits, shift_of = [xs @ t.T for t in texts], None
+    else:
+        logits, shift_of = [None] * g_all, [shifts[g] for g in range(g_all)]
+        for gs, z in zip(blk.groups, zs, strict=True):
+            for j, g in enumerate(gs):
+                logits[g] = z[j, rs]
+    value, grads = bm.partial_kl_strip(plan.problem, logits, rows, want_grad, shift_of)
     values[2] += value * st.w_kl
     if want_grad:
         for gs, (dz, _, _) in zip(blk.groups, parts, strict=True):

@@ -107,14 +107,25 @@ def rules_for(overlap: str | tuple[str, ...], g_count: int) -> list[str]:
     return list(overlap)
 
 
-def partial_overlap(a: Tensor, b: Tensor, rule: str, binary: bool) -> tuple[Tensor, Tensor]:
+def partial_side(x: Tensor, left: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """One side of :func:`partial_overlap` (``left``: the rows ``a``): (annotated classes,
+    ``x`` with 0 at NaN, shareable classes); a caller meeting the same ``b`` for many blocks
+    computes it once."""
+    seen = ~torch.isnan(x)
+    return seen, torch.where(seen, x, 0), _shareable(seen, x, left)
+
+
+def partial_overlap(
+    a: Tensor, b: Tensor, rule: str, binary: bool, b_side=None
+) -> tuple[Tensor, Tensor]:
     """The weights and the known pairs (a bool (r, k) mask) of label vectors that may hold NaN.
 
     The weight of a pair is ``rule`` over the classes that both annotate (0 for an unknown
     pair); ``binary`` promises 0/1/NaN entries.  Shape: a (r, C), b (k, C) of one float dtype.
+    ``b_side``: :func:`partial_side` of ``b`` (right), when the caller has it.
     """
-    seen_a, seen_b = ~torch.isnan(a), ~torch.isnan(b)
-    a0, b0 = torch.where(seen_a, a, 0), torch.where(seen_b, b, 0)
+    seen_a, a0, share_a = partial_side(a, True)
+    seen_b, b0, share_b = partial_side(b, False) if b_side is None else b_side
     if rule == "jaccard":  # the union runs over the classes both annotate
         inter = a0 @ b0.T if binary else _pairwise(a0, b0, _sum_min, 0.0)
         # sum_c seen_a seen_b max(a, b) = a0 . seen_b + seen_a . b0 - inter, in one product
@@ -122,7 +133,7 @@ def partial_overlap(a: Tensor, b: Tensor, rule: str, binary: bool) -> tuple[Tens
         weights = inter / torch.where(union > inter, union - inter, torch.ones_like(union))
     else:  # an unannotated class adds nothing to "any" or "count": it reads as absent
         weights = overlap(a0, b0, rule, binary)
-    shareable = _shareable(seen_a, a, True) @ _shareable(seen_b, b, False).T
+    shareable = share_a @ share_b.T
     return weights, (weights > 0) | (shareable == 0)
 
 
