@@ -174,16 +174,16 @@ BOUNDS = {
 #: ``validate=True`` reads every value check in one more sync.
 VALIDATE = 1
 #: ``fused`` reads its log-sum-exp shift (a logit bound) once per chunk and stack of
-#: equal-width granularities without unknowns: one chunk here, one stack of paired
-#: granularities, two of bank texts (K_g = 5 and 3).
+#: equal-width granularities, with unknowns too (they keep the fixed shift): one chunk here,
+#: one stack of paired granularities, two of bank texts (K_g = 5 and 3).
 FUSED = {
     "ids": 1,
-    "ids_unknown": 0,
+    "ids_unknown": 1,
     "multi_hot": 1,
     "multi_hot_float": 1,
-    "multi_hot_nan": 0,
+    "multi_hot_nan": 1,
     "bank": 2,
-    "bank_nan": 1,
+    "bank_nan": 2,
 }
 
 
