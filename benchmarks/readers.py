@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+from mgll.datasets import CHEXPERT_OBSERVATIONS
+
 NIH_HEADER = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
     "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],"
@@ -49,22 +51,7 @@ NIH_FINDINGS = (
     "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening",
     "Hernia",
 )  # fmt: skip
-OBSERVATIONS = (
-    "No Finding",
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Opacity",
-    "Lung Lesion",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-    "Support Devices",
-)
+OBSERVATIONS = CHEXPERT_OBSERVATIONS  # the 14 columns, in the order of the files
 CHEXPERT_HEADER = "Path,Sex,Age,Frontal/Lateral,AP/PA," + ",".join(OBSERVATIONS)
 MIMIC_LABEL_HEADER = "subject_id,study_id," + ",".join(sorted(OBSERVATIONS))
 MIMIC_META_HEADER = (

@@ -20,6 +20,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiny tiles and chunks, so that every backend crosses several blocks on small inputs."""
+    from mgll.backends import fused, tiled, triton_kernels
+
+    monkeypatch.setattr(tiled, "TILE_ROWS", 3)
+    monkeypatch.setattr(tiled, "TILE_COLS", 4)
+    monkeypatch.setattr(fused, "CHUNK", 40)
+    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_D"):
+        monkeypatch.setitem(triton_kernels.INTERPRETER_BLOCKS, key, 16)
+
+
 # The slow tests, marked here in one place: each took 20 s or more (or shares a fixture or a
 # process pool that does) in a full run on a 2-core CPU; see the README's "Set-up" section.
 # ``python -m pytest -m "not slow"`` leaves them out; CI runs everything.  A file alone marks the

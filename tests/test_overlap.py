@@ -19,7 +19,6 @@ import naive
 from backends_under_test import CPU_BACKENDS
 from mgll import targets
 from mgll._problem import cooccurrence_from_labels
-from mgll.backends import fused, tiled, triton_kernels
 from mgll.targets.cooc import CoOccurrence
 
 F64 = torch.float64
@@ -28,14 +27,8 @@ TIGHT = dict(rtol=1e-10, atol=1e-12)
 F32 = dict(rtol=1e-5, atol=2e-6)
 
 
-@pytest.fixture(autouse=True)
-def _small_tiles(monkeypatch):
-    """Tiny tiles and chunks so every backend crosses several blocks on small inputs."""
-    monkeypatch.setattr(tiled, "TILE_ROWS", 3)
-    monkeypatch.setattr(tiled, "TILE_COLS", 4)
-    monkeypatch.setattr(fused, "CHUNK", 40)
-    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_D"):
-        monkeypatch.setitem(triton_kernels.INTERPRETER_BLOCKS, key, 16)
+# every backend crosses several blocks on small inputs (the fixture is in conftest.py)
+pytestmark = pytest.mark.usefixtures("small_tiles")
 
 
 def naive_rule(a: torch.Tensor, b: torch.Tensor, rule: str) -> torch.Tensor:

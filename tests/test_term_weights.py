@@ -17,20 +17,13 @@ import torch
 import mgll
 import naive
 from backends_under_test import CPU_BACKENDS
-from mgll.backends import fused, tiled, triton_kernels
 
 F64 = torch.float64
 NAN = math.nan
 
 
-@pytest.fixture(autouse=True)
-def _small_tiles(monkeypatch):
-    """Tiny tiles and chunks so every backend crosses several blocks on small inputs."""
-    monkeypatch.setattr(tiled, "TILE_ROWS", 3)
-    monkeypatch.setattr(tiled, "TILE_COLS", 4)
-    monkeypatch.setattr(fused, "CHUNK", 40)
-    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_D"):
-        monkeypatch.setitem(triton_kernels.INTERPRETER_BLOCKS, key, 16)
+# every backend crosses several blocks on small inputs (the fixture is in conftest.py)
+pytestmark = pytest.mark.usefixtures("small_tiles")
 
 
 def _features(n, ks, d=6, seed=0, dtype=F64):
