@@ -18,7 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mgll
-from mgll._problem import LossConfig, build_problem
+from mgll._problem import _BOUND_STEPS, LossConfig, logit_bound
+from mgll._problem import build_problem as _build_problem
 from mgll.backends import _blockmath, choose_backend, fused, logits_bytes, reference, tiled
 from mgll.targets.cooc import CoOccurrence, GroupMap, sample_groups
 
@@ -36,6 +37,13 @@ def _small_tiles(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- builders
+
+
+def build_problem(image, texts, s, b, cooc, config, normalize):
+    """As the batch is built for ``"fused"``: with its logit bound read (the fixed shift)."""
+    code = logit_bound(image, texts, s, normalize)
+    bound = None if code is None else code.item() / _BOUND_STEPS
+    return _build_problem(image, texts, s, b, cooc, config, normalize, logit_bound=bound)
 
 
 def _cooc(mode: str, n: int, ks: list[int], gen: torch.Generator) -> list[CoOccurrence]:
@@ -515,6 +523,55 @@ def test_random_shapes(n, g, mode, support, ks, bias, seed):
 
     for backend in BACKENDS:
         _compare(backend, problem, config, _leaves(image, texts, s, b))
+
+
+# ------------------------------------------------------------------------ the logit bound
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", range(4))
+def test_logit_bound_bounds_every_logit(seed, dtype, normalize):
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.tensor(-0.3 if seed == 3 else 10.0**seed, dtype=dtype)
+    image = torch.randn(5, 4, generator=gen, dtype=dtype) * (1 + seed)
+    texts = [torch.randn(k, 4, generator=gen, dtype=dtype) for k in (3, 0, 6)]
+    texts[2][4] *= 10  # the longest text and image, aligned: a logit at the Cauchy-Schwarz bound
+    image[1] = texts[2][4] * (2 + seed)
+    prep = (lambda x: torch.nn.functional.normalize(x, dim=-1)) if normalize else (lambda x: x)
+    logits = [(scale * prep(image) @ prep(t).T).abs().max() for t in texts if t.shape[0]]
+    top = float(torch.stack(logits).max())
+    bound = logit_bound(image, texts, scale, normalize).item() / _BOUND_STEPS
+    assert top <= bound <= top * (1 + 2e-5) + 2.0**-20
+
+
+def test_logit_bound_of_an_empty_batch_or_a_nan_is_never_a_shift():
+    image, texts, s = torch.randn(3, 4), [torch.randn(2, 4)], torch.tensor(5.0)
+    assert logit_bound(image[:0], texts, s, True) is None
+    assert logit_bound(image, [texts[0][:0]], s, True) is None
+    code = logit_bound(image, texts, torch.tensor(float("nan")), True)
+    assert code.item() == _BOUND_STEPS**2  # 2^20, far beyond any usable shift
+    assert _blockmath.usable_shift(code.item() / _BOUND_STEPS, torch.float32) is None
+    assert _blockmath.usable_shift(5.0, torch.float32) == 5.0
+    assert _blockmath.usable_shift(41.0, torch.float32) is None
+    assert _blockmath.usable_shift(5.0, torch.float16) is None
+
+
+@pytest.mark.parametrize("backend", ["fused", "auto", "reference", "tiled"])
+def test_the_batch_is_built_with_its_logit_bound_for_fused_only(monkeypatch, backend):
+    """``"fused"`` (and ``"auto"`` where it picks fused) gets the bound read with the flags."""
+    seen = []
+    for module in (fused, reference, tiled):
+        compute = module.compute
+        monkeypatch.setattr(
+            module, "compute", lambda p, c, f=compute: seen.append(p.logit_bound) or f(p, c)
+        )
+    image, texts, s, _, _ = _inputs(6, [6, 6], scale=8.0)
+    mgll.mgll_loss(image, texts, s, labels=[torch.arange(6) % 3] * 2, backend=backend)
+    if backend in ("fused", "auto"):
+        assert seen == [pytest.approx(8.0, rel=2e-5)]
+    else:
+        assert seen == [None]
 
 
 # --------------------------------------------------------------------------- auto, budget

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -110,6 +111,8 @@ class Problem:
     the pointwise term's divisor at granularity g (:func:`pointwise_norm`; None when it is off,
     or its weight at g is 0).
     ``kl_taking[g]``: whether T^g has a positive entry (:func:`maps_taking_part`, read once).
+    ``logit_bound``: an upper bound on every logit (:func:`logit_bound`), read with the labels'
+    flags when the batch is built for a backend that shifts by it (``"fused"``), else None.
     To change the rows and columns a backend computes, use :func:`dataclasses.replace`.
     """
 
@@ -128,6 +131,7 @@ class Problem:
     col_weights: list[Tensor | None] = field(default_factory=list)
     partial: Partial | None = None
     kl_taking: list[bool] = field(default_factory=list)
+    logit_bound: float | None = None
 
     def __post_init__(self) -> None:
         if not self.cols:
@@ -199,36 +203,83 @@ def build_batch(
     config: LossConfig,
     normalize: bool,
     check: bool,
+    *,
+    bound: bool = False,
 ) -> Problem:
     """The :class:`Problem` of a checked batch: the one builder of the eager and compiled paths.
 
     ``mode`` ``"paired"``: ``values`` are labels, combined by ``config.overlap``; ``"bank"``:
     they are the targets C^g.  ``check`` (``validate``): find out whether float labels are 0/1
-    (:func:`cooccurrence_from_labels`).
+    (:func:`cooccurrence_from_labels`).  ``bound``: read :attr:`Problem.logit_bound` too, in
+    the same host sync as the labels' flags.
     """
     rules = rules_for(config.overlap, len(values))
     paired = mode == "paired"
-    unknown, zero_one, stats = label_flags(values, rules, check and paired, count=paired)
+    code = logit_bound(image_features, text_features, logit_scale, normalize) if bound else None
+    flags = label_flags(values, rules, check and paired, count=paired, also=code)
     cooc = [
         cooccurrence_from_labels(x, rule, partial=u, zero_one=z)
         if paired
         else CoOccurrence("dense", x, partial=u)
-        for x, rule, u, z in zip(values, rules, unknown, zero_one, strict=True)
+        for x, rule, u, z in zip(values, rules, flags.unknown, flags.zero_one, strict=True)
     ]
-    for c, found in zip(cooc, stats, strict=True):
+    for c, found in zip(cooc, flags.stats, strict=True):
         c.stats.update(found)
     return build_problem(
-        image_features, text_features, logit_scale, logit_bias, cooc, config, normalize
-    )
+        image_features, text_features, logit_scale, logit_bias, cooc, config, normalize,
+        logit_bound=None if code is None else flags.also / _BOUND_STEPS,
+    )  # fmt: skip
+
+
+#: :func:`logit_bound` is read as an integer count of these steps (with the integer flags).
+_BOUND_STEPS = 2**20
+
+
+def logit_bound(
+    image: Tensor, texts: Sequence[Tensor], scale: Tensor, normalize: bool
+) -> Tensor | None:
+    r"""An upper bound :math:`b \ge |s\, \hat x_i \cdot \hat t_k|` on every logit (Cauchy-Schwarz),
+    as an int64 count of :data:`_BOUND_STEPS` ths, rounded up; None for an empty batch.
+
+    Normalised features have norms of at most 1, so :math:`b = |s|` (times a rounding margin);
+    otherwise :math:`b = |s| \max_i \lVert x_i \rVert \max_{g,k} \lVert t^g_k \rVert`.
+    Rounded up in steps of :math:`2^{-20}` (an exact scaling), it stays a bound; a bound
+    beyond :math:`2^{20}` (or a NaN) is read as :math:`2^{20}`, too large to be used anyway.
+    """
+    if image.shape[0] == 0 or not any(t.shape[0] for t in texts):
+        return None
+    dtype = compute_dtype(image.dtype)
+    b = scale.detach().to(dtype).abs().reshape(())
+    if not normalize:
+        widest = torch.stack(
+            [t.detach().to(dtype).norm(dim=-1).amax() for t in texts if t.shape[0]]
+        )
+        b = b * image.detach().to(dtype).norm(dim=-1).amax() * widest.amax()
+    b = torch.nan_to_num(b * (1 + 1e-5), nan=math.inf).clamp(max=_BOUND_STEPS)
+    return torch.ceil(b * _BOUND_STEPS).to(torch.int64)
+
+
+class BatchFlags(NamedTuple):
+    """What :func:`label_flags` reads of a batch in one host sync."""
+
+    unknown: list[bool]
+    zero_one: list[bool]
+    stats: list[dict]
+    also: int | None
 
 
 def label_flags(
-    values: Sequence[Tensor], rules: Sequence[str], check: bool, count: bool = False
-) -> tuple[list[bool], list[bool], list[dict]]:
+    values: Sequence[Tensor],
+    rules: Sequence[str],
+    check: bool,
+    count: bool = False,
+    also: Tensor | None = None,
+) -> BatchFlags:
     """Whether each granularity's labels or targets hold an unknown (:func:`has_unknowns`),
     whether its float multi-hot labels are 0/1 (read only with ``check``, see
     :func:`cooccurrence_from_labels`) and, with ``count`` (paired labels), the statistics of
-    :func:`~mgll.targets.cooc.count_labels`: everything of the batch read in one host sync.
+    :func:`~mgll.targets.cooc.count_labels`: everything of the batch read in one host sync,
+    with ``also``, one more int64 scalar, read in the same sync.
     """
     pending: list[Tensor] = []
 
@@ -248,13 +299,19 @@ def label_flags(
     for found in counted:
         places.append(len(pending))
         pending += found[0] if found is not None else []
+    extra = defer(also) if also is not None else None
     read = torch.stack(pending).tolist() if pending else []
     flag = lambda f: f if isinstance(f, bool) else bool(read[f])  # noqa: E731
     stats = [
         {} if found is None else found[1](read[at : at + len(found[0])])
         for found, at in zip(counted, places, strict=True)
     ]
-    return [flag(f) for f in unknown], [flag(f) for f in zero_one], stats
+    return BatchFlags(
+        [flag(f) for f in unknown],
+        [flag(f) for f in zero_one],
+        stats,
+        None if extra is None else read[extra],
+    )
 
 
 def cooccurrence_from_labels(
@@ -484,6 +541,8 @@ def build_problem(
     cooc: Sequence[CoOccurrence],
     config: LossConfig,
     normalize: bool,
+    *,
+    logit_bound: float | None = None,
 ) -> Problem:
     dtype = compute_dtype(image_features.dtype)
     # Everything is prepared in the compute dtype: autocast must not turn R^g S into bf16.
@@ -536,6 +595,7 @@ def build_problem(
                 for c in cooc
             ],
             partial=partial,
+            logit_bound=logit_bound,
         )
 
 

@@ -374,7 +374,7 @@ def loss_with(
     batch = distributed.gather_batch(image_features, texts, mode, values, dist_options, rules)
     problem = build_batch(
         batch.image, batch.texts, logit_scale, logit_bias, mode, batch.values, config, normalize,
-        validate,
+        validate, bound=_runs_fused(backend, batch),
     )  # fmt: skip
     if batch.cols is not None:  # distributed local loss: this rank's rows and columns only
         problem.rows, problem.cols = batch.rows, batch.cols
@@ -393,6 +393,14 @@ def _compiles_as_one_op(backend: str, options, texts, like: Tensor) -> bool:
     if backend not in ("auto", "fused") or distributed.resolve_group(options) is not None:
         return False
     return backend == "fused" or fused_would_run(like, texts)
+
+
+def _runs_fused(backend: str, batch) -> bool:
+    """Whether ``backend`` is, or ``"auto"`` picks, ``"fused"``: it shifts by the logit bound."""
+    from mgll.backends import fused_would_run
+
+    auto = backend == "auto" and fused_would_run(batch.image, batch.texts, batch.rows, batch.cols)
+    return backend == "fused" or auto
 
 
 def _run(problem, config: LossConfig, backend: str, like: Tensor) -> LossTerms:

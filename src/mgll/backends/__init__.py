@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 import numbers
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -140,13 +140,19 @@ def logits_bytes(problem: Problem) -> int:
 
 def _logit_count(problem: Problem) -> int:
     """Logits that ``"fused"`` holds for ``problem``: its row block and its column block."""
-    n = problem.num_images
-    rows = len(range(n)[problem.rows])
-    total = 0
-    for text, cols in zip(problem.texts, problem.cols, strict=True):
-        k = text.shape[0]
-        total += n * k if problem.is_full else rows * k + n * len(range(k)[cols])
-    return total
+    widths = [t.shape[0] for t in problem.texts]
+    return logit_count(problem.num_images, widths, problem.rows, problem.cols)
+
+
+def logit_count(n: int, widths: Sequence[int], rows: slice, cols: Sequence[slice]) -> int:
+    """Logits that ``"fused"`` holds for N images, texts of ``widths`` K_g, and this process's
+    ``rows`` and ``cols``: N x K_g each for the whole batch, its row and column blocks else."""
+    full = rows == slice(None) and all(c == slice(None) for c in cols)
+    local = len(range(n)[rows])
+    return sum(
+        n * k if full else local * k + n * len(range(k)[c])
+        for k, c in zip(widths, cols, strict=True)
+    )
 
 
 def auto_backend(device: torch.device, dtype: torch.dtype, logits: int) -> str:
@@ -163,10 +169,13 @@ def auto_backend(device: torch.device, dtype: torch.dtype, logits: int) -> str:
     return "tiled" if 2 * dtype.itemsize * logits > get_memory_budget() else "fused"
 
 
-def fused_would_run(image, texts) -> bool:
-    """Whether ``"auto"`` picks ``"fused"`` for one process's full batch, from shapes alone."""
+def fused_would_run(image, texts, rows: slice | None = None, cols=None) -> bool:
+    """Whether ``"auto"`` picks ``"fused"``, from shapes alone: for one process's full batch,
+    or for its ``rows`` and ``cols`` of a distributed batch."""
     dtype = torch.promote_types(image.dtype, torch.float32)
-    logits = image.shape[0] * sum(t.shape[0] for t in texts)
+    widths = [t.shape[0] for t in texts]
+    rows, cols = rows or slice(None), cols or [slice(None)] * len(texts)
+    logits = logit_count(image.shape[0], widths, rows, cols)
     return auto_backend(image.device, dtype, logits) == "fused"
 
 

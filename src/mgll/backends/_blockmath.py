@@ -387,7 +387,7 @@ def partial_kl_strip(
     for a granularity g where the image is compared, back through
     :math:`q = u / \sum u`, :math:`u = (\mathrm{softmax}(z) R \odot \mathrm{support}) S`.
     ``logits[g]`` holds the rows' full (r, K_g) logits; ``shifts[g]``, when given, a bound on
-    them (:func:`logit_bound`): the support's softmax is then one exponential of the shifted
+    them (:func:`usable_shift`): the support's softmax is then one exponential of the shifted
     logits times the support, never an exponential of a masked logit.
     """
     part = problem.partial
@@ -446,24 +446,22 @@ def col_targets(problem: Problem, v: GroupView, rows: slice, cols: list[slice], 
 _SHIFT_LIMIT = {torch.float32: 40.0, torch.float64: 350.0}
 
 
-def logit_bound(xs: Tensor, t: Tensor) -> float | None:
-    r"""An upper bound b on every logit :math:`x_i \cdot t_k` (Cauchy-Schwarz), or None.
+def usable_shift(bound: float | None, dtype: torch.dtype) -> float | None:
+    r"""The batch's logit bound b (:attr:`~mgll._problem.Problem.logit_bound`) as the
+    log-sum-exp shift, or None.
 
     When :math:`b` is small enough that :math:`e^{z-b}` can neither overflow nor underflow to
     a subnormal for :math:`|z| \le b`, it replaces the per-row and per-column maximum as the
     log-sum-exp shift (normalised features give :math:`b = s`): one pass fewer each.
     """
-    limit = _SHIFT_LIMIT.get(xs.dtype)
-    if limit is None or xs.numel() == 0 or t.numel() == 0:
-        return None
-    bound = float(xs.norm(dim=-1).amax() * t.norm(dim=-1).amax()) * (1 + 1e-5)
-    return bound if bound <= limit else None
+    limit = _SHIFT_LIMIT.get(dtype)
+    return bound if bound is not None and limit is not None and bound <= limit else None
 
 
 def row_softmax(z: Tensor, shift: float | None = None) -> tuple[Tensor, Tensor]:
     """Row softmax P and row log-sum-exp of a (G', r, k) block with complete rows.
 
-    ``shift``: a bound on every logit from :func:`logit_bound`, used instead of the row maximum.
+    ``shift``: a bound on every logit from :func:`usable_shift`, used instead of the row maximum.
     """
     if shift is not None:
         p = torch.sub(z, shift).exp_()

@@ -49,7 +49,9 @@ def _config(weights: list[float], lam: list[float] | None, options: str, ref: in
 
 
 def _plan(image, texts, scale, bias, values, mode, normalize, config, validate):
-    problem = build_batch(image, texts, scale, bias, mode, values, config, normalize, validate)
+    problem = build_batch(
+        image, texts, scale, bias, mode, values, config, normalize, validate, bound=True
+    )
     return bm.make_plan(problem, config)
 
 

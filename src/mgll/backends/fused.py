@@ -172,9 +172,7 @@ def _block(
         zs.append(torch.bmm(a, b) if buffers is None else torch.bmm(a, b, out=next(buffers)))
     # with unknown pairs and a fixed shift, exp(Z - b) of the raw logits times the known mask
     # (exp of a normal number: fast); without a shift the unknown logits are masked in place
-    shifts = [
-        bm.logit_bound(xs, torch.cat([texts[g][blk.cols[g]] for g in gs])) for gs in blk.groups
-    ]
+    shifts = [bm.usable_shift(p.logit_bound, dtype)] * len(blk.groups)
     clses = [
         _column_lse(v, z, values, sh, _known_rows(plan, v, blk))
         for v, z, sh in zip(views, zs, shifts, strict=True)
@@ -271,7 +269,7 @@ def _shared_softmax(e: Tensor, shift: float) -> tuple[Tensor, Tensor]:
 def _column_lse(v: bm.GroupView, z: Tensor, values, shift=None, known=None) -> Tensor | None:
     """Column log-sum-exp of a stack (one pass over the logits) and its share of the t2i term.
 
-    ``shift``: a bound on every logit (see :func:`~mgll.backends._blockmath.logit_bound`) used
+    ``shift``: a bound on every logit (see :func:`~mgll.backends._blockmath.usable_shift`) used
     instead of the column maximum, which then needs no pass of its own.  ``known(rows)``: the
     known pairs (0/1) of a slice of the stack's rows, when some pairs are unknown: with a shift
     the exponentials are multiplied by them (a column without a known pair gets the
