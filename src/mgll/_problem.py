@@ -231,7 +231,7 @@ def build_batch(
     )  # fmt: skip
 
 
-#: :func:`logit_bound` is read as an integer count of these steps (with the integer flags).
+#: :func:`logit_bound` is read as an integer number of steps of 1 / _BOUND_STEPS.
 _BOUND_STEPS = 2**20
 
 
@@ -239,12 +239,13 @@ def logit_bound(
     image: Tensor, texts: Sequence[Tensor], scale: Tensor, normalize: bool
 ) -> Tensor | None:
     r"""An upper bound :math:`b \ge |s\, \hat x_i \cdot \hat t_k|` on every logit (Cauchy-Schwarz),
-    as an int64 count of :data:`_BOUND_STEPS` ths, rounded up; None for an empty batch.
+    as an int64 number of steps of :math:`2^{-20}`, rounded up; None for an empty batch.
 
     Normalised features have norms of at most 1, so :math:`b = |s|` (times a rounding margin);
     otherwise :math:`b = |s| \max_i \lVert x_i \rVert \max_{g,k} \lVert t^g_k \rVert`.
-    Rounded up in steps of :math:`2^{-20}` (an exact scaling), it stays a bound; a bound
-    beyond :math:`2^{20}` (or a NaN) is read as :math:`2^{20}`, too large to be used anyway.
+    Counted in steps of :math:`2^{-20}` (an exact scaling) and rounded up, it stays a bound and
+    is read with the integer flags; a bound beyond :math:`2^{20}` (or a NaN) is read as
+    :math:`2^{20}`, far too large to be used as a shift anyway.
     """
     if image.shape[0] == 0 or not any(t.shape[0] for t in texts):
         return None

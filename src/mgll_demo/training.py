@@ -181,6 +181,22 @@ ABLATION = (
         description="MGLL, digits + summary, smooth KL pooled by the digit classes",
     ),
     Method(
+        "mgll_summary_pw0",
+        "mgll",
+        G3,
+        {"pointwise_weight": (1.0, 0.0, 1.0)},
+        overlap=JACCARD,
+        description="MGLLLoss() defaults without the summary granularity's pointwise term",
+    ),
+    Method(
+        "mgll_summary_w01",
+        "mgll",
+        G3,
+        {"granularity_weights": (1.0, 0.1, 1.0)},
+        overlap=JACCARD,
+        description="MGLLLoss() defaults with the summary granularity's weight 0.1",
+    ),
+    Method(
         "reference_compat",
         "mgll",
         G3,
