@@ -181,6 +181,13 @@ ABLATION = (
         description="MGLL, digits + summary, smooth KL pooled by the digit classes",
     ),
     Method(
+        "mgll_no_summary",
+        "mgll",
+        ("digits", "description"),
+        overlap=JACCARD,
+        description="MGLLLoss() defaults on digits + description: no summary granularity",
+    ),
+    Method(
         "mgll_summary_pw0",
         "mgll",
         G3,
