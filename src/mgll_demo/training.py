@@ -433,6 +433,7 @@ MERGED = (
 
 FP = ("fine", "parity")  # merged task: fine captions where annotated, parity everywhere
 COARSE_NO_POINTWISE = {"pointwise_weight": (1.0, 0.0)}
+COARSE_TENTH = {"granularity_weights": (1.0, 0.1)}
 PARTIAL = (
     Method(
         "mgll_dropped",
@@ -487,6 +488,22 @@ PARTIAL = (
         unannotated="implied",
         description="as mgll_masked_implied, without the parity granularity's pointwise term",
     ),
+    Method(
+        "mgll_dropped_w01",
+        "mgll",
+        FP,
+        COARSE_TENTH,
+        subset="fine",
+        description="as mgll_dropped, the parity granularity weighted 0.1",
+    ),
+    Method(
+        "mgll_masked_w01",
+        "mgll",
+        FP,
+        COARSE_TENTH,
+        unannotated="unknown",
+        description="as mgll_masked, the parity granularity weighted 0.1",
+    ),
 )
 # The paired differences between the ways of keeping the coarse-only canvases (method, base).
 PARTIAL_CONTRASTS = (
@@ -499,6 +516,10 @@ PARTIAL_CONTRASTS = (
     ("mgll_dropped_pw0", "mgll_dropped"),
     ("mgll_masked_pw0", "mgll_masked"),
     ("mgll_masked_implied_pw0", "mgll_masked_implied"),
+    ("mgll_dropped_w01", "mgll_dropped"),
+    ("mgll_masked_w01", "mgll_masked"),
+    ("mgll_masked_w01", "mgll_dropped_w01"),
+    ("mgll_masked_pw0", "mgll_dropped_pw0"),
     ("mgll_dropped", "clip_fine_only"),
 )
 
