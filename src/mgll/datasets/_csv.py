@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from operator import itemgetter
 from typing import TextIO, Union
 
 from mgll.datasets.compact import CompactAnnotations
@@ -158,10 +160,24 @@ class Table:
         if dup:
             raise ValueError(f"{self.name}: line 1 (the header) repeats the column(s) {dup}")
         self._named_width = max((j + 1 for j, h in enumerate(header) if h), default=0)
+        self.index = {h: j for j, h in enumerate(header) if h}
         return header
 
     def rows(self) -> Iterator[tuple[int, dict[str, str]]]:
         """``(line, {column: stripped value})`` for each non-blank data row."""
+        named = [(h, j) for j, h in enumerate(self.header) if h]
+        keys = [h for h, _ in named]
+        if all(j == k for k, (_, j) in enumerate(named)):  # unnamed columns only at the end
+            for line, cells in self.cells():
+                yield line, dict(zip(keys, cells))  # noqa: B905 (shorter: keys)
+        else:
+            where = [j for _, j in named]
+            for line, cells in self.cells():
+                yield line, {h: cells[j] for h, j in zip(keys, where, strict=True)}
+
+    def cells(self) -> Iterator[tuple[int, list[str]]]:
+        """``(line, stripped fields)`` for each non-blank data row, padded to the header's
+        width (:attr:`index` gives a named column's position)."""
         if csv.field_size_limit() < _FIELD_LIMIT:
             csv.field_size_limit(_FIELD_LIMIT)
         if self._stream is not None:
@@ -175,10 +191,10 @@ class Table:
             next(reader)
             yield from self._located(reader)
 
-    def _located(self, reader) -> Iterator[tuple[int, dict[str, str]]]:
-        """:meth:`_rows`, with decoding and csv errors turned into errors naming the line."""
+    def _located(self, reader) -> Iterator[tuple[int, list[str]]]:
+        """:meth:`_cells`, with decoding and csv errors turned into errors naming the line."""
         try:
-            yield from self._rows(reader)
+            yield from self._cells(reader)
         except UnicodeDecodeError as err:
             raise self._not_utf8(err, reader) from None
         except csv.Error as err:
@@ -192,25 +208,71 @@ class Table:
             f"{err.object[err.start : err.start + 1]!r}); re-save the file as UTF-8"
         )
 
-    def _rows(self, reader) -> Iterator[tuple[int, dict[str, str]]]:
+    def _cells(self, reader) -> Iterator[tuple[int, list[str]]]:
         width = len(self.header)
         unnamed = [j for j, h in enumerate(self.header) if not h]
-        named = [h for h in self.header if h]
-        prefix = all(h for h in self.header[: len(named)])  # unnamed columns only at the end
-        where = [j for j, h in enumerate(self.header) if h]
+        # any(filled(cells)): a value in an unnamed column (a str for one column, else a tuple)
+        filled = itemgetter(*unnamed) if unnamed else (lambda cells: ())
+        strip = str.strip
         for cells in reader:
-            cells = [c.strip() for c in cells]
+            cells = [*map(strip, cells)]
             if not any(cells):
                 continue  # a blank line (e.g. at the end of the file)
             n = len(cells)
-            if n != width or unnamed:
+            if n != width or any(filled(cells)):
                 self._check_width(cells, reader.line_num, width, unnamed)
                 if n < width:
                     cells += [""] * (width - n)
-            if prefix:
-                yield reader.line_num, dict(zip(named, cells))  # noqa: B905 (shorter: named)
-            else:
-                yield reader.line_num, {h: cells[j] for h, j in zip(named, where, strict=True)}
+            yield reader.line_num, cells
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Iterator[list[str]]]:
+        """The ``csv`` reader of the data rows (raw fields: see :meth:`regular`); decoding
+        and csv errors raised while it is read become errors naming the line."""
+        if csv.field_size_limit() < _FIELD_LIMIT:
+            csv.field_size_limit(_FIELD_LIMIT)
+        if self._stream is not None:
+            reader, self._stream = self._stream, None
+            with self._errors(reader):
+                yield reader
+            return
+        if not isinstance(self.source, (str, os.PathLike)):
+            raise ValueError(f"{self.name}: a text stream can be read only once; pass a path")
+        with open(self.source, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f)
+            next(reader)
+            with self._errors(reader):
+                yield reader
+
+    @contextlib.contextmanager
+    def _errors(self, reader) -> Iterator[None]:
+        try:
+            yield
+        except UnicodeDecodeError as err:
+            raise self._not_utf8(err, reader) from None
+        except csv.Error as err:
+            raise ValueError(f"{self.name}: line {reader.line_num + 1}: {err}") from None
+
+    def regular(self) -> Callable[[list[str]], bool]:
+        """``cells -> bool``: whether a row of raw (unstripped) fields has the header's width
+        and nothing in an unnamed column; the others go through :meth:`irregular`."""
+        width = len(self.header)
+        unnamed = [j for j, h in enumerate(self.header) if not h]
+        if not unnamed:
+            return lambda cells: len(cells) == width
+        filled = itemgetter(*unnamed)  # a str for one column, else a tuple: any() works on both
+        return lambda cells: len(cells) == width and not any(filled(cells))
+
+    def irregular(self, cells: list[str], line: int) -> list[str] | None:
+        """A raw row that :meth:`regular` turned away: ``None`` for a blank one, else the
+        row padded to the header's width, after the checks of its width (errors)."""
+        stripped = [c.strip() for c in cells]
+        if not any(stripped):
+            return None
+        width = len(self.header)
+        unnamed = [j for j, h in enumerate(self.header) if not h]
+        self._check_width(stripped, line, width, unnamed)
+        return cells + [""] * (width - len(cells)) if len(cells) < width else cells
 
     def _check_width(self, cells: list[str], line: int, width: int, unnamed: list[int]) -> None:
         """Errors for a row with too many, too few or shifted fields."""

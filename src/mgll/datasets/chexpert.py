@@ -151,9 +151,9 @@ def read_chexpert(
         paths=ImagePaths(root, allow_outside_root, strip=_RELEASES),
         what="CheXpert train.csv/valid.csv",
         views=views,
-        view_of=_view,
+        view_of=(_view, ["Frontal/Lateral", "AP/PA"]),
         needs=["Frontal/Lateral", "AP/PA"],
-        patient_of=_patient,
+        patient_of=("Path", _patient, False),
         levels=level_fields,
     )
     return rows
@@ -163,17 +163,17 @@ _RELEASES = ("CheXpert-v1.0", "CheXpert-v1.0-small")
 _PATIENT = re.compile(r"(?:^|/)patient(\d+)(?:/|$)")
 
 
-def _view(row: dict[str, str]) -> str:
-    if row.get("Frontal/Lateral", "").upper() == "LATERAL":
+def _view(frontal_lateral: str, ap_pa: str) -> str:
+    if frontal_lateral.upper() == "LATERAL":
         return "LATERAL"
-    view = row.get("AP/PA", "").upper()
+    view = ap_pa.upper()
     return view if view in ("AP", "PA") else "OTHER"
 
 
-def _patient(table, line: int, row: dict[str, str]) -> str:
-    found = _PATIENT.search(row["Path"].replace("\\", "/"))
+def _patient(table, line: int, path: str) -> str:
+    found = _PATIENT.search(path.replace("\\", "/"))
     if found is None:
-        raise table.error(line, "Path", f"no 'patientNNNNN' directory in {row['Path']!r}")
+        raise table.error(line, "Path", f"no 'patientNNNNN' directory in {path!r}")
     return found.group(1)
 
 
@@ -187,6 +187,15 @@ def contradicts(values: Mapping[str, int | None]) -> bool:
         values.get(a) == 0 for x in positive if x in CHEXPERT_HIERARCHY
         for a in CHEXPERT_HIERARCHY.ancestors(x)
     )  # fmt: skip
+
+
+#: The only columns whose negatives (0.0) :func:`contradicts` reads: the ancestors.
+contradicts.zero_columns = frozenset(
+    a
+    for x in CHEXPERT_OBSERVATIONS
+    if x in CHEXPERT_HIERARCHY
+    for a in CHEXPERT_HIERARCHY.ancestors(x)
+)
 
 
 def _read_observations(path: Source, **options: object) -> Annotations:

@@ -21,7 +21,7 @@ from mgll.datasets.chexpert import (  # CHEXPERT_OBSERVATIONS: the examples use 
     level_fields,
 )
 from mgll.datasets.compact import _freeze
-from mgll.datasets.generic import _fresh, check_views, integer_id
+from mgll.datasets.generic import _fresh, check_views, integer_id, patient_column
 
 __all__ = ["MIMIC_IMAGE_TEMPLATE", "read_mimic_cxr"]
 
@@ -107,9 +107,7 @@ def read_mimic_cxr(
         metadata=["subject_id"],
         paths=ImagePaths(None),
         what="MIMIC-CXR mimic-cxr-2.0.0-chexpert.csv/-negbio.csv",
-        patient_of=lambda table, line, row: integer_id(
-            table, line, "subject_id", row["subject_id"]
-        ),
+        patient_of=patient_column("subject_id"),
         levels=level_fields,
     )
     studies = studies.map(_study)
