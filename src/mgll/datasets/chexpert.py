@@ -222,23 +222,38 @@ def level_fields(annotation: Mapping[str, object]) -> dict[str, object]:
     """``"category"``, ``"description"`` and (under U-Ignore) the categories made unknown,
     from ``"finding"``, ``"uncertain"`` and ``"unknown"``."""
     finding, uncertain = annotation["finding"], annotation["uncertain"]
+    soft = type(finding) is dict or (type(finding) is not list and isinstance(finding, Mapping))
     positives = [x for x in finding if x not in uncertain]
     category: dict[str, float] = {}
-    weights = finding if isinstance(finding, Mapping) else dict.fromkeys(finding, 1.0)
-    for x, w in weights.items():
-        top = _TOP.get(x, x)
-        category[top] = max(category.get(top, 0.0), w)
-    ordered = dict(sorted(category.items(), key=lambda item: _ORDER.get(item[0], len(_ORDER))))
+    top_of = _TOP.get
+    if soft:
+        for x, w in finding.items():
+            top = top_of(x, x)
+            category[top] = max(category.get(top, 0.0), w)
+    else:
+        for x in finding:
+            top = top_of(x, x)
+            category[top] = max(category.get(top, 0.0), 1.0)
+    if len(category) > 1:
+        category = dict(sorted(category.items(), key=_rank))
     out = {
-        "category": ordered if isinstance(finding, Mapping) else list(ordered),
+        "category": category if soft else list(category),
         "description": sentence(positives, uncertain),
     }
     unknown = annotation.get(UNKNOWN_KEY)
-    if isinstance(unknown, Mapping) and unknown.get("finding"):
-        maybe = dict.fromkeys(_TOP.get(x, x) for x in unknown["finding"])
+    if (
+        unknown
+        and (type(unknown) is dict or isinstance(unknown, Mapping))
+        and unknown.get("finding")
+    ):
+        maybe = dict.fromkeys(top_of(x, x) for x in unknown["finding"])
         categories = [x for x in maybe if x not in category and x in CHEXPERT_CATEGORIES]
         out[UNKNOWN_KEY] = {**unknown, "category": categories}
     return out
+
+
+def _rank(item: tuple[str, float]) -> int:
+    return _ORDER.get(item[0], len(_ORDER))
 
 
 def chexpert_builder(

@@ -262,6 +262,7 @@ def read_rows(
     patient_of: tuple[str, Callable[[Table, int, str], str], bool] | None = None,
     contradicts: Callable[[object], bool] | None = None,
     levels: Callable[[dict], dict] | None = None,
+    with_layout: bool = False,
 ) -> Annotations:
     """:func:`read_label_table` with the providers' hooks: a view per row (``view_of``:
     ``(function of the cells, its columns)``, computed once per distinct cells), a patient
@@ -271,7 +272,8 @@ def read_rows(
     columns whose negatives it reads, the others' negatives reading as blanks), and ``levels``:
     the fields derived from the label fields (``{label_key, "uncertain"[, "unknown"]}`` ->
     new or replaced fields, added last; computed once per distinct label cells); the header
-    is checked now, rows read lazily."""
+    is checked now, rows read lazily.  ``with_layout``: yield ``(annotation, layout)``, the
+    layout an object that rows share only when their label fields are the same."""
     policy = check_policy(uncertainty, soft_weight)
     one_column = isinstance(labels, str)
     label_columns = [labels] if one_column else _names("labels", labels)
@@ -304,7 +306,7 @@ def read_rows(
         contradicts=contradicts,
         levels=levels,
     )
-    return Annotations(lambda counts: _annotations(table, spec, counts))
+    return Annotations(lambda counts: _annotations(table, spec, counts, with_layout))
 
 
 _CACHE_LIMIT = 1 << 17  # distinct label cells (and views, patients) remembered a file
@@ -378,10 +380,10 @@ class _Shape:
 class _Layout:
     """How the annotations of one label pattern are built from a row: a copy of
     ``template`` (:class:`_Shape`'s, with the label fields set) with the row's own values
-    set, and fresh copies of its lists and dicts (``copies``), so that no two annotations
-    share one."""
+    set, and fresh copies of its lists (``lists``) and dicts (``copies``), so that no two
+    annotations share one."""
 
-    __slots__ = ("cells", "copies", "image", "patient", "template", "view")
+    __slots__ = ("cells", "copies", "image", "lists", "patient", "template", "view")
 
     def __init__(self, part: dict, derived: dict, shape: _Shape) -> None:
         fields = {**part, **derived}
@@ -389,8 +391,10 @@ class _Layout:
         for k in shape.fixed:
             template[k] = fields[k]
         self.template = template
+        lists = [k for k in shape.fixed if type(template[k]) is list]
+        self.lists = (lists, [template[k] for k in lists])
         self.copies = [(k, _copier(template[k]), template[k]) for k in shape.fixed
-                       if type(template[k]) in (list, dict)]  # fmt: skip
+                       if type(template[k]) is dict]  # fmt: skip
         self.cells, self.image = shape.cells, shape.image
         self.view, self.patient = shape.view, shape.patient
 
@@ -407,7 +411,7 @@ def _copier(value: object) -> Callable:
     return lambda d: {a: b.copy() if type(b) in (list, dict) else b for a, b in d.items()}
 
 
-def _annotations(table: Table, spec: _Spec, counts: dict) -> Iterator[dict[str, object]]:
+def _annotations(table: Table, spec: _Spec, counts: dict, with_layout: bool = False) -> Iterator:
     # One pass over the raw csv fields, stripping only those an annotation uses: the label
     # cells key a cache of everything they decide (a layout), the view cells one of views.
     index = table.index
@@ -493,10 +497,12 @@ def _annotations(table: Table, spec: _Spec, counts: dict) -> Iterator[dict[str, 
                         patients[raw] = pid
                 if layout.patient:
                     out["patient_id"] = pid
+            keys, values = layout.lists
+            out.update(zip(keys, map(list.copy, values)))  # noqa: B905 (same length)
             for k, copy, v in layout.copies:
                 out[k] = copy(v)
             counts["kept"] += 1
-            yield out
+            yield (out, layout) if with_layout else out
 
 
 def _slow_key(table: Table, line: int, spec: _Spec, tables: list, found: tuple) -> str:

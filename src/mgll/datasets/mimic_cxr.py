@@ -12,6 +12,8 @@ further DICOM fields; the JPEG of an image is
 from __future__ import annotations
 
 import os
+import re
+import string
 from collections.abc import Iterator, Sequence
 
 from mgll.datasets._csv import Annotations, ImagePaths, Source, Table
@@ -20,8 +22,7 @@ from mgll.datasets.chexpert import (  # CHEXPERT_OBSERVATIONS: the examples use 
     _read_observations,
     level_fields,
 )
-from mgll.datasets.compact import _freeze
-from mgll.datasets.generic import _fresh, check_views, integer_id, patient_column
+from mgll.datasets.generic import _copier, check_views, integer_id, patient_column
 
 __all__ = ["MIMIC_IMAGE_TEMPLATE", "read_mimic_cxr"]
 
@@ -109,13 +110,13 @@ def read_mimic_cxr(
         what="MIMIC-CXR mimic-cxr-2.0.0-chexpert.csv/-negbio.csv",
         patient_of=patient_column("subject_id"),
         levels=level_fields,
+        with_layout=metadata_path is not None,
     )
-    studies = studies.map(_study)
     chosen = check_views(views)
     if metadata_path is None:
         if chosen is not None:
             raise ValueError("`views` needs `metadata_path`: the label file has no view column")
-        return studies.map(lambda a: {**a, "image": None})
+        return studies.map(_study).map(lambda a: {**a, "image": None})
     required = ["dicom_id", "subject_id", "study_id"] + (["ViewPosition"] if chosen else [])
     table = Table(metadata_path, required, "MIMIC-CXR mimic-cxr-2.0.0-metadata.csv")
     paths = ImagePaths(root, allow_outside_root)
@@ -137,67 +138,106 @@ def _digits(value: str) -> str:
 
 
 _IDS = ("image", "subject_id", "patient_id", "study_id")
+_TEMPLATE_FIELDS = frozenset(("group", "subject_id", "study_id", "dicom_id"))
 
 
 def _join(studies, table, views, paths, template, counts) -> Iterator[dict[str, object]]:
     # The studies in few objects: {study id: (subject, code)} and one field dict per distinct
     # study annotation (ids left out), so a 227,835-study label file stays small in memory.
     by_study: dict[int, tuple[str, int]] = {}
-    codes: dict[object, int] = {}
+    codes: dict[object, int] = {}  # a study's layout (its label fields) -> code
     kinds: list[dict] = []
     subjects: dict[str, str] = {}
-    for a in studies:
-        fields = {k: (None if k in _IDS else v) for k, v in a.items()}
-        key = _freeze(fields)
-        code = codes.get(key)
+    for a, layout in studies:
+        a = _study(a)
+        code = codes.get(layout)
         if code is None:
-            code = codes[key] = len(kinds)
-            kinds.append(fields)
+            code = codes[layout] = len(kinds)
+            kinds.append({k: (None if k in _IDS else v) for k, v in a.items()})
         subject = subjects.setdefault(a["subject_id"], a["subject_id"])
         by_study[int(a["study_id"])] = (subject, code)
     del codes, subjects
     counts.update(studies.counts, unmatched_images=0, unmatched_studies=0)
     counts["rows"] = counts["kept"] = 0
+    names = [h for h in table.header if h]
+    index = table.index
+    at_names = [index[h] for h in names]
+    at_dicom, at_study, at_subject = index["dicom_id"], index["study_id"], index["subject_id"]
+    at_view = index.get("ViewPosition")
+    short = _TEMPLATE_FIELDS.issuperset(_field_names(template)) and "group" not in index
+    layouts: dict[int, tuple] = {}
+    ids: dict[str, str] = {}  # a cell -> its integer id
+    views_seen: dict[str, str] = {}
     matched: set[int] = set()
     seen: dict[str, int] = {}
-    for line, row in table.rows():
-        counts["rows"] += 1
-        dicom = row["dicom_id"]
-        if not dicom:
-            raise table.error(line, "dicom_id", "the image id is blank")
-        if dicom in seen:
-            raise table.error(line, "dicom_id", f"{dicom!r} repeats line {seen[dicom]}")
-        seen[dicom] = line
-        study_id = row["study_id"] = integer_id(table, line, "study_id", row["study_id"])
-        subject_id = row["subject_id"] = integer_id(table, line, "subject_id", row["subject_id"])
-        number = int(study_id)
-        study = by_study.get(number)
-        if study is None:
-            counts["unmatched_images"] += 1
-            continue
-        matched.add(number)
-        view = _view(row.get("ViewPosition", ""))
-        if views is not None and view not in views:
-            counts["skipped_view"] += 1
-            continue
-        subject, code = study
-        if subject != subject_id:
-            raise table.error(
-                line,
-                "subject_id",
-                f"study {study_id} belongs to subject {subject} in the label file, not "
-                f"{subject_id}",
-            )
-        image = paths.join(
-            template.format_map({**row, "group": subject_id[:2]}), table, line, "dicom_id"
-        )
-        out = _fresh(kinds[code])
-        out["subject_id"] = out["patient_id"] = subject
-        out["study_id"] = study_id
-        out.update(row)
-        out["image"], out["view"] = image, view
-        counts["kept"] += 1
-        yield out
+    strip, joined = str.strip, paths.root is not None
+    regular, irregular = table.regular(), table.irregular
+    with table.reading() as reader:
+        for cells in reader:
+            if not any(cells):
+                continue
+            line = reader.line_num
+            if not regular(cells):
+                cells = irregular(cells, line)
+                if cells is None:
+                    continue
+            row = [*map(strip, map(cells.__getitem__, at_names))]
+            if not any(row):
+                continue  # blank but for spaces
+            counts["rows"] += 1
+            dicom = cells[at_dicom].strip()
+            if not dicom:
+                raise table.error(line, "dicom_id", "the image id is blank")
+            if dicom in seen:
+                raise table.error(line, "dicom_id", f"{dicom!r} repeats line {seen[dicom]}")
+            seen[dicom] = line
+            study_id = _id(ids, table, line, "study_id", cells[at_study].strip())
+            subject_id = _id(ids, table, line, "subject_id", cells[at_subject].strip())
+            number = int(study_id)
+            study = by_study.get(number)
+            if study is None:
+                counts["unmatched_images"] += 1
+                continue
+            matched.add(number)
+            position = "" if at_view is None else cells[at_view]
+            view = views_seen.get(position)
+            if view is None:
+                view = views_seen.setdefault(position, _view(position))
+            if views is not None and view not in views:
+                counts["skipped_view"] += 1
+                continue
+            subject, code = study
+            if subject != subject_id:
+                raise table.error(
+                    line,
+                    "subject_id",
+                    f"study {study_id} belongs to subject {subject} in the label file, not "
+                    f"{subject_id}",
+                )
+            values = dict(zip(names, row))  # noqa: B905 (one value a name)
+            values["study_id"], values["subject_id"] = study_id, subject_id
+            if short:
+                fields = {"group": subject_id[:2], "subject_id": subject_id,
+                          "study_id": study_id, "dicom_id": values["dicom_id"]}  # fmt: skip
+            else:
+                fields = {**values, "group": subject_id[:2]}
+            image = template.format_map(fields)
+            if joined:
+                image = paths.join(image, table, line, "dicom_id")
+            layout = layouts.get(code)
+            if layout is None:
+                layout = layouts[code] = _image_layout(kinds[code], names)
+            out, lists, copies = layout
+            out = out.copy()
+            out["patient_id"] = subject
+            out.update(values)
+            out["image"], out["view"] = image, view
+            keys, items = lists
+            out.update(zip(keys, map(list.copy, items)))  # noqa: B905 (same length)
+            for k, copy, v in copies:
+                out[k] = copy(v)
+            counts["kept"] += 1
+            yield out
     counts["unmatched_studies"] = len(by_study) - len(matched)
     if not matched:
         raise ValueError(
@@ -205,6 +245,38 @@ def _join(studies, table, views, paths, template, counts) -> Iterator[dict[str, 
             f"{len(by_study)} labelled studies (joined on study_id); are the label and "
             "metadata files from the same MIMIC-CXR-JPG release?"
         )
+
+
+def _id(ids: dict, table, line: int, column: str, cell: str) -> str:
+    """:func:`~mgll.datasets.generic.integer_id`, remembered per cell."""
+    value = ids.get(cell)
+    if value is None:
+        value = integer_id(table, line, column, cell)
+        if len(ids) < 1 << 20:
+            ids[cell] = value
+    return value
+
+
+def _field_names(template: str) -> set[str]:
+    """The names a format string reads (``{dicom_id}`` -> ``dicom_id``)."""
+    out = set()
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is not None:
+            out.add(re.split(r"[.\[]", name, maxsplit=1)[0])
+    return out
+
+
+def _image_layout(kind: dict, names: list[str]) -> tuple:
+    """An image's annotation before its own values: the study's fields in the order the
+    image annotation has them, and the fresh copies of its lists and dicts to make."""
+    out = dict(kind)
+    out["subject_id"] = out["patient_id"] = out["study_id"] = None
+    out.update(dict.fromkeys(names))
+    out["image"] = out["view"] = None
+    own = {"patient_id", "image", "view", *names}
+    lists = [k for k, v in out.items() if type(v) is list and k not in own]
+    copies = [(k, _copier(v), v) for k, v in out.items() if type(v) is dict and k not in own]
+    return out, (lists, [out[k] for k in lists]), copies
 
 
 def _view(position: str) -> str:
