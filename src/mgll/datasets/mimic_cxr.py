@@ -166,7 +166,6 @@ def _join(studies, table, views, paths, template, counts) -> Iterator[dict[str, 
     at_view = index.get("ViewPosition")
     short = _TEMPLATE_FIELDS.issuperset(_field_names(template)) and "group" not in index
     layouts: dict[int, tuple] = {}
-    ids: dict[str, str] = {}  # a cell -> its integer id
     views_seen: dict[str, str] = {}
     matched: set[int] = set()
     seen: dict[str, int] = {}
@@ -191,8 +190,12 @@ def _join(studies, table, views, paths, template, counts) -> Iterator[dict[str, 
             if dicom in seen:
                 raise table.error(line, "dicom_id", f"{dicom!r} repeats line {seen[dicom]}")
             seen[dicom] = line
-            study_id = _id(ids, table, line, "study_id", cells[at_study].strip())
-            subject_id = _id(ids, table, line, "subject_id", cells[at_subject].strip())
+            study_id = cells[at_study].strip()
+            if not (study_id.isdigit() and study_id.isascii()):
+                study_id = integer_id(table, line, "study_id", study_id)
+            subject_id = cells[at_subject].strip()
+            if not (subject_id.isdigit() and subject_id.isascii()):
+                subject_id = integer_id(table, line, "subject_id", subject_id)
             number = int(study_id)
             study = by_study.get(number)
             if study is None:
@@ -245,16 +248,6 @@ def _join(studies, table, views, paths, template, counts) -> Iterator[dict[str, 
             f"{len(by_study)} labelled studies (joined on study_id); are the label and "
             "metadata files from the same MIMIC-CXR-JPG release?"
         )
-
-
-def _id(ids: dict, table, line: int, column: str, cell: str) -> str:
-    """:func:`~mgll.datasets.generic.integer_id`, remembered per cell."""
-    value = ids.get(cell)
-    if value is None:
-        value = integer_id(table, line, column, cell)
-        if len(ids) < 1 << 20:
-            ids[cell] = value
-    return value
 
 
 def _field_names(template: str) -> set[str]:
