@@ -227,7 +227,7 @@ class Table:
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[Iterator[list[str]]]:
-        """The ``csv`` reader of the data rows (raw fields: see :meth:`regular`); decoding
+        """The ``csv`` reader of the data rows (raw fields: see :attr:`filled`); decoding
         and csv errors raised while it is read become errors naming the line."""
         if csv.field_size_limit() < _FIELD_LIMIT:
             csv.field_size_limit(_FIELD_LIMIT)
@@ -253,18 +253,17 @@ class Table:
         except csv.Error as err:
             raise ValueError(f"{self.name}: line {reader.line_num + 1}: {err}") from None
 
-    def regular(self) -> Callable[[list[str]], bool]:
-        """``cells -> bool``: whether a row of raw (unstripped) fields has the header's width
-        and nothing in an unnamed column; the others go through :meth:`irregular`."""
-        width = len(self.header)
+    @property
+    def filled(self) -> Callable[[list[str]], object] | None:
+        """``None`` without unnamed columns, else ``cells ->`` their cells (a str for one
+        column, a tuple for several: ``any()`` of it says whether one holds something).
+        A row of raw fields is regular when it has the header's width and nothing there;
+        the others go through :meth:`irregular`."""
         unnamed = [j for j, h in enumerate(self.header) if not h]
-        if not unnamed:
-            return lambda cells: len(cells) == width
-        filled = itemgetter(*unnamed)  # a str for one column, else a tuple: any() works on both
-        return lambda cells: len(cells) == width and not any(filled(cells))
+        return itemgetter(*unnamed) if unnamed else None
 
     def irregular(self, cells: list[str], line: int) -> list[str] | None:
-        """A raw row that :meth:`regular` turned away: ``None`` for a blank one, else the
+        """A raw row that is not regular (see :attr:`filled`): ``None`` for a blank one, else the
         row padded to the header's width, after the checks of its width (errors)."""
         stripped = [c.strip() for c in cells]
         if not any(stripped):

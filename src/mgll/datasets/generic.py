@@ -426,20 +426,24 @@ def _annotations(table: Table, spec: _Spec, counts: dict, with_layout: bool = Fa
     image, join = spec.image, spec.paths.join
     joined = spec.paths.root is not None
     at_image = index[image]
-    if spec.view_of is not None:
+    has_view, has_patient = spec.view_of is not None, spec.patient_of is not None
+    if has_view:
         view_of, view_columns = spec.view_of
-        view_cells, views_seen = _getter([index[c] for c in view_columns]), {}
-    if spec.patient_of is not None:
+        at_view = [index[c] for c in view_columns]
+        # one column: its cell (a str) keys the views; several: the tuple of their cells
+        view_cells = itemgetter(*at_view) if at_view else (lambda cells: ())
+        one_view, views_seen = len(at_view) == 1, {}
+    if has_patient:
         patient_column, patient_of, remember = spec.patient_of
         at_patient, patients = index[patient_column], {}
     chosen = spec.views
-    regular, irregular = table.regular(), table.irregular
+    width, filled, irregular = len(table.header), table.filled, table.irregular
     with table.reading() as reader:
         for cells in reader:
             if not any(cells):
                 continue  # a blank line (e.g. at the end of the file)
             line = reader.line_num
-            if not regular(cells):
+            if len(cells) != width or (filled is not None and any(filled(cells))):
                 cells = irregular(cells, line)
                 if cells is None:
                     continue
@@ -455,11 +459,11 @@ def _annotations(table: Table, spec: _Spec, counts: dict, with_layout: bool = Fa
                 )
             seen[ident] = line
             view = None
-            if spec.view_of is not None:
+            if has_view:
                 raw = view_cells(cells)
                 view = views_seen.get(raw)
                 if view is None:
-                    view = view_of(*map(strip, raw))
+                    view = view_of(raw.strip()) if one_view else view_of(*map(strip, raw))
                     if len(views_seen) < _CACHE_LIMIT:
                         views_seen[raw] = view
             if chosen is not None and view not in chosen:
@@ -488,7 +492,7 @@ def _annotations(table: Table, spec: _Spec, counts: dict, with_layout: bool = Fa
             out.update(zip(keys, map(strip, values(cells))))  # noqa: B905 (same length)
             if layout.view:
                 out["view"] = view
-            if spec.patient_of is not None:
+            if has_patient:
                 raw = cells[at_patient]
                 pid = patients.get(raw)
                 if pid is None:

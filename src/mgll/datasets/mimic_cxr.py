@@ -149,13 +149,13 @@ def _join(studies, table, views, paths, template, counts) -> Iterator[dict[str, 
     kinds: list[dict] = []
     subjects: dict[str, str] = {}
     for a, layout in studies:
-        a = _study(a)
+        number = int(_digits(a["image"]))
         code = codes.get(layout)
         if code is None:
             code = codes[layout] = len(kinds)
-            kinds.append({k: (None if k in _IDS else v) for k, v in a.items()})
-        subject = subjects.setdefault(a["subject_id"], a["subject_id"])
-        by_study[int(a["study_id"])] = (subject, code)
+            kinds.append({k: (None if k in _IDS else v) for k, v in _study(a).items()})
+        subject = subjects.setdefault(a["patient_id"], a["patient_id"])
+        by_study[number] = (subject, code)
     del codes, subjects
     counts.update(studies.counts, unmatched_images=0, unmatched_studies=0)
     counts["rows"] = counts["kept"] = 0
@@ -170,13 +170,13 @@ def _join(studies, table, views, paths, template, counts) -> Iterator[dict[str, 
     matched: set[int] = set()
     seen: dict[str, int] = {}
     strip, joined = str.strip, paths.root is not None
-    regular, irregular = table.regular(), table.irregular
+    width, filled, irregular = len(table.header), table.filled, table.irregular
     with table.reading() as reader:
         for cells in reader:
             if not any(cells):
                 continue
             line = reader.line_num
-            if not regular(cells):
+            if len(cells) != width or (filled is not None and any(filled(cells))):
                 cells = irregular(cells, line)
                 if cells is None:
                     continue
