@@ -166,39 +166,25 @@ class Table:
     def rows(self) -> Iterator[tuple[int, dict[str, str]]]:
         """``(line, {column: stripped value})`` for each non-blank data row."""
         named = [(h, j) for j, h in enumerate(self.header) if h]
-        keys = [h for h, _ in named]
-        if all(j == k for k, (_, j) in enumerate(named)):  # unnamed columns only at the end
-            for line, cells in self.cells():
-                yield line, dict(zip(keys, cells))  # noqa: B905 (shorter: keys)
-        else:
-            where = [j for _, j in named]
-            for line, cells in self.cells():
-                yield line, {h: cells[j] for h, j in zip(keys, where, strict=True)}
-
-    def cells(self) -> Iterator[tuple[int, list[str]]]:
-        """``(line, stripped fields)`` for each non-blank data row, padded to the header's
-        width (:attr:`index` gives a named column's position)."""
-        if csv.field_size_limit() < _FIELD_LIMIT:
-            csv.field_size_limit(_FIELD_LIMIT)
-        if self._stream is not None:
-            stream, self._stream = self._stream, None
-            yield from self._located(stream)
-            return
-        if not isinstance(self.source, (str, os.PathLike)):
-            raise ValueError(f"{self.name}: a text stream can be read only once; pass a path")
-        with open(self.source, encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f)
-            next(reader)
-            yield from self._located(reader)
-
-    def _located(self, reader) -> Iterator[tuple[int, list[str]]]:
-        """:meth:`_cells`, with decoding and csv errors turned into errors naming the line."""
-        try:
-            yield from self._cells(reader)
-        except UnicodeDecodeError as err:
-            raise self._not_utf8(err, reader) from None
-        except csv.Error as err:
-            raise ValueError(f"{self.name}: line {reader.line_num + 1}: {err}") from None
+        keys, where = [h for h, _ in named], [j for _, j in named]
+        prefix = where == list(range(len(where)))  # unnamed columns only at the end
+        width, filled = len(self.header), self.filled
+        unnamed = [j for j, h in enumerate(self.header) if not h]
+        strip = str.strip
+        with self.reading() as reader:
+            for cells in reader:
+                cells = [*map(strip, cells)]
+                if not any(cells):
+                    continue  # a blank line (e.g. at the end of the file)
+                line, n = reader.line_num, len(cells)
+                if n != width or (filled is not None and any(filled(cells))):
+                    self._check_width(cells, line, width, unnamed)
+                    if n < width:
+                        cells += [""] * (width - n)
+                if prefix:
+                    yield line, dict(zip(keys, cells))  # noqa: B905 (shorter: keys)
+                else:
+                    yield line, {h: cells[j] for h, j in zip(keys, where, strict=True)}
 
     def _not_utf8(self, err: UnicodeDecodeError, reader) -> ValueError:
         line = _bad_utf8_line(self.source)
@@ -207,23 +193,6 @@ class Table:
             f"{self.name}: {where} is not UTF-8 text ({err.reason}, byte "
             f"{err.object[err.start : err.start + 1]!r}); re-save the file as UTF-8"
         )
-
-    def _cells(self, reader) -> Iterator[tuple[int, list[str]]]:
-        width = len(self.header)
-        unnamed = [j for j, h in enumerate(self.header) if not h]
-        # any(filled(cells)): a value in an unnamed column (a str for one column, else a tuple)
-        filled = itemgetter(*unnamed) if unnamed else (lambda cells: ())
-        strip = str.strip
-        for cells in reader:
-            cells = [*map(strip, cells)]
-            if not any(cells):
-                continue  # a blank line (e.g. at the end of the file)
-            n = len(cells)
-            if n != width or any(filled(cells)):
-                self._check_width(cells, reader.line_num, width, unnamed)
-                if n < width:
-                    cells += [""] * (width - n)
-            yield reader.line_num, cells
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[Iterator[list[str]]]:

@@ -400,7 +400,8 @@ class _Layout:
 
 
 def _copier(value: object) -> Callable:
-    """The cheapest function making the copy :func:`_fresh` makes of ``value``."""
+    """The cheapest function copying ``value`` (a list, or a dict whose lists and dicts are
+    copied too), so that no two annotations share a list or dict."""
     if type(value) is list:
         return list.copy
     inner = [type(b) for b in value.values()]
@@ -579,20 +580,6 @@ def _label_part(table: Table, line: int, row: dict, spec: _Spec) -> tuple:
         part[UNKNOWN_KEY] = {spec.label_key: list(uncertain)}
     derived = spec.levels(part) if spec.levels is not None else {}
     return part, derived, evidence
-
-
-def _fresh(fields: dict[str, object]) -> dict[str, object]:
-    """A copy of cached fields whose lists and dicts (one level inside too) are new objects,
-    so that no two annotations share them."""
-    out = {}
-    for k, v in fields.items():
-        kind = type(v)
-        if kind is list:
-            v = v.copy()
-        elif kind is dict:
-            v = {a: b.copy() if type(b) in (list, dict) else b for a, b in v.items()}
-        out[k] = v
-    return out
 
 
 def integer_id(table: Table, line: int, column: str, value: str) -> str:
