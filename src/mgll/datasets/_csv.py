@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import itertools
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -20,7 +21,7 @@ Source = Union[str, "os.PathLike[str]", TextIO]
 _FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
 
 
-class Annotations(Iterator[dict]):
+class Annotations(itertools.chain, Iterator[dict]):
     """A reader's lazy iterator of annotation dicts, with ``counts`` of what it read.
 
     ``counts`` grows as the iterator is consumed (complete once exhausted): ``rows`` (data
@@ -30,18 +31,23 @@ class Annotations(Iterator[dict]):
     ``unmatched_studies``.
     """
 
-    def __init__(self, make: Callable[[dict], Iterator[dict]]) -> None:
-        self.counts = {"rows": 0, "kept": 0, "skipped_view": 0, "contradictions": 0}
-        self._it = make(self.counts)
+    # An itertools.chain over the one generator: next() is then a C call, not a Python one.
+    def __new__(cls, make: Callable[[dict], Iterator[dict]]) -> Annotations:
+        counts = {"rows": 0, "kept": 0, "skipped_view": 0, "contradictions": 0}
+        return cls._over(make(counts), counts)
 
-    def __next__(self) -> dict:
-        return next(self._it)
+    def __init__(self, make: Callable[[dict], Iterator[dict]]) -> None:
+        pass  # made by __new__
+
+    @classmethod
+    def _over(cls, it: Iterator[dict], counts: dict) -> Annotations:
+        out = super().__new__(cls, it)
+        out.counts = counts
+        return out
 
     def map(self, fn: Callable[[dict], dict]) -> Annotations:
         """The same rows passed through ``fn``, sharing ``counts``."""
-        out = Annotations.__new__(Annotations)
-        out.counts, out._it = self.counts, map(fn, self._it)
-        return out
+        return Annotations._over(map(fn, self), self.counts)
 
     def compact(self) -> CompactAnnotations:
         """Read the remaining rows into a :class:`~mgll.datasets.CompactAnnotations`.
