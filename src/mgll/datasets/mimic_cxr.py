@@ -162,6 +162,7 @@ def _join(studies, table, views, paths, template, counts) -> Iterator[dict[str, 
     names = [h for h in table.header if h]
     index = table.index
     at_names = [index[h] for h in names]
+    prefix = at_names == list(range(len(names)))  # then zip(names, ...) stops at the names
     at_dicom, at_study, at_subject = index["dicom_id"], index["study_id"], index["subject_id"]
     at_view = index.get("ViewPosition")
     short = _TEMPLATE_FIELDS.issuperset(_field_names(template)) and "group" not in index
@@ -180,7 +181,7 @@ def _join(studies, table, views, paths, template, counts) -> Iterator[dict[str, 
                 cells = irregular(cells, line)
                 if cells is None:
                     continue
-            row = [*map(strip, map(cells.__getitem__, at_names))]
+            row = [*map(strip, cells if prefix else map(cells.__getitem__, at_names))]
             if not any(row):
                 continue  # blank but for spaces
             counts["rows"] += 1
@@ -217,13 +218,13 @@ def _join(studies, table, views, paths, template, counts) -> Iterator[dict[str, 
                     f"study {study_id} belongs to subject {subject} in the label file, not "
                     f"{subject_id}",
                 )
-            values = dict(zip(names, row))  # noqa: B905 (one value a name)
-            values["study_id"], values["subject_id"] = study_id, subject_id
             if short:
                 fields = {"group": subject_id[:2], "subject_id": subject_id,
-                          "study_id": study_id, "dicom_id": values["dicom_id"]}  # fmt: skip
+                          "study_id": study_id, "dicom_id": dicom}  # fmt: skip
             else:
-                fields = {**values, "group": subject_id[:2]}
+                fields = dict(zip(names, row))  # noqa: B905 (row: at least the names)
+                fields["study_id"], fields["subject_id"] = study_id, subject_id
+                fields["group"] = subject_id[:2]
             image = template.format_map(fields)
             if joined:
                 image = paths.join(image, table, line, "dicom_id")
@@ -233,7 +234,8 @@ def _join(studies, table, views, paths, template, counts) -> Iterator[dict[str, 
             out, lists, copies = layout
             out = out.copy()
             out["patient_id"] = subject
-            out.update(values)
+            out.update(zip(names, row))  # noqa: B905 (row: at least the names)
+            out["study_id"], out["subject_id"] = study_id, subject_id
             out["image"], out["view"] = image, view
             keys, items = lists
             out.update(zip(keys, map(list.copy, items)))  # noqa: B905 (same length)
