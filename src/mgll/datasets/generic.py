@@ -380,36 +380,56 @@ class _Shape:
 class _Layout:
     """How the annotations of one label pattern are built from a row: a copy of
     ``template`` (:class:`_Shape`'s, with the label fields set) with the row's own values
-    set, and fresh copies of its lists (``lists``) and dicts (``copies``), so that no two
-    annotations share one."""
+    set, and fresh lists (``lists``) and dicts (``copies``) made from frozen values, so that
+    no two annotations share one.
+
+    Everything a layout keeps is a string, a number, a tuple of them or a dict of them,
+    which the garbage collector stops tracking: thousands of cached layouts then cost a
+    collection nothing.
+    """
 
     __slots__ = ("cells", "copies", "image", "lists", "patient", "template", "view")
 
     def __init__(self, part: dict, derived: dict, shape: _Shape) -> None:
         fields = {**part, **derived}
         template = shape.template.copy()
+        lists, copies = [], []
         for k in shape.fixed:
-            template[k] = fields[k]
+            v = fields[k]
+            if type(v) is list:
+                lists.append((k, tuple(v)))
+                v = None  # a fresh list per row
+            elif type(v) is dict:
+                copies.append((k, *_copier(v)))
+                v = None  # a fresh dict per row
+            template[k] = v
         self.template = template
-        lists = [k for k in shape.fixed if type(template[k]) is list]
-        self.lists = (lists, [template[k] for k in lists])
-        self.copies = [(k, _copier(template[k]), template[k]) for k in shape.fixed
-                       if type(template[k]) is dict]  # fmt: skip
+        self.lists = (tuple(k for k, _ in lists), tuple(v for _, v in lists))
+        self.copies = tuple(copies)
         self.cells, self.image = shape.cells, shape.image
         self.view, self.patient = shape.view, shape.patient
 
 
-def _copier(value: object) -> Callable:
-    """The cheapest function copying ``value`` (a list, or a dict whose lists and dicts are
-    copied too), so that no two annotations share a list or dict."""
+def _copier(value: object) -> tuple[Callable, object]:
+    """``(make, frozen)``: ``make(frozen)`` is a copy of ``value`` (a list, or a dict whose
+    lists and dicts are copied too), so that no two annotations share a list or dict."""
     if type(value) is list:
-        return list.copy
+        return list, tuple(value)
     inner = [type(b) for b in value.values()]
-    if all(t is list for t in inner):
-        return lambda d: dict(zip(d, map(list.copy, d.values())))  # noqa: B905 (one dict)
+    if inner and all(t is list for t in inner):
+        return _lists_dict, (tuple(value), tuple(map(tuple, value.values())))
     if not any(t in (list, dict) for t in inner):
-        return dict.copy
-    return lambda d: {a: b.copy() if type(b) in (list, dict) else b for a, b in d.items()}
+        return dict.copy, dict(value)
+    return _one_level, value
+
+
+def _lists_dict(frozen: tuple) -> dict:
+    keys, values = frozen
+    return dict(zip(keys, map(list, values)))  # noqa: B905 (one value a key)
+
+
+def _one_level(value: dict) -> dict:
+    return {a: b.copy() if type(b) in (list, dict) else b for a, b in value.items()}
 
 
 def _annotations(table: Table, spec: _Spec, counts: dict, with_layout: bool = False) -> Iterator:
@@ -503,9 +523,9 @@ def _annotations(table: Table, spec: _Spec, counts: dict, with_layout: bool = Fa
                 if layout.patient:
                     out["patient_id"] = pid
             keys, values = layout.lists
-            out.update(zip(keys, map(list.copy, values)))  # noqa: B905 (same length)
-            for k, copy, v in layout.copies:
-                out[k] = copy(v)
+            out.update(zip(keys, map(list, values)))  # noqa: B905 (same length)
+            for k, make, frozen in layout.copies:
+                out[k] = make(frozen)
             counts["kept"] += 1
             yield (out, layout) if with_layout else out
 

@@ -238,9 +238,9 @@ def _join(studies, table, views, paths, template, counts) -> Iterator[dict[str, 
             out["study_id"], out["subject_id"] = study_id, subject_id
             out["image"], out["view"] = image, view
             keys, items = lists
-            out.update(zip(keys, map(list.copy, items)))  # noqa: B905 (same length)
-            for k, copy, v in copies:
-                out[k] = copy(v)
+            out.update(zip(keys, map(list, items)))  # noqa: B905 (same length)
+            for k, make, frozen in copies:
+                out[k] = make(frozen)
             counts["kept"] += 1
             yield out
     counts["unmatched_studies"] = len(by_study) - len(matched)
@@ -270,8 +270,8 @@ def _image_layout(kind: dict, names: list[str]) -> tuple:
     out["image"] = out["view"] = None
     own = {"patient_id", "image", "view", *names}
     lists = [k for k, v in out.items() if type(v) is list and k not in own]
-    copies = [(k, _copier(v), v) for k, v in out.items() if type(v) is dict and k not in own]
-    return out, (lists, [out[k] for k in lists]), copies
+    copies = [(k, *_copier(v)) for k, v in out.items() if type(v) is dict and k not in own]
+    return out, (lists, [tuple(out[k]) for k in lists]), copies
 
 
 def _view(position: str) -> str:
