@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 
 import pytest
 import torch
@@ -657,3 +658,73 @@ def test_no_finding_descriptions_are_not_positives_of_each_other(tmp_path):
     for preset in (chexpert_builder(["description"]), chestxray14_builder(["description"])):
         labels = preset.build(healthy, label_format="multi_hot")["description"].labels
         assert from_multi_hot(labels)[0, 1] == 0
+
+
+# ------------------------------------------------- the cached label decoder against the rules
+
+SPELLINGS = {  # every spelling of a value, the usual ones first, with what it means
+    "": None, "1.0": 1, "0.0": 0, "-1.0": -1, "1": 1, "0": 0, "-1": -1,
+    " 1.0": 1, "0.0 ": 0, "1.00": 1, "-0.0": 0, "1e0": 1, "-1.000": -1,
+}  # fmt: skip
+
+
+def _reference_chexpert(cells, policy):
+    """An annotation's label fields from its 14 cells, by the documented rules alone."""
+    from mgll.datasets.chexpert import contradicts, level_fields
+
+    values = {x: SPELLINGS[c] for x, c in zip(CHEXPERT_OBSERVATIONS, cells, strict=True)}
+    finding, uncertain = apply_uncertainty(values, policy, 0.5, ["No Finding"])
+    part = {"finding": finding, "uncertain": uncertain}
+    if uncertain and policy == "U-Ignore":
+        part["unknown"] = {"finding": list(uncertain)}
+    return {**part, **level_fields(part)}, contradicts(values)
+
+
+@pytest.mark.parametrize("policy", ["U-Ignore", "U-Soft", "U-Ones"])
+def test_chexpert_cached_decoder_equals_the_rules_on_every_spelling(tmp_path, policy):
+    import random
+
+    rng = random.Random(0)
+    spellings = list(SPELLINGS)
+    rows, cells_of = [], []
+    for i in range(3000):  # each spelling in each column, then random rows (repeats included)
+        if i < 14 * len(spellings):
+            cells = [""] * 14
+            cells[i % 14] = spellings[i // 14]
+        else:
+            cells = [rng.choice(spellings[:7] * 6 + spellings[7:]) for _ in range(14)]
+        if i % 5 == 0 and i >= 14 * len(spellings):
+            cells[3] = rng.choice(("0.0", "0"))  # Lung Opacity negative: contradictions
+        cells_of.append(cells)
+        rows.append(f"CheXpert-v1.0/train/patient{i:05d}/study1/view1_frontal.jpg,Male,40,"
+                    "Frontal,AP," + ",".join(cells))  # fmt: skip
+    reader = read_chexpert(write(tmp_path, "train.csv", CHEXPERT_HEADER, rows), uncertainty=policy)
+    got = list(reader)
+    contradictions = 0
+    for a, cells in zip(got, cells_of, strict=True):
+        want, contradiction = _reference_chexpert(cells, policy)
+        assert {k: a[k] for k in want} == want, cells
+        assert [k for k in a if k in want or k == "view"] == [
+            k for k in ("finding", "uncertain", "unknown", "view", "category", "description")
+            if k in want or k == "view"
+        ]  # fmt: skip
+        contradictions += contradiction
+    assert reader.counts["contradictions"] == contradictions > 0
+    got[0]["uncertain"].append("changed")  # the cached fields are never shared
+    assert all(a["uncertain"] is not got[0]["uncertain"] for a in got[1:])
+    assert all(a["category"] is not got[0]["category"] for a in got[1:])
+
+
+@pytest.mark.parametrize("bad", ["2.0", "yes", "1.0.0", "nan", "+"])
+@pytest.mark.parametrize("column", [0, 7, 13])
+def test_chexpert_cached_decoder_rejects_bad_values_by_column(tmp_path, bad, column):
+    cells = ["1.0", "", "0.0", "-1.0"] * 3 + ["1", ""]
+    good = "CheXpert-v1.0/train/patient00001/study1/view1_frontal.jpg,Male,40,Frontal,AP,"
+    cells[column] = bad
+    rows = [good + ",".join(["1.0", "", "0.0", "-1.0"] * 3 + ["1", ""]),
+            good.replace("00001", "00002") + ",".join(cells)]  # fmt: skip
+    name = CHEXPERT_OBSERVATIONS[column]
+    with pytest.raises(
+        ValueError, match=rf"line 3, column '{name}': unknown value '{re.escape(bad)}'"
+    ):
+        list(read_chexpert(write(tmp_path, "train.csv", CHEXPERT_HEADER, rows)))

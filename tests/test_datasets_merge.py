@@ -469,3 +469,23 @@ def test_compact_equals_the_list_of_every_reader():
     many = [{"image": f"{i}.png", "finding": [str(i % 7)] * (i % 3), "w": {"a": i / 7}}
             for i in range(5000)]  # fmt: skip
     assert CompactAnnotations(many) == many
+
+
+def test_merged_compact_equals_the_list():
+    import torch
+
+    for policy in ("U-Ignore", "U-Soft"):
+        merged = merge_sources(readers(policy), uncertainty=policy)
+        store = merged.compact()
+        assert isinstance(store.annotations, CompactAnnotations)
+        assert len(store) == len(merged) and list(store) == list(merged)
+        assert [list(a) for a in store] == [list(a) for a in merged]  # keys in order
+        assert store.classes == merged.classes and store.texts == merged.texts
+        assert dict(store.summary()) == dict(merged.summary())
+        for g in merged.classes:
+            got, want = store.labels(g), merged.labels(g)
+            assert torch.equal(got.isnan(), want.isnan()) and torch.equal(
+                got.nan_to_num(-1), want.nan_to_num(-1)
+            )
+        store[0]["unknown"].clear()  # a fresh dict each time
+        assert store[0] == merged[0]

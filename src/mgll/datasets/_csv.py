@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import itertools
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from operator import itemgetter
 from typing import TextIO, Union
 
 from mgll.datasets.compact import CompactAnnotations
@@ -18,7 +21,7 @@ Source = Union[str, "os.PathLike[str]", TextIO]
 _FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
 
 
-class Annotations(Iterator[dict]):
+class Annotations(itertools.chain, Iterator[dict]):
     """A reader's lazy iterator of annotation dicts, with ``counts`` of what it read.
 
     ``counts`` grows as the iterator is consumed (complete once exhausted): ``rows`` (data
@@ -28,18 +31,23 @@ class Annotations(Iterator[dict]):
     ``unmatched_studies``.
     """
 
-    def __init__(self, make: Callable[[dict], Iterator[dict]]) -> None:
-        self.counts = {"rows": 0, "kept": 0, "skipped_view": 0, "contradictions": 0}
-        self._it = make(self.counts)
+    # An itertools.chain over the one generator: next() is then a C call, not a Python one.
+    def __new__(cls, make: Callable[[dict], Iterator[dict]]) -> Annotations:
+        counts = {"rows": 0, "kept": 0, "skipped_view": 0, "contradictions": 0}
+        return cls._over(make(counts), counts)
 
-    def __next__(self) -> dict:
-        return next(self._it)
+    def __init__(self, make: Callable[[dict], Iterator[dict]]) -> None:
+        pass  # made by __new__
+
+    @classmethod
+    def _over(cls, it: Iterator[dict], counts: dict) -> Annotations:
+        out = super().__new__(cls, it)
+        out.counts = counts
+        return out
 
     def map(self, fn: Callable[[dict], dict]) -> Annotations:
         """The same rows passed through ``fn``, sharing ``counts``."""
-        out = Annotations.__new__(Annotations)
-        out.counts, out._it = self.counts, map(fn, self._it)
-        return out
+        return Annotations._over(map(fn, self), self.counts)
 
     def compact(self) -> CompactAnnotations:
         """Read the remaining rows into a :class:`~mgll.datasets.CompactAnnotations`.
@@ -158,31 +166,31 @@ class Table:
         if dup:
             raise ValueError(f"{self.name}: line 1 (the header) repeats the column(s) {dup}")
         self._named_width = max((j + 1 for j, h in enumerate(header) if h), default=0)
+        self.index = {h: j for j, h in enumerate(header) if h}
         return header
 
     def rows(self) -> Iterator[tuple[int, dict[str, str]]]:
         """``(line, {column: stripped value})`` for each non-blank data row."""
-        if csv.field_size_limit() < _FIELD_LIMIT:
-            csv.field_size_limit(_FIELD_LIMIT)
-        if self._stream is not None:
-            stream, self._stream = self._stream, None
-            yield from self._located(stream)
-            return
-        if not isinstance(self.source, (str, os.PathLike)):
-            raise ValueError(f"{self.name}: a text stream can be read only once; pass a path")
-        with open(self.source, encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f)
-            next(reader)
-            yield from self._located(reader)
-
-    def _located(self, reader) -> Iterator[tuple[int, dict[str, str]]]:
-        """:meth:`_rows`, with decoding and csv errors turned into errors naming the line."""
-        try:
-            yield from self._rows(reader)
-        except UnicodeDecodeError as err:
-            raise self._not_utf8(err, reader) from None
-        except csv.Error as err:
-            raise ValueError(f"{self.name}: line {reader.line_num + 1}: {err}") from None
+        named = [(h, j) for j, h in enumerate(self.header) if h]
+        keys, where = [h for h, _ in named], [j for _, j in named]
+        prefix = where == list(range(len(where)))  # unnamed columns only at the end
+        width, filled = len(self.header), self.filled
+        unnamed = [j for j, h in enumerate(self.header) if not h]
+        strip = str.strip
+        with self.reading() as reader:
+            for cells in reader:
+                cells = [*map(strip, cells)]
+                if not any(cells):
+                    continue  # a blank line (e.g. at the end of the file)
+                line, n = reader.line_num, len(cells)
+                if n != width or (filled is not None and any(filled(cells))):
+                    self._check_width(cells, line, width, unnamed)
+                    if n < width:
+                        cells += [""] * (width - n)
+                if prefix:
+                    yield line, dict(zip(keys, cells))  # noqa: B905 (shorter: keys)
+                else:
+                    yield line, {h: cells[j] for h, j in zip(keys, where, strict=True)}
 
     def _not_utf8(self, err: UnicodeDecodeError, reader) -> ValueError:
         line = _bad_utf8_line(self.source)
@@ -192,25 +200,53 @@ class Table:
             f"{err.object[err.start : err.start + 1]!r}); re-save the file as UTF-8"
         )
 
-    def _rows(self, reader) -> Iterator[tuple[int, dict[str, str]]]:
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Iterator[list[str]]]:
+        """The ``csv`` reader of the data rows (raw fields: see :attr:`filled`); decoding
+        and csv errors raised while it is read become errors naming the line."""
+        if csv.field_size_limit() < _FIELD_LIMIT:
+            csv.field_size_limit(_FIELD_LIMIT)
+        if self._stream is not None:
+            reader, self._stream = self._stream, None
+            with self._errors(reader):
+                yield reader
+            return
+        if not isinstance(self.source, (str, os.PathLike)):
+            raise ValueError(f"{self.name}: a text stream can be read only once; pass a path")
+        with open(self.source, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f)
+            next(reader)
+            with self._errors(reader):
+                yield reader
+
+    @contextlib.contextmanager
+    def _errors(self, reader) -> Iterator[None]:
+        try:
+            yield
+        except UnicodeDecodeError as err:
+            raise self._not_utf8(err, reader) from None
+        except csv.Error as err:
+            raise ValueError(f"{self.name}: line {reader.line_num + 1}: {err}") from None
+
+    @property
+    def filled(self) -> Callable[[list[str]], object] | None:
+        """``None`` without unnamed columns, else ``cells ->`` their cells (a str for one
+        column, a tuple for several: ``any()`` of it says whether one holds something).
+        A row of raw fields is regular when it has the header's width and nothing there;
+        the others go through :meth:`irregular`."""
+        unnamed = [j for j, h in enumerate(self.header) if not h]
+        return itemgetter(*unnamed) if unnamed else None
+
+    def irregular(self, cells: list[str], line: int) -> list[str] | None:
+        """A raw row that is not regular (see :attr:`filled`): ``None`` for a blank one, else the
+        row padded to the header's width, after the checks of its width (errors)."""
+        stripped = [c.strip() for c in cells]
+        if not any(stripped):
+            return None
         width = len(self.header)
         unnamed = [j for j, h in enumerate(self.header) if not h]
-        named = [h for h in self.header if h]
-        prefix = all(h for h in self.header[: len(named)])  # unnamed columns only at the end
-        where = [j for j, h in enumerate(self.header) if h]
-        for cells in reader:
-            cells = [c.strip() for c in cells]
-            if not any(cells):
-                continue  # a blank line (e.g. at the end of the file)
-            n = len(cells)
-            if n != width or unnamed:
-                self._check_width(cells, reader.line_num, width, unnamed)
-                if n < width:
-                    cells += [""] * (width - n)
-            if prefix:
-                yield reader.line_num, dict(zip(named, cells))  # noqa: B905 (shorter: named)
-            else:
-                yield reader.line_num, {h: cells[j] for h, j in zip(named, where, strict=True)}
+        self._check_width(stripped, line, width, unnamed)
+        return cells + [""] * (width - len(cells)) if len(cells) < width else cells
 
     def _check_width(self, cells: list[str], line: int, width: int, unnamed: list[int]) -> None:
         """Errors for a row with too many, too few or shifted fields."""

@@ -101,7 +101,7 @@ def read_chestxray14(
         paths=ImagePaths(root, allow_outside_root),
         what="ChestX-ray14 Data_Entry_2017.csv",
         views=views,
-        view_of=_view,
+        view_of=(_view, ["View Position"]),
         needs=["Patient ID", "View Position"],
         patient_of=patient_column("Patient ID"),
         contradicts=lambda found: "No Finding" in found and len(found) > 1,
@@ -110,8 +110,8 @@ def read_chestxray14(
     return rows
 
 
-def _view(row: dict[str, str]) -> str:
-    view = row.get("View Position", "").upper()
+def _view(position: str) -> str:
+    view = position.upper()
     return view if view in ("PA", "AP") else "OTHER"
 
 

@@ -151,9 +151,9 @@ def read_chexpert(
         paths=ImagePaths(root, allow_outside_root, strip=_RELEASES),
         what="CheXpert train.csv/valid.csv",
         views=views,
-        view_of=_view,
+        view_of=(_view, ["Frontal/Lateral", "AP/PA"]),
         needs=["Frontal/Lateral", "AP/PA"],
-        patient_of=_patient,
+        patient_of=("Path", _patient, False),
         levels=level_fields,
     )
     return rows
@@ -163,17 +163,17 @@ _RELEASES = ("CheXpert-v1.0", "CheXpert-v1.0-small")
 _PATIENT = re.compile(r"(?:^|/)patient(\d+)(?:/|$)")
 
 
-def _view(row: dict[str, str]) -> str:
-    if row.get("Frontal/Lateral", "").upper() == "LATERAL":
+def _view(frontal_lateral: str, ap_pa: str) -> str:
+    if frontal_lateral.upper() == "LATERAL":
         return "LATERAL"
-    view = row.get("AP/PA", "").upper()
+    view = ap_pa.upper()
     return view if view in ("AP", "PA") else "OTHER"
 
 
-def _patient(table, line: int, row: dict[str, str]) -> str:
-    found = _PATIENT.search(row["Path"].replace("\\", "/"))
+def _patient(table, line: int, path: str) -> str:
+    found = _PATIENT.search(path.replace("\\", "/"))
     if found is None:
-        raise table.error(line, "Path", f"no 'patientNNNNN' directory in {row['Path']!r}")
+        raise table.error(line, "Path", f"no 'patientNNNNN' directory in {path!r}")
     return found.group(1)
 
 
@@ -187,6 +187,15 @@ def contradicts(values: Mapping[str, int | None]) -> bool:
         values.get(a) == 0 for x in positive if x in CHEXPERT_HIERARCHY
         for a in CHEXPERT_HIERARCHY.ancestors(x)
     )  # fmt: skip
+
+
+#: The only columns whose negatives (0.0) :func:`contradicts` reads: the ancestors.
+contradicts.zero_columns = frozenset(
+    a
+    for x in CHEXPERT_OBSERVATIONS
+    if x in CHEXPERT_HIERARCHY
+    for a in CHEXPERT_HIERARCHY.ancestors(x)
+)
 
 
 def _read_observations(path: Source, **options: object) -> Annotations:
@@ -213,23 +222,38 @@ def level_fields(annotation: Mapping[str, object]) -> dict[str, object]:
     """``"category"``, ``"description"`` and (under U-Ignore) the categories made unknown,
     from ``"finding"``, ``"uncertain"`` and ``"unknown"``."""
     finding, uncertain = annotation["finding"], annotation["uncertain"]
+    soft = type(finding) is dict or (type(finding) is not list and isinstance(finding, Mapping))
     positives = [x for x in finding if x not in uncertain]
     category: dict[str, float] = {}
-    weights = finding if isinstance(finding, Mapping) else dict.fromkeys(finding, 1.0)
-    for x, w in weights.items():
-        top = _TOP.get(x, x)
-        category[top] = max(category.get(top, 0.0), w)
-    ordered = dict(sorted(category.items(), key=lambda item: _ORDER.get(item[0], len(_ORDER))))
+    top_of = _TOP.get
+    if soft:
+        for x, w in finding.items():
+            top = top_of(x, x)
+            category[top] = max(category.get(top, 0.0), w)
+    else:
+        for x in finding:
+            top = top_of(x, x)
+            category[top] = max(category.get(top, 0.0), 1.0)
+    if len(category) > 1:
+        category = dict(sorted(category.items(), key=_rank))
     out = {
-        "category": ordered if isinstance(finding, Mapping) else list(ordered),
+        "category": category if soft else list(category),
         "description": sentence(positives, uncertain),
     }
     unknown = annotation.get(UNKNOWN_KEY)
-    if isinstance(unknown, Mapping) and unknown.get("finding"):
-        maybe = dict.fromkeys(_TOP.get(x, x) for x in unknown["finding"])
+    if (
+        unknown
+        and (type(unknown) is dict or isinstance(unknown, Mapping))
+        and unknown.get("finding")
+    ):
+        maybe = dict.fromkeys(top_of(x, x) for x in unknown["finding"])
         categories = [x for x in maybe if x not in category and x in CHEXPERT_CATEGORIES]
         out[UNKNOWN_KEY] = {**unknown, "category": categories}
     return out
+
+
+def _rank(item: tuple[str, float]) -> int:
+    return _ORDER.get(item[0], len(_ORDER))
 
 
 def chexpert_builder(

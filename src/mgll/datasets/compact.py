@@ -18,6 +18,7 @@ table of distinct values: their memory no longer grows with the items they visit
 
 from __future__ import annotations
 
+import gc
 import pickle
 from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -91,17 +92,6 @@ def _append_offset(offsets: array, value: int) -> array:
         offsets = array("q", offsets)
         offsets.append(value)
     return offsets
-
-
-def _renewed(values: list) -> list:
-    """The same values as new objects, allocated now that reading is over.
-
-    Values created one by one while a file streams through sit among the rows' short-lived
-    objects, and each one keeps a block of the allocator's memory from being returned when
-    the rows are freed: hundreds of MB for a few thousand small strings.  Fresh copies made
-    at the end sit together, and the old ones, once dropped, free their blocks.
-    """
-    return pickle.loads(pickle.dumps(values, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 class _Column:
@@ -200,12 +190,11 @@ class _Column:
         if self.kind == "text":
             self.buffer = bytes(self.buffer)
         elif self.kind == "lists":
-            self.vocab = _renewed(list(self.vocab))
+            self.vocab = list(self.vocab)
         elif self.kind == "record":
             self.record.finish()
         elif self.kind == "codes":
             self.index = None
-            self.values = _renewed(self.values)
             n = len(self.values)
             self.codes = array("B" if n <= 1 << 8 else "H" if n <= 1 << 16 else "I", self.codes)
 
@@ -314,7 +303,19 @@ class CompactAnnotations(Sequence):
                     f"`annotations` item {i} must be an annotation dict, got {type(a).__name__}"
                 )
             record.add(a)
+            del a  # the last annotation: created while reading, like the store's objects
         record.finish()
+        # The store as new objects, allocated now that reading is over: objects created one by
+        # one while a file streams through sit among the rows' short-lived objects, and each
+        # keeps its block of the allocator's memory (a 1 MiB arena) from being returned when
+        # the rows are freed, hundreds of MB for a few thousand small objects.  Written to one
+        # buffer, dropped, and read back once a collection has freed the rows' cycles and free
+        # lists (their arenas), its objects sit together.
+        data = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
+        del record
+        gc.collect()
+        record = pickle.loads(data)
+        del data
         self._record, self._n = record, record.rows
         self.counts: dict[str, int] = {}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 
 from mgll.datasets._csv import Annotations, ImagePaths, Source, Table
 from mgll.text.granularity import UNKNOWN_KEY
@@ -146,8 +147,8 @@ class _Spec:
     meta: list[str]
     paths: ImagePaths
     views: frozenset | None = None
-    view_of: Callable[[dict[str, str]], str] | None = None
-    patient_of: Callable[[dict[str, str]], str] | None = None
+    view_of: tuple[Callable[..., str], Sequence[str]] | None = None
+    patient_of: tuple[str, Callable[[Table, int, str], str], bool] | None = None
     contradicts: Callable[[dict], bool] | None = None
     levels: Callable[[dict], dict] | None = None
 
@@ -256,17 +257,23 @@ def read_rows(
     texts: Sequence[str] | Mapping[str, str] = (),
     metadata: Sequence[str] | None = None,
     views: Sequence[str] | None = None,
-    view_of: Callable[[dict[str, str]], str] | None = None,
+    view_of: tuple[Callable[..., str], Sequence[str]] | None = None,
     needs: Sequence[str] = (),
-    patient_of: Callable | None = None,
+    patient_of: tuple[str, Callable[[Table, int, str], str], bool] | None = None,
     contradicts: Callable[[object], bool] | None = None,
     levels: Callable[[dict], dict] | None = None,
+    with_layout: bool = False,
 ) -> Annotations:
-    """:func:`read_label_table` with the providers' hooks: a view and a patient id per row
-    (from the columns ``needs``), a check that counts contradictory rows, and ``levels``:
+    """:func:`read_label_table` with the providers' hooks: a view per row (``view_of``:
+    ``(function of the cells, its columns)``, computed once per distinct cells), a patient
+    id per row (``patient_of``: ``(column, function(table, line, cell), whether a cell's id
+    may be remembered)``), from the columns ``needs``, a check that counts contradictory
+    rows (``contradicts``; its ``zero_columns`` attribute, where it has one, names the only
+    columns whose negatives it reads, the others' negatives reading as blanks), and ``levels``:
     the fields derived from the label fields (``{label_key, "uncertain"[, "unknown"]}`` ->
     new or replaced fields, added last; computed once per distinct label cells); the header
-    is checked now, rows read lazily."""
+    is checked now, rows read lazily.  ``with_layout``: yield ``(annotation, layout)``, the
+    layout an object that rows share only when their label fields are the same."""
     policy = check_policy(uncertainty, soft_weight)
     one_column = isinstance(labels, str)
     label_columns = [labels] if one_column else _names("labels", labels)
@@ -299,90 +306,300 @@ def read_rows(
         contradicts=contradicts,
         levels=levels,
     )
-    return Annotations(lambda counts: _annotations(table, spec, counts))
+    return Annotations(lambda counts: _annotations(table, spec, counts, with_layout))
 
 
-_CACHE_LIMIT = 1 << 17  # distinct label cells remembered while reading a file
+_CACHE_LIMIT = 1 << 17  # distinct label cells (and views, patients) remembered a file
 
 
-def _annotations(table: Table, spec: _Spec, counts: dict) -> Iterator[dict[str, object]]:
-    seen: dict[str, int] = {}
-    cache: dict[object, tuple[dict, dict, bool]] = {}
-    columns = spec.label_columns
-    column = columns[0] if spec.one_column else None
-    image, join = spec.image, spec.paths.join
-    texts, meta = list(spec.text_map.items()), spec.meta
-    for line, row in table.rows():
-        counts["rows"] += 1
-        ident = row[image]
-        if not ident:
-            raise table.error(line, image, "the id is blank")
-        if ident in seen:
-            raise table.error(
-                line, image, f"{ident!r} repeats line {seen[ident]}; each row needs its own id"
-            )
-        seen[ident] = line
-        view = spec.view_of(row) if spec.view_of is not None else None
-        if spec.views is not None and view not in spec.views:
-            counts["skipped_view"] += 1
-            continue
-        key = row[column] if spec.one_column else tuple([row[c] for c in columns])
-        hit = cache.get(key)
-        if hit is None:
-            hit = _label_part(table, line, row, spec)
-            if len(cache) < _CACHE_LIMIT:
-                cache[key] = hit
-        part, derived, contradiction = hit
-        if contradiction:
-            counts["contradictions"] += 1
-        out: dict[str, object] = {"image": join(ident, table, line, image)}
-        out.update(_fresh(part))
-        for k, c in texts:
-            out[k] = row[c]
-        for c in meta:
-            out[c] = row[c]
+def _getter(positions: Sequence[int]) -> Callable[[list[str]], tuple[str, ...]]:
+    """``cells -> tuple(cells[j] for j in positions)``, in C."""
+    if len(positions) > 1:
+        return itemgetter(*positions)
+    if positions:
+        j = positions[0]
+        return lambda cells: (cells[j],)
+    return lambda cells: ()
+
+
+#: The label cells' one-character codes (positive, uncertain, negative, not mentioned): a
+#: row's codes, joined, key the cache of label fields; any other spelling of a value (or a
+#: bad one) takes :func:`_value`.
+_CODES = {"1.0": "1", "1": "1", "-1.0": "u", "-1": "u", "0.0": "0", "0": "0", "": "_"}
+_CODE_VALUES = {"1": 1, "u": -1, "0": 0, "_": None}
+
+
+def _code_tables(spec: _Spec) -> list[dict[str, str]]:
+    """Per label column, cell -> code.  A negative and a blank decide the same labels, so they
+    share a code (fewer distinct keys), except in the columns ``spec.contradicts`` reads
+    zeros of (its ``zero_columns``; all columns when it does not say)."""
+    zeros = getattr(spec.contradicts, "zero_columns", None) if spec.contradicts else ()
+    tables = []
+    for c in spec.label_columns:
+        table = dict(_CODES)
+        if zeros is not None and c not in zeros:
+            table["0.0"] = table["0"] = "_"
+        tables.append(table)
+    return tables
+
+
+class _Shape:
+    """The key order of the annotations whose label fields have the same keys.
+
+    ``template`` holds every key in the order the annotation has them (the image, the label
+    fields, the texts and metadata, view, patient id, the derived fields: later writers
+    replacing earlier values in place, as assigning them one after the other would); its
+    ``fixed`` keys take their values from the label fields, ``cells`` from the row's cells,
+    and ``image``, ``view``, ``patient`` say whether the row's own values are the last
+    writers of those keys.
+    """
+
+    __slots__ = ("cells", "fixed", "image", "patient", "template", "view")
+
+    def __init__(self, part: dict, derived: dict, middle: list, spec: _Spec) -> None:
+        writer: dict[str, tuple] = {"image": ("image",)}
+        for k in part:
+            writer[k] = ("fixed",)
+        for k, j in middle:
+            writer[k] = ("cell", j)
         if spec.view_of is not None:
-            out["view"] = view
+            writer["view"] = ("view",)
         if spec.patient_of is not None:
-            out["patient_id"] = spec.patient_of(table, line, row)
-        if derived:
-            out.update(_fresh(derived))
-        counts["kept"] += 1
-        yield out
+            writer["patient_id"] = ("patient",)
+        for k in derived:
+            writer[k] = ("fixed",)
+        self.template = dict.fromkeys(writer)
+        self.fixed = [k for k, w in writer.items() if w[0] == "fixed"]
+        cells = [(k, w[1]) for k, w in writer.items() if w[0] == "cell"]
+        self.cells = ([k for k, _ in cells], _getter([j for _, j in cells]))
+        self.image = writer["image"] == ("image",)
+        self.view = writer.get("view") == ("view",)
+        self.patient = writer.get("patient_id") == ("patient",)
 
 
-def _label_part(table: Table, line: int, row: dict[str, str], spec: _Spec) -> tuple:
+class _Layout:
+    """How the annotations of one label pattern are built from a row: a copy of
+    ``template`` (:class:`_Shape`'s, with the label fields set) with the row's own values
+    set, and fresh lists (``lists``) and dicts (``copies``) made from frozen values, so that
+    no two annotations share one.
+
+    Everything a layout keeps is a string, a number, a tuple of them or a dict of them,
+    which the garbage collector stops tracking: thousands of cached layouts then cost a
+    collection nothing.
+    """
+
+    __slots__ = ("cells", "copies", "image", "lists", "patient", "template", "view")
+
+    def __init__(self, part: dict, derived: dict, shape: _Shape) -> None:
+        fields = {**part, **derived}
+        template = shape.template.copy()
+        lists, copies = [], []
+        for k in shape.fixed:
+            v = fields[k]
+            if type(v) is list:
+                lists.append((k, tuple(v)))
+                v = None  # a fresh list per row
+            elif type(v) is dict:
+                copies.append((k, *_copier(v)))
+                v = None  # a fresh dict per row
+            template[k] = v
+        self.template = template
+        self.lists = (tuple(k for k, _ in lists), tuple(v for _, v in lists))
+        self.copies = tuple(copies)
+        self.cells, self.image = shape.cells, shape.image
+        self.view, self.patient = shape.view, shape.patient
+
+
+def _copier(value: object) -> tuple[Callable, object]:
+    """``(make, frozen)``: ``make(frozen)`` is a copy of ``value`` (a list, or a dict whose
+    lists and dicts are copied too), so that no two annotations share a list or dict."""
+    if type(value) is list:
+        return list, tuple(value)
+    inner = [type(b) for b in value.values()]
+    if inner and all(t is list for t in inner):
+        return _lists_dict, (tuple(value), tuple(map(tuple, value.values())))
+    if not any(t in (list, dict) for t in inner):
+        return dict.copy, dict(value)
+    return _one_level, value
+
+
+def _lists_dict(frozen: tuple) -> dict:
+    keys, values = frozen
+    return dict(zip(keys, map(list, values)))  # noqa: B905 (one value a key)
+
+
+def _one_level(value: dict) -> dict:
+    return {a: b.copy() if type(b) in (list, dict) else b for a, b in value.items()}
+
+
+def _annotations(table: Table, spec: _Spec, counts: dict, with_layout: bool = False) -> Iterator:
+    # One pass over the raw csv fields, stripping only those an annotation uses: the label
+    # cells key a cache of everything they decide (a layout), the view cells one of views.
+    index = table.index
+    seen: dict[str, int] = {}
+    layouts: dict[object, tuple[_Layout, bool]] = {}  # label cells' key -> layout
+    build = _Layouts(table, spec, [(k, index[c]) for k, c in spec.text_map.items()]
+                     + [(c, index[c]) for c in spec.meta])  # fmt: skip
+    label_cells = _getter([index[c] for c in spec.label_columns])
+    at_label = index[spec.label_columns[0]] if spec.one_column else None
+    tables = None if spec.one_column else _code_tables(spec)
+    get, strip = dict.get, str.strip
+    image, join = spec.image, spec.paths.join
+    joined = spec.paths.root is not None
+    at_image = index[image]
+    has_view, has_patient = spec.view_of is not None, spec.patient_of is not None
+    if has_view:
+        view_of, view_columns = spec.view_of
+        at_view = [index[c] for c in view_columns]
+        # one column: its cell (a str) keys the views; several: the tuple of their cells
+        view_cells = itemgetter(*at_view) if at_view else (lambda cells: ())
+        one_view, views_seen = len(at_view) == 1, {}
+    if has_patient:
+        patient_column, patient_of, remember = spec.patient_of
+        at_patient, patients = index[patient_column], {}
+    chosen = spec.views
+    width, filled, irregular = len(table.header), table.filled, table.irregular
+    with table.reading() as reader:
+        for cells in reader:
+            if not any(cells):
+                continue  # a blank line (e.g. at the end of the file)
+            line = reader.line_num
+            if len(cells) != width or (filled is not None and any(filled(cells))):
+                cells = irregular(cells, line)
+                if cells is None:
+                    continue
+            ident = cells[at_image].strip()
+            if not ident and not any(map(strip, cells)):
+                continue  # blank but for spaces
+            counts["rows"] += 1
+            if not ident:
+                raise table.error(line, image, "the id is blank")
+            if ident in seen:
+                raise table.error(
+                    line, image, f"{ident!r} repeats line {seen[ident]}; each row needs its own id"
+                )
+            seen[ident] = line
+            view = None
+            if has_view:
+                raw = view_cells(cells)
+                view = views_seen.get(raw)
+                if view is None:
+                    view = view_of(raw.strip()) if one_view else view_of(*map(strip, raw))
+                    if len(views_seen) < _CACHE_LIMIT:
+                        views_seen[raw] = view
+            if chosen is not None and view not in chosen:
+                counts["skipped_view"] += 1
+                continue
+            if tables is None:
+                key = cells[at_label].strip()
+            else:
+                try:
+                    key = "".join(map(get, tables, label_cells(cells)))
+                except TypeError:  # spaces, another spelling of a value, or a bad one
+                    key = _slow_key(table, line, spec, tables, label_cells(cells))
+            hit = layouts.get(key)
+            if hit is None:
+                hit = build(line, key)
+                if len(layouts) < _CACHE_LIMIT:
+                    layouts[key] = hit
+            layout, contradiction = hit
+            if contradiction:
+                counts["contradictions"] += 1
+            out = layout.template.copy()
+            path = join(ident, table, line, image) if joined else ident
+            if layout.image:
+                out["image"] = path
+            keys, values = layout.cells
+            out.update(zip(keys, map(strip, values(cells))))  # noqa: B905 (same length)
+            if layout.view:
+                out["view"] = view
+            if has_patient:
+                raw = cells[at_patient]
+                pid = patients.get(raw)
+                if pid is None:
+                    pid = patient_of(table, line, raw.strip())
+                    if remember and len(patients) < _CACHE_LIMIT:
+                        patients[raw] = pid
+                if layout.patient:
+                    out["patient_id"] = pid
+            keys, values = layout.lists
+            out.update(zip(keys, map(list, values)))  # noqa: B905 (same length)
+            for k, make, frozen in layout.copies:
+                out[k] = make(frozen)
+            counts["kept"] += 1
+            yield (out, layout) if with_layout else out
+
+
+def _slow_key(table: Table, line: int, spec: _Spec, tables: list, found: tuple) -> str:
+    """The key of label cells outside :data:`_CODES` (``"1.00"``), or the error of a bad one."""
+    codes = {1: "1", -1: "u", 0: "0", None: "_"}
+    key = []
+    for c, table_j, cell in zip(spec.label_columns, tables, found, strict=True):
+        cell = cell.strip()
+        code = table_j.get(cell) or codes[_value(table, line, c, cell)]
+        key.append(table_j["0"] if code == "0" else code)
+    return "".join(key)
+
+
+class _Layouts:
+    """``(layout, contradiction)`` of a row's label key: the contradiction from the key
+    itself, the layout shared by every key that decides the same labels (a negative in a
+    column that ``contradicts`` reads zeros of keys apart, but decides the same labels as
+    a blank)."""
+
+    def __init__(self, table: Table, spec: _Spec, middle: list) -> None:
+        self.table, self.spec, self.middle = table, spec, middle
+        self.shapes: dict[tuple, _Shape] = {}
+        self.layouts: dict[str, _Layout] = {}
+
+    def __call__(self, line: int, key: str) -> tuple[_Layout, bool]:
+        spec, table = self.spec, self.table
+        if spec.one_column:
+            row = {spec.label_columns[0]: key}
+            part, derived, evidence = _label_part(table, line, row, spec)
+            return self._layout(part, derived), _contradicts(spec, evidence)
+        values = dict(zip(spec.label_columns, map(_CODE_VALUES.__getitem__, key)))  # noqa: B905
+        contradiction = _contradicts(spec, values)
+        folded = key.replace("0", "_")
+        layout = self.layouts.get(folded)
+        if layout is None:
+            if folded != key:
+                values = dict(zip(spec.label_columns, map(_CODE_VALUES.__getitem__, folded)))  # noqa: B905
+            part, derived, _ = _label_part(table, line, values, spec)
+            layout = self._layout(part, derived)
+            if len(self.layouts) < _CACHE_LIMIT:
+                self.layouts[folded] = layout
+        return layout, contradiction
+
+    def _layout(self, part: dict, derived: dict) -> _Layout:
+        names = (tuple(part), tuple(derived))
+        shape = self.shapes.get(names)
+        if shape is None:
+            shape = self.shapes[names] = _Shape(part, derived, self.middle, self.spec)
+        return _Layout(part, derived, shape)
+
+
+def _contradicts(spec: _Spec, evidence: object) -> bool:
+    return spec.contradicts is not None and bool(spec.contradicts(evidence))
+
+
+def _label_part(table: Table, line: int, row: dict, spec: _Spec) -> tuple:
     """``(labels, uncertain[, unknown])``, the fields ``spec.levels`` derives from them, and
-    whether the row contradicts itself: all that one row's label cells decide."""
+    what ``spec.contradicts`` reads: all that one row's label cells decide (``row``: the
+    label column's cell, or the per-class columns' values, 1, 0, -1 or ``None``)."""
     if spec.one_column:
         column = spec.label_columns[0]
         found = _split(table, line, column, row[column], spec.separator, spec.allowed)
         labels, uncertain = [x for x in found if x not in spec.null], []
         evidence: object = found
     else:
-        values = {c: _value(table, line, c, row[c]) for c in spec.label_columns}
-        labels, uncertain = _resolve(values, spec.policy, spec.soft_weight, spec.null)
-        evidence = values
-    contradiction = spec.contradicts is not None and bool(spec.contradicts(evidence))
+        labels, uncertain = _resolve(row, spec.policy, spec.soft_weight, spec.null)
+        evidence = row
     part: dict[str, object] = {spec.label_key: labels, "uncertain": uncertain}
     if uncertain and spec.policy == "U-Ignore":
         part[UNKNOWN_KEY] = {spec.label_key: list(uncertain)}
     derived = spec.levels(part) if spec.levels is not None else {}
-    return part, derived, contradiction
-
-
-def _fresh(fields: dict[str, object]) -> dict[str, object]:
-    """A copy of cached fields whose lists and dicts (one level inside too) are new objects,
-    so that no two annotations share them."""
-    out = {}
-    for k, v in fields.items():
-        kind = type(v)
-        if kind is list:
-            v = v.copy()
-        elif kind is dict:
-            v = {a: b.copy() if type(b) in (list, dict) else b for a, b in v.items()}
-        out[k] = v
-    return out
+    return part, derived, evidence
 
 
 def integer_id(table: Table, line: int, column: str, value: str) -> str:
@@ -394,9 +611,9 @@ def integer_id(table: Table, line: int, column: str, value: str) -> str:
     raise table.error(line, column, f"expected an integer id, got {value!r}")
 
 
-def patient_column(column: str) -> Callable[[Table, int, dict], str]:
+def patient_column(column: str) -> tuple[str, Callable[[Table, int, str], str], bool]:
     """A ``patient_of`` hook: the integer id of ``column``."""
-    return lambda table, line, row: integer_id(table, line, column, row[column])
+    return column, lambda table, line, cell: integer_id(table, line, column, cell), True
 
 
 def _split(table, line, column, cell, separator, allowed) -> list[str]:

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
+from mgll.datasets.compact import CompactAnnotations
 from mgll.datasets.generic import check_policy
 from mgll.datasets.harmonise import CHEST_X_RAY_LABEL_MAP, LabelMap, SourceLabels
 from mgll.datasets.splits import patient_of, table
@@ -55,7 +56,8 @@ class MergedAnnotations(Sequence):
     """The merged annotations (a sequence of dicts), their union classes and a summary.
 
     Attributes:
-        annotations: the merged annotation dicts, source after source, in reader order.
+        annotations: the merged annotation dicts, source after source, in reader order (a
+            list, or a :class:`~mgll.datasets.CompactAnnotations` after :meth:`compact`).
         label_map: the :class:`~mgll.datasets.LabelMap` used.
         classes: ``{granularity: union classes}`` for every labelled granularity.
         texts: the text granularities.
@@ -67,7 +69,7 @@ class MergedAnnotations(Sequence):
         (1, 'Enlarged Cardiomediastinum', ['Pleural Effusion'])
     """
 
-    def __init__(self, annotations: list[dict], label_map: LabelMap) -> None:
+    def __init__(self, annotations: Sequence[dict], label_map: LabelMap) -> None:
         self.annotations = annotations
         self.label_map = label_map
         self.classes = {g: label_map.classes(g) for g in label_map.granularities}
@@ -82,6 +84,13 @@ class MergedAnnotations(Sequence):
     def __repr__(self) -> str:
         grans = ", ".join(f"{g}: C_g={len(c)}" for g, c in self.classes.items())
         return f"MergedAnnotations(N={len(self)}, {grans}, texts={list(self.texts)})"
+
+    def compact(self) -> MergedAnnotations:
+        """The same merged annotations held as columns (a
+        :class:`~mgll.datasets.CompactAnnotations`): the map-style form for ``DataLoader``
+        workers, tens of bytes an image instead of a dict's 1–2 KB.  Its items are fresh
+        dicts, so changing one leaves the store as it was."""
+        return MergedAnnotations(CompactAnnotations(self.annotations), self.label_map)
 
     def labels(self, granularity: str) -> torch.Tensor:
         r"""The (N, C_g) float32 labels: the weight (1 positive), 0 (negative), NaN (unknown).

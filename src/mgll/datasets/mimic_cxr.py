@@ -12,6 +12,8 @@ further DICOM fields; the JPEG of an image is
 from __future__ import annotations
 
 import os
+import re
+import string
 from collections.abc import Iterator, Sequence
 
 from mgll.datasets._csv import Annotations, ImagePaths, Source, Table
@@ -20,8 +22,7 @@ from mgll.datasets.chexpert import (  # CHEXPERT_OBSERVATIONS: the examples use 
     _read_observations,
     level_fields,
 )
-from mgll.datasets.compact import _freeze
-from mgll.datasets.generic import _fresh, check_views, integer_id
+from mgll.datasets.generic import _copier, check_views, integer_id, patient_column
 
 __all__ = ["MIMIC_IMAGE_TEMPLATE", "read_mimic_cxr"]
 
@@ -107,17 +108,15 @@ def read_mimic_cxr(
         metadata=["subject_id"],
         paths=ImagePaths(None),
         what="MIMIC-CXR mimic-cxr-2.0.0-chexpert.csv/-negbio.csv",
-        patient_of=lambda table, line, row: integer_id(
-            table, line, "subject_id", row["subject_id"]
-        ),
+        patient_of=patient_column("subject_id"),
         levels=level_fields,
+        with_layout=metadata_path is not None,
     )
-    studies = studies.map(_study)
     chosen = check_views(views)
     if metadata_path is None:
         if chosen is not None:
             raise ValueError("`views` needs `metadata_path`: the label file has no view column")
-        return studies.map(lambda a: {**a, "image": None})
+        return studies.map(_study).map(lambda a: {**a, "image": None})
     required = ["dicom_id", "subject_id", "study_id"] + (["ViewPosition"] if chosen else [])
     table = Table(metadata_path, required, "MIMIC-CXR mimic-cxr-2.0.0-metadata.csv")
     paths = ImagePaths(root, allow_outside_root)
@@ -139,67 +138,111 @@ def _digits(value: str) -> str:
 
 
 _IDS = ("image", "subject_id", "patient_id", "study_id")
+_TEMPLATE_FIELDS = frozenset(("group", "subject_id", "study_id", "dicom_id"))
 
 
 def _join(studies, table, views, paths, template, counts) -> Iterator[dict[str, object]]:
     # The studies in few objects: {study id: (subject, code)} and one field dict per distinct
     # study annotation (ids left out), so a 227,835-study label file stays small in memory.
     by_study: dict[int, tuple[str, int]] = {}
-    codes: dict[object, int] = {}
+    codes: dict[object, int] = {}  # a study's layout (its label fields) -> code
     kinds: list[dict] = []
     subjects: dict[str, str] = {}
-    for a in studies:
-        fields = {k: (None if k in _IDS else v) for k, v in a.items()}
-        key = _freeze(fields)
-        code = codes.get(key)
+    for a, layout in studies:
+        number = int(_digits(a["image"]))
+        code = codes.get(layout)
         if code is None:
-            code = codes[key] = len(kinds)
-            kinds.append(fields)
-        subject = subjects.setdefault(a["subject_id"], a["subject_id"])
-        by_study[int(a["study_id"])] = (subject, code)
+            code = codes[layout] = len(kinds)
+            kinds.append({k: (None if k in _IDS else v) for k, v in _study(a).items()})
+        subject = subjects.setdefault(a["patient_id"], a["patient_id"])
+        by_study[number] = (subject, code)
     del codes, subjects
     counts.update(studies.counts, unmatched_images=0, unmatched_studies=0)
     counts["rows"] = counts["kept"] = 0
+    names = [h for h in table.header if h]
+    index = table.index
+    at_names = [index[h] for h in names]
+    prefix = at_names == list(range(len(names)))  # then zip(names, ...) stops at the names
+    at_dicom, at_study, at_subject = index["dicom_id"], index["study_id"], index["subject_id"]
+    at_view = index.get("ViewPosition")
+    short = _TEMPLATE_FIELDS.issuperset(_field_names(template)) and "group" not in index
+    layouts: dict[int, tuple] = {}
+    views_seen: dict[str, str] = {}
     matched: set[int] = set()
     seen: dict[str, int] = {}
-    for line, row in table.rows():
-        counts["rows"] += 1
-        dicom = row["dicom_id"]
-        if not dicom:
-            raise table.error(line, "dicom_id", "the image id is blank")
-        if dicom in seen:
-            raise table.error(line, "dicom_id", f"{dicom!r} repeats line {seen[dicom]}")
-        seen[dicom] = line
-        study_id = row["study_id"] = integer_id(table, line, "study_id", row["study_id"])
-        subject_id = row["subject_id"] = integer_id(table, line, "subject_id", row["subject_id"])
-        number = int(study_id)
-        study = by_study.get(number)
-        if study is None:
-            counts["unmatched_images"] += 1
-            continue
-        matched.add(number)
-        view = _view(row.get("ViewPosition", ""))
-        if views is not None and view not in views:
-            counts["skipped_view"] += 1
-            continue
-        subject, code = study
-        if subject != subject_id:
-            raise table.error(
-                line,
-                "subject_id",
-                f"study {study_id} belongs to subject {subject} in the label file, not "
-                f"{subject_id}",
-            )
-        image = paths.join(
-            template.format_map({**row, "group": subject_id[:2]}), table, line, "dicom_id"
-        )
-        out = _fresh(kinds[code])
-        out["subject_id"] = out["patient_id"] = subject
-        out["study_id"] = study_id
-        out.update(row)
-        out["image"], out["view"] = image, view
-        counts["kept"] += 1
-        yield out
+    strip, joined = str.strip, paths.root is not None
+    width, filled, irregular = len(table.header), table.filled, table.irregular
+    with table.reading() as reader:
+        for cells in reader:
+            if not any(cells):
+                continue
+            line = reader.line_num
+            if len(cells) != width or (filled is not None and any(filled(cells))):
+                cells = irregular(cells, line)
+                if cells is None:
+                    continue
+            row = [*map(strip, cells if prefix else map(cells.__getitem__, at_names))]
+            if not any(row):
+                continue  # blank but for spaces
+            counts["rows"] += 1
+            dicom = cells[at_dicom].strip()
+            if not dicom:
+                raise table.error(line, "dicom_id", "the image id is blank")
+            if dicom in seen:
+                raise table.error(line, "dicom_id", f"{dicom!r} repeats line {seen[dicom]}")
+            seen[dicom] = line
+            study_id = cells[at_study].strip()
+            if not (study_id.isdigit() and study_id.isascii()):
+                study_id = integer_id(table, line, "study_id", study_id)
+            subject_id = cells[at_subject].strip()
+            if not (subject_id.isdigit() and subject_id.isascii()):
+                subject_id = integer_id(table, line, "subject_id", subject_id)
+            number = int(study_id)
+            study = by_study.get(number)
+            if study is None:
+                counts["unmatched_images"] += 1
+                continue
+            matched.add(number)
+            position = "" if at_view is None else cells[at_view]
+            view = views_seen.get(position)
+            if view is None:
+                view = views_seen.setdefault(position, _view(position))
+            if views is not None and view not in views:
+                counts["skipped_view"] += 1
+                continue
+            subject, code = study
+            if subject != subject_id:
+                raise table.error(
+                    line,
+                    "subject_id",
+                    f"study {study_id} belongs to subject {subject} in the label file, not "
+                    f"{subject_id}",
+                )
+            if short:
+                fields = {"group": subject_id[:2], "subject_id": subject_id,
+                          "study_id": study_id, "dicom_id": dicom}  # fmt: skip
+            else:
+                fields = dict(zip(names, row))  # noqa: B905 (row: at least the names)
+                fields["study_id"], fields["subject_id"] = study_id, subject_id
+                fields["group"] = subject_id[:2]
+            image = template.format_map(fields)
+            if joined:
+                image = paths.join(image, table, line, "dicom_id")
+            layout = layouts.get(code)
+            if layout is None:
+                layout = layouts[code] = _image_layout(kinds[code], names)
+            out, lists, copies = layout
+            out = out.copy()
+            out["patient_id"] = subject
+            out.update(zip(names, row))  # noqa: B905 (row: at least the names)
+            out["study_id"], out["subject_id"] = study_id, subject_id
+            out["image"], out["view"] = image, view
+            keys, items = lists
+            out.update(zip(keys, map(list, items)))  # noqa: B905 (same length)
+            for k, make, frozen in copies:
+                out[k] = make(frozen)
+            counts["kept"] += 1
+            yield out
     counts["unmatched_studies"] = len(by_study) - len(matched)
     if not matched:
         raise ValueError(
@@ -207,6 +250,28 @@ def _join(studies, table, views, paths, template, counts) -> Iterator[dict[str, 
             f"{len(by_study)} labelled studies (joined on study_id); are the label and "
             "metadata files from the same MIMIC-CXR-JPG release?"
         )
+
+
+def _field_names(template: str) -> set[str]:
+    """The names a format string reads (``{dicom_id}`` -> ``dicom_id``)."""
+    out = set()
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is not None:
+            out.add(re.split(r"[.\[]", name, maxsplit=1)[0])
+    return out
+
+
+def _image_layout(kind: dict, names: list[str]) -> tuple:
+    """An image's annotation before its own values: the study's fields in the order the
+    image annotation has them, and the fresh copies of its lists and dicts to make."""
+    out = dict(kind)
+    out["subject_id"] = out["patient_id"] = out["study_id"] = None
+    out.update(dict.fromkeys(names))
+    out["image"] = out["view"] = None
+    own = {"patient_id", "image", "view", *names}
+    lists = [k for k, v in out.items() if type(v) is list and k not in own]
+    copies = [(k, *_copier(v)) for k, v in out.items() if type(v) is dict and k not in own]
+    return out, (lists, [tuple(out[k]) for k in lists]), copies
 
 
 def _view(position: str) -> str:
