@@ -28,7 +28,7 @@ from torch import Tensor
 from mgll._problem import LossConfig, Problem
 from mgll._terms import safe_divide
 from mgll.targets.cooc import apply_map, apply_map_transposed, dense_ranks
-from mgll.targets.overlap import partial_overlap, partial_side
+from mgll.targets.overlap import known_side, partial_overlap_into, partial_side
 
 # ------------------------------------------------------------------------------ planning
 
@@ -339,18 +339,24 @@ def _fill(cooc, v: GroupView, g: int, rows: slice, col: slice, c: Tensor | None,
         return
     if cooc.kind == "multi_hot":
         key = ("multi_hot", g, dtype, col.start, col.stop, col.step)
-        side = _cached(v, key, lambda: partial_side(cooc.data[col].to(dtype), left=False))
+        binary = cooc.zero_one_labels
+        side, b_known = _cached(v, key, lambda: _multi_hot_side(cooc.data[col].to(dtype), binary))
         a, b = cooc.data[rows].to(dtype), cooc.data[col].to(dtype)
-        weights, mask = partial_overlap(a, b, cooc.rule, cooc.zero_one_labels, b_side=side)
-        known.copy_(mask)
-        if c is not None:
-            c.copy_(weights)
+        partial_overlap_into(
+            a, b, cooc.rule, binary, b_side=side, b_known=b_known, known=known, weights=c
+        )
         return
     block = cooc.data[rows, col].to(dtype)
     mask = ~torch.isnan(block)
     known.copy_(mask)
     if c is not None:
         c.copy_(block).masked_fill_(~mask, 0)  # block may be a view of the data
+
+
+def _multi_hot_side(b: Tensor, binary: bool):
+    """The columns' side of :func:`~mgll.targets.overlap.partial_overlap_into`, once per view."""
+    side = partial_side(b, left=False)
+    return side, known_side(side) if binary else None
 
 
 def _cached(v: GroupView, key, make):
@@ -377,7 +383,7 @@ def mask_logits(z: Tensor, known: Tensor | None) -> Tensor:
 
 
 def partial_kl_strip(
-    problem: Problem, logits: list[Tensor], rows: slice, want_grad: bool, shifts=None
+    problem: Problem, logits: list[Tensor], rows: slice, want_grad: bool, shifts=None, exps=None
 ):
     r"""The smooth KL of image rows ``rows`` with unknowns, and its gradient w.r.t. their logits.
 
@@ -388,26 +394,33 @@ def partial_kl_strip(
     :math:`q = u / \sum u`, :math:`u = (\mathrm{softmax}(z) R \odot \mathrm{support}) S`.
     ``logits[g]`` holds the rows' full (r, K_g) logits; ``shifts[g]``, when given, a bound on
     them (:func:`usable_shift`): the support's softmax is then one exponential of the shifted
-    logits times the support, never an exponential of a masked logit.
+    logits times the support, never an exponential of a masked logit.  ``exps[g]``, when given
+    (paired granularities with a shift), is that exponential :math:`e^{z - b}` already computed
+    by the caller; it is overwritten.
     """
     part = problem.partial
+    dtype = logits[0].dtype
     take = part.annotated[:, rows]  # (G, n)
     count = take.sum(0)
     compared = count >= 2
-    support = ~(take[:, :, None] & ~part.annotated[:, None, :]).any(0)  # (n, N)
-    probs, us = [], []
+    # the support: the samples annotated wherever the image is, i.e. at no granularity where the
+    # image is and they are not: a count of small integers (exact), 0/1 in the compute dtype
+    support = (take.T.to(dtype) @ (~part.annotated).to(dtype)).le_(0)  # (n, N)
+    probs, us, shifted = [], [], []
     for g, (z, r) in enumerate(zip(logits, part.owners, strict=True)):
         shift = None if shifts is None else shifts[g]
-        if r is None and shift is not None:  # paired: the softmax over the support's texts
-            e = torch.sub(z, shift).exp_().mul_(support)
+        # paired with a shift: the softmax is 0 off the support exactly (e^{z - b} times it)
+        shifted.append(r is None and shift is not None)
+        if shifted[g]:
+            e = exps[g] if exps is not None and exps[g] is not None else torch.sub(z, shift).exp_()
+            e.mul_(support)
             total = e.sum(1, keepdim=True)
             prob = e.div_(torch.where(total > 0, total, torch.ones_like(total)))
-        elif r is None:
-            prob = torch.softmax(mask_logits(z, support), dim=1)
+            us.append(apply_map(prob, part.groups))
         else:
-            prob = torch.softmax(z, dim=1)
+            prob = torch.softmax(z if r is not None else mask_logits(z, support > 0), dim=1)
+            us.append(apply_map((prob if r is None else prob @ r) * support, part.groups))
         probs.append(prob)
-        us.append(apply_map((prob if r is None else prob @ r) * support, part.groups))
     u = torch.stack(us)  # (G, n, J)
     total = u.sum(-1, keepdim=True)
     q = safe_divide(u, total) * take[:, :, None]
@@ -425,9 +438,15 @@ def partial_kl_strip(
     gu = safe_divide(gq - (q * gq).sum(-1, keepdim=True), total) * take[:, :, None]
     grads = []
     for g, (prob, r) in enumerate(zip(probs, part.owners, strict=True)):
-        g_over = apply_map_transposed(gu[g], part.groups) * support
-        g_prob = g_over if r is None else g_over @ r.T
-        grads.append(prob * (g_prob - (prob * g_prob).sum(-1, keepdim=True)))
+        g_over = apply_map_transposed(gu[g], part.groups)
+        if shifted[g]:  # prob is 0 off the support: so is its gradient, without the mask
+            g_prob = g_over.clone() if part.groups is None else g_over
+        else:
+            g_over = g_over * support
+            g_prob = g_over if r is None else g_over @ r.T
+        # softmax backward, the row dot product as a batched one (no full-size temporary)
+        dot = torch.bmm(prob.unsqueeze(1), g_prob.unsqueeze(2)).squeeze(2)
+        grads.append(g_prob.sub_(dot).mul_(prob))
     return value, grads
 
 
