@@ -209,7 +209,7 @@ def _block(
             if shift is not None and v.partial and (need_prob or want_grad):
                 e = torch.sub(chunk, shift).exp_()
                 if partial_kl:  # the partial KL reads e^(Z - b) as well, times its own support
-                    exps.update(zip(v.gs, e))
+                    exps.update(zip(v.gs, e, strict=True))
                     e = e * known
                 else:
                     e.mul_(known)

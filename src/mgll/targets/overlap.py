@@ -146,7 +146,7 @@ def known_side(b_side: tuple[Tensor, Tensor, Tensor]) -> Tensor | None:
     :func:`partial_side` of 0/1 labels ``b``: ``[shareable(b), -(C + 3) b]`` (k, 2 C + 2), or
     None where its integers would not all be exact in the dtype (then the mask takes the
     general path)."""
-    seen, b0, share = b_side
+    _, b0, share = b_side
     c = b0.shape[1]
     if (c + 2) + (c + 3) * c >= _EXACT.get(b0.dtype, 0):
         return None
