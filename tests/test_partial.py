@@ -115,15 +115,15 @@ def test_known_pairs_in_one_product_equal_the_rule(rule, soft, zero_one, monkeyp
             monkeypatch.setattr(ov, "_EXACT", {})
         side = ov.partial_side(b, left=False)
         known, weights = torch.empty(9, 11, dtype=F64), torch.empty(9, 11, dtype=F64)
-        b_known = ov.known_side(side)
-        assert (b_known is None) == (not exact)
+        factors = ov.right_factors(side) if zero_one else None
+        assert zero_one is False or (factors[0] is None) == (not exact)
         ov.partial_overlap_into(
-            a, b, rule, zero_one, b_side=side, b_known=b_known, known=known, weights=weights
+            a, b, rule, zero_one, b_side=side, b_factors=factors, known=known, weights=weights
         )
         torch.testing.assert_close(known, want_k.to(F64), rtol=0, atol=0)
         torch.testing.assert_close(weights, want_w, rtol=1e-12, atol=0)
         only = torch.empty(9, 11, dtype=F64)  # the mask alone (the column pass)
-        ov.partial_overlap_into(a, b, rule, zero_one, b_side=side, b_known=b_known, known=only)
+        ov.partial_overlap_into(a, b, rule, zero_one, b_side=side, b_factors=factors, known=only)
         torch.testing.assert_close(only, known, rtol=0, atol=0)
 
 

@@ -28,7 +28,7 @@ from torch import Tensor
 from mgll._problem import LossConfig, Problem
 from mgll._terms import safe_divide
 from mgll.targets.cooc import apply_map, apply_map_transposed, dense_ranks
-from mgll.targets.overlap import known_side, partial_overlap_into, partial_side
+from mgll.targets.overlap import partial_overlap_into, partial_side, right_factors
 
 # ------------------------------------------------------------------------------ planning
 
@@ -340,10 +340,10 @@ def _fill(cooc, v: GroupView, g: int, rows: slice, col: slice, c: Tensor | None,
     if cooc.kind == "multi_hot":
         key = ("multi_hot", g, dtype, col.start, col.stop, col.step)
         binary = cooc.zero_one_labels
-        side, b_known = _cached(v, key, lambda: _multi_hot_side(cooc.data[col].to(dtype), binary))
+        side, factors = _cached(v, key, lambda: _multi_hot_side(cooc.data[col].to(dtype), binary))
         a, b = cooc.data[rows].to(dtype), cooc.data[col].to(dtype)
         partial_overlap_into(
-            a, b, cooc.rule, binary, b_side=side, b_known=b_known, known=known, weights=c
+            a, b, cooc.rule, binary, b_side=side, b_factors=factors, known=known, weights=c
         )
         return
     block = cooc.data[rows, col].to(dtype)
@@ -356,7 +356,7 @@ def _fill(cooc, v: GroupView, g: int, rows: slice, col: slice, c: Tensor | None,
 def _multi_hot_side(b: Tensor, binary: bool):
     """The columns' side of :func:`~mgll.targets.overlap.partial_overlap_into`, once per view."""
     side = partial_side(b, left=False)
-    return side, known_side(side) if binary else None
+    return side, right_factors(side) if binary else None
 
 
 def _cached(v: GroupView, key, make):
@@ -576,14 +576,18 @@ def tile_terms(
             y = c.clamp_max(1) if v.graded else (c > 0).to(z.dtype)
             if want_grad:
                 dz.addcmul_(y, v.w_pw, value=-1)
-        x, log_sums, sig = softplus(z, bias, want_grad, known)
+        # with unknown pairs the two parts are added elementwise and masked once
+        x, log_part, sig = softplus(z, bias, want_grad, known, summed=known is None)
         if v.y_rows is None and (y_coef is not None or not v.graded):
             # binary y: relu(x) - y x = relu(x (1 - 2y)), exactly, one pass
             hinge = torch.addcmul(x, x, y, value=-2).clamp_min_(0)
         else:
             hinge = x.clamp_min(0).sub_(y * x)
-        hinge = keep_known(hinge, known).sum((1, 2))
-        pw = pw + (v.w_pw.flatten() * (hinge + log_sums)).sum()
+        if known is None:
+            per = hinge.sum((1, 2)) + log_part
+        else:
+            per = keep_known(hinge.add_(log_part), known).sum((1, 2))
+        pw = pw + (v.w_pw.flatten() * per).sum()
         if want_grad:
             dz = (
                 dz.addcmul_(sig, v.w_pw)
@@ -595,20 +599,26 @@ def tile_terms(
     return ce, pw, dz, db
 
 
-def softplus(z: Tensor, bias: Tensor | None, want_grad: bool, known: Tensor | None = None):
+def softplus(
+    z: Tensor, bias: Tensor | None, want_grad: bool, known: Tensor | None = None, summed=True
+):
     r"""x = z + b, the per-granularity sums of :math:`\log(1 + e^{-|x|})`, and sigmoid(x).
 
     :math:`\mathrm{softplus}(x) = \max(x, 0) + \log(1 + e^{-|x|})`, with :math:`\log(1+e)`
     computed as :math:`\log u + (e - (u - 1))/u`, :math:`u = 1 + e`: exact to a few ulp, and
     only ``exp`` and ``log`` (``log1p`` and ``softplus`` are scalar loops on some CPUs).
-    ``known``: sums and sigmoid over the known pairs only (0 elsewhere).
+    ``known``: sums and sigmoid over the known pairs only (0 elsewhere).  ``summed=False``:
+    :math:`\log(1 + e^{-|x|})` itself, elementwise and not masked, instead of the sums.
     """
     x = z if bias is None else z + bias
     e = x.abs().neg_().exp_()
     u = e + 1
     delta = e.sub_(u - 1).div_(u)
     log_u = u.log_()
-    sums = keep_known(log_u, known).sum((1, 2)) + keep_known(delta, known).sum((1, 2))
+    if summed:
+        sums = keep_known(log_u, known).sum((1, 2)) + keep_known(delta, known).sum((1, 2))
+    else:
+        sums = log_u.add_(delta)
     if not want_grad:
         return x, sums, None
     return x, sums, keep_known(torch.sigmoid(x), known)

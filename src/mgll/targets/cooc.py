@@ -15,11 +15,11 @@ from torch import Tensor
 
 from mgll.targets.overlap import (
     is_binary_dtype,
-    known_side,
     overlap,
     partial_overlap,
     partial_overlap_into,
     partial_side,
+    right_factors,
 )
 
 _ELEMENTS = 1 << 18  # entries of C per block when a statistic needs every entry
@@ -178,7 +178,7 @@ class CoOccurrence:
         exact = self.data.shape[0] < _EXACT_COUNTS.get(dtype, 0)
         binary = self.zero_one_labels
         side = partial_side(sets, left=False) if self.partial else None
-        b_known = known_side(side) if self.partial and binary else None
+        factors = right_factors(side) if self.partial and binary else None
         step = max(1, _ELEMENTS // max(1, len(sets)))
         sums, known_sums = [], []
         for s in range(0, len(sets), step):
@@ -189,7 +189,7 @@ class CoOccurrence:
             weights = a.new_empty(a.shape[0], sets.shape[0])
             known = torch.empty_like(weights)
             partial_overlap_into(
-                a, sets, self.rule, binary, b_side=side, b_known=b_known, known=known,
+                a, sets, self.rule, binary, b_side=side, b_factors=factors, known=known,
                 weights=weights,
             )  # fmt: skip
             sums.append(weights @ counts)
