@@ -444,8 +444,7 @@ def partial_kl_strip(
         else:
             g_over = g_over * support
             g_prob = g_over if r is None else g_over @ r.T
-        # softmax backward, the row dot product as a batched one (no full-size temporary)
-        dot = torch.bmm(prob.unsqueeze(1), g_prob.unsqueeze(2)).squeeze(2)
+        dot = (prob * g_prob).sum(-1, keepdim=True)  # softmax backward, in place
         grads.append(g_prob.sub_(dot).mul_(prob))
     return value, grads
 
