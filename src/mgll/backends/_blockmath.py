@@ -383,7 +383,15 @@ def mask_logits(z: Tensor, known: Tensor | None) -> Tensor:
 
 
 def partial_kl_strip(
-    problem: Problem, logits: list[Tensor], rows: slice, want_grad: bool, shifts=None, exps=None
+    problem: Problem,
+    logits: list[Tensor],
+    rows: slice,
+    want_grad: bool,
+    shifts=None,
+    exps=None,
+    *,
+    weight: Tensor | None = None,
+    outs: list[Tensor] | None = None,
 ):
     r"""The smooth KL of image rows ``rows`` with unknowns, and its gradient w.r.t. their logits.
 
@@ -396,7 +404,8 @@ def partial_kl_strip(
     them (:func:`usable_shift`): the support's softmax is then one exponential of the shifted
     logits times the support, never an exponential of a masked logit.  ``exps[g]``, when given
     (paired granularities with a shift), is that exponential :math:`e^{z - b}` already computed
-    by the caller; it is overwritten.
+    by the caller; it is overwritten.  ``outs``, when given, receive ``weight`` times the
+    gradients in place (``outs[g] += weight * dL/dz^g``), and none is returned.
     """
     part = problem.partial
     dtype = logits[0].dtype
@@ -411,12 +420,14 @@ def partial_kl_strip(
         shift = None if shifts is None else shifts[g]
         # paired with a shift: the softmax is 0 off the support exactly (e^{z - b} times it)
         shifted.append(r is None and shift is not None)
-        if shifted[g]:
+        if shifted[g]:  # kept as E and 1 / its row sum: prob = E / sum, never divided out
             e = exps[g] if exps is not None and exps[g] is not None else torch.sub(z, shift).exp_()
             e.mul_(support)
             total = e.sum(1, keepdim=True)
-            prob = e.div_(torch.where(total > 0, total, torch.ones_like(total)))
-            us.append(apply_map(prob, part.groups))
+            inv = torch.where(total > 0, total, torch.ones_like(total)).reciprocal_()
+            prob = (e, inv)
+            pooled = apply_map(e, part.groups)  # E itself for the samples' support
+            us.append(pooled * inv if pooled is e else pooled.mul_(inv))
         else:
             prob = torch.softmax(z if r is not None else mask_logits(z, support > 0), dim=1)
             us.append(apply_map((prob if r is None else prob @ r) * support, part.groups))
@@ -437,16 +448,30 @@ def partial_kl_strip(
     gq = gq * compared[None, :, None]
     gu = safe_divide(gq - (q * gq).sum(-1, keepdim=True), total) * take[:, :, None]
     grads = []
+    w = 1.0 if weight is None else weight
     for g, (prob, r) in enumerate(zip(probs, part.owners, strict=True)):
-        g_over = apply_map_transposed(gu[g], part.groups)
-        if shifted[g]:  # prob is 0 off the support: so is its gradient, without the mask
-            g_prob = g_over.clone() if part.groups is None else g_over
-        else:
-            g_over = g_over * support
-            g_prob = g_over if r is None else g_over @ r.T
+        if shifted[g]:
+            # softmax backward, prob = E / sum (0 off the support, so is its gradient): its row
+            # dot product sum_k prob_k (gu S^T)_k = gu . u in the small space of u, and the
+            # factor w / sum folded into the (n, J) and (n, 1) pieces before they spread
+            e, inv = prob
+            scale = inv * w
+            dot = (gu[g] * us[g]).sum(-1, keepdim=True).mul_(scale)
+            h = apply_map_transposed(gu[g] * scale, part.groups).sub_(dot)
+            if outs is None:
+                grads.append(h.mul_(e))
+            else:
+                outs[g].addcmul_(e, h)
+            continue
+        g_over = apply_map_transposed(gu[g], part.groups) * support
+        g_prob = g_over if r is None else g_over @ r.T
         dot = (prob * g_prob).sum(-1, keepdim=True)  # softmax backward, in place
-        grads.append(g_prob.sub_(dot).mul_(prob))
-    return value, grads
+        grad = g_prob.sub_(dot).mul_(prob)
+        if outs is None:
+            grads.append(grad if weight is None else grad.mul_(weight))
+        else:
+            outs[g].add_(grad.mul_(w))
+    return value, (None if outs is not None else grads)
 
 
 def col_targets(problem: Problem, v: GroupView, rows: slice, cols: list[slice], dtype):

@@ -360,9 +360,11 @@ def _partial_kl(plan, st: bm.Stats, blk, kl, rs, rows, parts, want_grad, values)
         for gs, z in zip(blk.groups, zs, strict=True):
             for j, g in enumerate(gs):
                 logits[g] = z[j, rs]
-    value, grads = bm.partial_kl_strip(plan.problem, logits, rows, want_grad, shift_of, exp_of)
+    outs = [None] * g_all  # the gradient is added to dZ in place, times the weight
+    for gs, (dz, _, _) in zip(blk.groups, parts, strict=True):
+        for j, g in enumerate(gs):
+            outs[g] = None if dz is None else dz[j]
+    value, _ = bm.partial_kl_strip(
+        plan.problem, logits, rows, want_grad, shift_of, exp_of, weight=st.w_kl, outs=outs
+    )
     values[2] += value * st.w_kl
-    if want_grad:
-        for gs, (dz, _, _) in zip(blk.groups, parts, strict=True):
-            for j, g in enumerate(gs):
-                dz[j].addcmul_(grads[g], st.w_kl)
