@@ -98,6 +98,95 @@ def test_pair_status_by_hand():
     assert targets.from_multi_hot(a, overlap="jaccard")[0, 4] == 1
 
 
+@pytest.mark.parametrize(
+    ("soft", "zero_one"), [(False, True), (False, False), (True, False)],
+    ids=["0/1", "0/1-general", "probabilities"],
+)  # fmt: skip
+@pytest.mark.parametrize("rule", RULES)
+def test_known_pairs_in_one_product_equal_the_rule(rule, soft, zero_one, monkeypatch):
+    """partial_overlap_into (the fused blocks, the line sums) against partial_overlap: the
+    one-product mask of 0/1 labels, the general path, and the fallback for wide labels."""
+    from mgll.targets import overlap as ov
+
+    a, b = partial_labels(9, 4, seed=2, soft=soft), partial_labels(11, 4, seed=3, soft=soft)
+    want_w, want_k = ov.partial_overlap(a, b, rule, zero_one)
+    for exact in (True, False):
+        if not exact:  # integers past the dtype's exact range: the general path
+            monkeypatch.setattr(ov, "_EXACT", {})
+        side = ov.partial_side(b, left=False)
+        known, weights = torch.empty(9, 11, dtype=F64), torch.empty(9, 11, dtype=F64)
+        factors = ov.right_factors(side) if zero_one else None
+        assert zero_one is False or (factors[0] is None) == (not exact)
+        ov.partial_overlap_into(
+            a, b, rule, zero_one, b_side=side, b_factors=factors, known=known, weights=weights
+        )
+        torch.testing.assert_close(known, want_k.to(F64), rtol=0, atol=0)
+        torch.testing.assert_close(weights, want_w, rtol=1e-12, atol=0)
+        only = torch.empty(9, 11, dtype=F64)  # the mask alone (the column pass)
+        ov.partial_overlap_into(a, b, rule, zero_one, b_side=side, b_factors=factors, known=only)
+        torch.testing.assert_close(only, known, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_line_sums_and_known_counts_of_partial_labels(rule):
+    """One pass over the distinct label sets gives both the row sums and the known pairs."""
+    from mgll.targets.cooc import CoOccurrence
+
+    a = partial_labels(13, 4, seed=5)
+    a[4] = a[7]  # a repeated label set
+    c = naive.partial_cooc(a, rule)
+    for dtype in (torch.float32, F64):
+        cooc = CoOccurrence("multi_hot", a, rule, zero_one=True, partial=True)
+        counts = cooc.known_counts(1, dtype)
+        assert counts.dtype == torch.int64
+        assert torch.equal(counts, (~torch.isnan(c)).sum(1))
+        torch.testing.assert_close(cooc.line_sums(1, dtype).double(), c.nansum(1), **_TOL[dtype])
+
+
+_TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6), F64: dict(rtol=1e-12, atol=1e-12)}
+
+
+def test_ids_with_unknowns_group_without_a_dense_matrix():
+    """The missing id -1 is a zero row of S, kept as group ids (both the one-hot's products
+    and the segment sums for many groups)."""
+    from mgll.targets.cooc import CoOccurrence, GroupMap, sample_groups
+
+    ids = torch.tensor([5, -1, 5, 9, 0, -1, 2])
+    groups = sample_groups(CoOccurrence("ids", ids, partial=True))
+    assert isinstance(groups, GroupMap) and groups.shape == (7, 4)
+    values = torch.tensor([0, 2, 5, 9])
+    dense = (ids[:, None] == values[None, :]).float()
+    big = GroupMap(groups.index, groups.num_groups, groups.ungrouped)
+    big.DENSE_GROUPS = 0  # the segment path
+    p, g = torch.rand(3, 7), torch.rand(3, 4)
+    for m in (groups, big):
+        torch.testing.assert_close(m.pool(p), p @ dense)
+        torch.testing.assert_close(m.spread(g), g @ dense.T)
+        torch.testing.assert_close(m.rows(slice(1, 5)).pool(p[:, 1:5]), p[:, 1:5] @ dense[1:5])
+    assert big._dense is None
+    torch.testing.assert_close(groups.dense(), dense)
+
+
+@pytest.mark.parametrize("dense_groups", [32, 0], ids=["one-hot", "segments"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_missing_ids_as_the_coarse_support_equal_naive(backend, dense_groups, monkeypatch):
+    """Ids with -1 as the smooth KL's coarse support (a GroupMap with rows in no group), over
+    several chunks, both ways of applying it."""
+    from mgll.targets.cooc import GroupMap
+
+    monkeypatch.setattr(GroupMap, "DENSE_GROUPS", dense_groups)
+    n = 9
+    labels = [partial_ids(n, seed=4, classes=3, missing=3), partial_labels(n, 5, seed=6)]
+    rules = ["any", "jaccard"]
+    leaves = features(n, [n, n])
+    kwargs = dict(overlap=rules, smooth_kl_support="coarse", smooth_kl_reference=0)
+    naive_kwargs = {
+        "call": {"labels": labels},
+        "naive": {"labels": labels, "rules": rules, "support": "coarse", "reference": 0},
+    }
+    check_against_naive(backend, leaves, kwargs, naive_kwargs)
+
+
 def test_ids_with_missing_marker():
     c = targets.from_ids(torch.tensor([0, -1, 0, 1]))
     assert torch.isnan(c[1]).all() and torch.isnan(c[:, 1]).all()

@@ -348,13 +348,15 @@ def zero_one_flag(labels: Tensor, rule: str) -> Tensor | bool:
     return ((labels == 0) | (labels == 1) | torch.isnan(labels)).all()
 
 
-def pointwise_norm(cooc: CoOccurrence, norm: str) -> int | Tensor:
+def pointwise_norm(cooc: CoOccurrence, norm: str, dtype=None) -> int | Tensor:
     """The pointwise term's divisor: N*K_g (``"pairs"``) or N (``"images"``), counting only the
-    known pairs, and the images with one, when some pairs are unknown (never 0)."""
+    known pairs, and the images with one, when some pairs are unknown (never 0).
+
+    ``dtype``: the compute dtype (paired labels count their known pairs in it)."""
     n, k = cooc.shape
     if not cooc.partial:
         return n * k if norm == "pairs" else n
-    counts = cooc.known_counts(1)
+    counts = cooc.known_counts(1, dtype)
     return (counts.sum() if norm == "pairs" else (counts > 0).sum()).clamp_min(1)
 
 
@@ -571,7 +573,7 @@ def build_problem(
             for c in cooc
         ]
         norms = [  # none where the term is off at g (its weight there is 0)
-            pointwise_norm(c, config.pointwise_norm)
+            pointwise_norm(c, config.pointwise_norm, dtype)
             if pw_on and config.pointwise_weight_at(g) != 0
             else None
             for g, c in enumerate(w_rows)

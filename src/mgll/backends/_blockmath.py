@@ -28,7 +28,7 @@ from torch import Tensor
 from mgll._problem import LossConfig, Problem
 from mgll._terms import safe_divide
 from mgll.targets.cooc import apply_map, apply_map_transposed, dense_ranks
-from mgll.targets.overlap import partial_overlap, partial_side
+from mgll.targets.overlap import partial_overlap_into, partial_side, right_factors
 
 # ------------------------------------------------------------------------------ planning
 
@@ -339,18 +339,24 @@ def _fill(cooc, v: GroupView, g: int, rows: slice, col: slice, c: Tensor | None,
         return
     if cooc.kind == "multi_hot":
         key = ("multi_hot", g, dtype, col.start, col.stop, col.step)
-        side = _cached(v, key, lambda: partial_side(cooc.data[col].to(dtype), left=False))
+        binary = cooc.zero_one_labels
+        side, factors = _cached(v, key, lambda: _multi_hot_side(cooc.data[col].to(dtype), binary))
         a, b = cooc.data[rows].to(dtype), cooc.data[col].to(dtype)
-        weights, mask = partial_overlap(a, b, cooc.rule, cooc.zero_one_labels, b_side=side)
-        known.copy_(mask)
-        if c is not None:
-            c.copy_(weights)
+        partial_overlap_into(
+            a, b, cooc.rule, binary, b_side=side, b_factors=factors, known=known, weights=c
+        )
         return
     block = cooc.data[rows, col].to(dtype)
     mask = ~torch.isnan(block)
     known.copy_(mask)
     if c is not None:
         c.copy_(block).masked_fill_(~mask, 0)  # block may be a view of the data
+
+
+def _multi_hot_side(b: Tensor, binary: bool):
+    """The columns' side of :func:`~mgll.targets.overlap.partial_overlap_into`, once per view."""
+    side = partial_side(b, left=False)
+    return side, right_factors(side) if binary else None
 
 
 def _cached(v: GroupView, key, make):
@@ -377,7 +383,15 @@ def mask_logits(z: Tensor, known: Tensor | None) -> Tensor:
 
 
 def partial_kl_strip(
-    problem: Problem, logits: list[Tensor], rows: slice, want_grad: bool, shifts=None
+    problem: Problem,
+    logits: list[Tensor],
+    rows: slice,
+    want_grad: bool,
+    shifts=None,
+    exps=None,
+    *,
+    weight: Tensor | None = None,
+    outs: list[Tensor] | None = None,
 ):
     r"""The smooth KL of image rows ``rows`` with unknowns, and its gradient w.r.t. their logits.
 
@@ -388,26 +402,36 @@ def partial_kl_strip(
     :math:`q = u / \sum u`, :math:`u = (\mathrm{softmax}(z) R \odot \mathrm{support}) S`.
     ``logits[g]`` holds the rows' full (r, K_g) logits; ``shifts[g]``, when given, a bound on
     them (:func:`usable_shift`): the support's softmax is then one exponential of the shifted
-    logits times the support, never an exponential of a masked logit.
+    logits times the support, never an exponential of a masked logit.  ``exps[g]``, when given
+    (paired granularities with a shift), is that exponential :math:`e^{z - b}` already computed
+    by the caller; it is overwritten.  ``outs``, when given, receive ``weight`` times the
+    gradients in place (``outs[g] += weight * dL/dz^g``), and none is returned.
     """
     part = problem.partial
+    dtype = logits[0].dtype
     take = part.annotated[:, rows]  # (G, n)
     count = take.sum(0)
     compared = count >= 2
-    support = ~(take[:, :, None] & ~part.annotated[:, None, :]).any(0)  # (n, N)
-    probs, us = [], []
+    # the support: the samples annotated wherever the image is, i.e. at no granularity where the
+    # image is and they are not: a count of small integers (exact), 0/1 in the compute dtype
+    support = (take.T.to(dtype) @ (~part.annotated).to(dtype)).le_(0)  # (n, N)
+    probs, us, shifted = [], [], []
     for g, (z, r) in enumerate(zip(logits, part.owners, strict=True)):
         shift = None if shifts is None else shifts[g]
-        if r is None and shift is not None:  # paired: the softmax over the support's texts
-            e = torch.sub(z, shift).exp_().mul_(support)
+        # paired with a shift: the softmax is 0 off the support exactly (e^{z - b} times it)
+        shifted.append(r is None and shift is not None)
+        if shifted[g]:  # kept as E and 1 / its row sum: prob = E / sum, never divided out
+            e = exps[g] if exps is not None and exps[g] is not None else torch.sub(z, shift).exp_()
+            e.mul_(support)
             total = e.sum(1, keepdim=True)
-            prob = e.div_(torch.where(total > 0, total, torch.ones_like(total)))
-        elif r is None:
-            prob = torch.softmax(mask_logits(z, support), dim=1)
+            inv = torch.where(total > 0, total, torch.ones_like(total)).reciprocal_()
+            prob = (e, inv)
+            pooled = apply_map(e, part.groups)  # E itself for the samples' support
+            us.append(pooled * inv if pooled is e else pooled.mul_(inv))
         else:
-            prob = torch.softmax(z, dim=1)
+            prob = torch.softmax(z if r is not None else mask_logits(z, support > 0), dim=1)
+            us.append(apply_map((prob if r is None else prob @ r) * support, part.groups))
         probs.append(prob)
-        us.append(apply_map((prob if r is None else prob @ r) * support, part.groups))
     u = torch.stack(us)  # (G, n, J)
     total = u.sum(-1, keepdim=True)
     q = safe_divide(u, total) * take[:, :, None]
@@ -424,11 +448,30 @@ def partial_kl_strip(
     gq = gq * compared[None, :, None]
     gu = safe_divide(gq - (q * gq).sum(-1, keepdim=True), total) * take[:, :, None]
     grads = []
+    w = 1.0 if weight is None else weight
     for g, (prob, r) in enumerate(zip(probs, part.owners, strict=True)):
+        if shifted[g]:
+            # softmax backward, prob = E / sum (0 off the support, so is its gradient): its row
+            # dot product sum_k prob_k (gu S^T)_k = gu . u in the small space of u, and the
+            # factor w / sum folded into the (n, J) and (n, 1) pieces before they spread
+            e, inv = prob
+            scale = inv * w
+            dot = (gu[g] * us[g]).sum(-1, keepdim=True).mul_(scale)
+            h = apply_map_transposed(gu[g] * scale, part.groups).sub_(dot)
+            if outs is None:
+                grads.append(h.mul_(e))
+            else:
+                outs[g].addcmul_(e, h)
+            continue
         g_over = apply_map_transposed(gu[g], part.groups) * support
         g_prob = g_over if r is None else g_over @ r.T
-        grads.append(prob * (g_prob - (prob * g_prob).sum(-1, keepdim=True)))
-    return value, grads
+        dot = (prob * g_prob).sum(-1, keepdim=True)  # softmax backward, in place
+        grad = g_prob.sub_(dot).mul_(prob)
+        if outs is None:
+            grads.append(grad if weight is None else grad.mul_(weight))
+        else:
+            outs[g].add_(grad.mul_(w))
+    return value, (None if outs is not None else grads)
 
 
 def col_targets(problem: Problem, v: GroupView, rows: slice, cols: list[slice], dtype):
@@ -557,14 +600,18 @@ def tile_terms(
             y = c.clamp_max(1) if v.graded else (c > 0).to(z.dtype)
             if want_grad:
                 dz.addcmul_(y, v.w_pw, value=-1)
-        x, log_sums, sig = softplus(z, bias, want_grad, known)
+        # with unknown pairs the two parts are added elementwise and masked once
+        x, log_part, sig = softplus(z, bias, want_grad, known, summed=known is None)
         if v.y_rows is None and (y_coef is not None or not v.graded):
             # binary y: relu(x) - y x = relu(x (1 - 2y)), exactly, one pass
             hinge = torch.addcmul(x, x, y, value=-2).clamp_min_(0)
         else:
             hinge = x.clamp_min(0).sub_(y * x)
-        hinge = keep_known(hinge, known).sum((1, 2))
-        pw = pw + (v.w_pw.flatten() * (hinge + log_sums)).sum()
+        if known is None:
+            per = hinge.sum((1, 2)) + log_part
+        else:
+            per = keep_known(hinge.add_(log_part), known).sum((1, 2))
+        pw = pw + (v.w_pw.flatten() * per).sum()
         if want_grad:
             dz = (
                 dz.addcmul_(sig, v.w_pw)
@@ -576,20 +623,26 @@ def tile_terms(
     return ce, pw, dz, db
 
 
-def softplus(z: Tensor, bias: Tensor | None, want_grad: bool, known: Tensor | None = None):
+def softplus(
+    z: Tensor, bias: Tensor | None, want_grad: bool, known: Tensor | None = None, summed=True
+):
     r"""x = z + b, the per-granularity sums of :math:`\log(1 + e^{-|x|})`, and sigmoid(x).
 
     :math:`\mathrm{softplus}(x) = \max(x, 0) + \log(1 + e^{-|x|})`, with :math:`\log(1+e)`
     computed as :math:`\log u + (e - (u - 1))/u`, :math:`u = 1 + e`: exact to a few ulp, and
     only ``exp`` and ``log`` (``log1p`` and ``softplus`` are scalar loops on some CPUs).
-    ``known``: sums and sigmoid over the known pairs only (0 elsewhere).
+    ``known``: sums and sigmoid over the known pairs only (0 elsewhere).  ``summed=False``:
+    :math:`\log(1 + e^{-|x|})` itself, elementwise and not masked, instead of the sums.
     """
     x = z if bias is None else z + bias
     e = x.abs().neg_().exp_()
     u = e + 1
     delta = e.sub_(u - 1).div_(u)
     log_u = u.log_()
-    sums = keep_known(log_u, known).sum((1, 2)) + keep_known(delta, known).sum((1, 2))
+    if summed:
+        sums = keep_known(log_u, known).sum((1, 2)) + keep_known(delta, known).sum((1, 2))
+    else:
+        sums = log_u.add_(delta)
     if not want_grad:
         return x, sums, None
     return x, sums, keep_known(torch.sigmoid(x), known)

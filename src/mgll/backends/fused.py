@@ -191,7 +191,7 @@ def _block(
     for a in range(0, x.shape[0], step):
         rs = slice(a, a + step)
         rows = bm.sub(blk.rows, n_all, rs)
-        parts = []
+        parts, exps = [], {}
         for v, z, clse, shift, factor in zip(views, zs, clses, shifts, col_factors, strict=True):
             chunk = z[:, rs]
             c = None
@@ -207,7 +207,12 @@ def _block(
                 chunk.masked_fill_(~known, torch.finfo(dtype).min)
             col_part = None
             if shift is not None and v.partial and (need_prob or want_grad):
-                e = torch.sub(chunk, shift).exp_().mul_(known)
+                e = torch.sub(chunk, shift).exp_()
+                if partial_kl:  # the partial KL reads e^(Z - b) as well, times its own support
+                    exps.update(zip(v.gs, e, strict=True))
+                    e = e * known
+                else:
+                    e.mul_(known)
                 prob, rlse = _shared_softmax(e, shift) if need_prob else (None, None)
                 col_part = e.mul_(factor) if want_grad and factor is not None else None
             elif factor is not None and (need_prob or want_grad):
@@ -244,7 +249,7 @@ def _block(
             kl_shifts = {g: sh for gs, sh in zip(blk.groups, shifts, strict=True) for g in gs}
             masked = any(v.partial and sh is None for v, sh in zip(views, shifts, strict=True))
             logits = None if masked else zs  # masked logits: recomputed from the features
-            kl = (xs[rs], texts, logits, kl_shifts)
+            kl = (xs[rs], texts, logits, kl_shifts, None if masked else exps)
             _partial_kl(plan, st, blk, kl, rs, rows, parts, want_grad, values)
         elif plan.kl and blk.do_rows:
             _smooth_kl(plan, st, blk, zs, rs, parts, want_grad, values)
@@ -340,22 +345,26 @@ def _partial_kl(plan, st: bm.Stats, blk, kl, rs, rows, parts, want_grad, values)
     """The smooth-KL share of a chunk of full rows ``rs`` when some labels are unknown.
 
     ``kl``: (the rows' scaled features, the texts, the block's stacks of logits or None, the
-    logit bound of each granularity).  The chunk's logits are read in the stacks (a row block
+    logit bound of each granularity, the exponentials e^(Z - b) of the chunk that the row
+    pass kept, by granularity).  The chunk's logits are read in the stacks (a row block
     holds every column); None when some were masked in place (a stack without a fixed
     shift): they are then recomputed from the features.
     """
-    xs, texts, zs, shifts = kl
+    xs, texts, zs, shifts, exps = kl
     g_all = plan.problem.num_granularities
     if zs is None:
-        logits, shift_of = [xs @ t.T for t in texts], None
+        logits, shift_of, exp_of = [xs @ t.T for t in texts], None, None
     else:
         logits, shift_of = [None] * g_all, [shifts[g] for g in range(g_all)]
+        exp_of = [exps.get(g) for g in range(g_all)]
         for gs, z in zip(blk.groups, zs, strict=True):
             for j, g in enumerate(gs):
                 logits[g] = z[j, rs]
-    value, grads = bm.partial_kl_strip(plan.problem, logits, rows, want_grad, shift_of)
+    outs = [None] * g_all  # the gradient is added to dZ in place, times the weight
+    for gs, (dz, _, _) in zip(blk.groups, parts, strict=True):
+        for j, g in enumerate(gs):
+            outs[g] = None if dz is None else dz[j]
+    value, _ = bm.partial_kl_strip(
+        plan.problem, logits, rows, want_grad, shift_of, exp_of, weight=st.w_kl, outs=outs
+    )
     values[2] += value * st.w_kl
-    if want_grad:
-        for gs, (dz, _, _) in zip(blk.groups, parts, strict=True):
-            for j, g in enumerate(gs):
-                dz[j].addcmul_(grads[g], st.w_kl)

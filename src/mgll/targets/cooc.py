@@ -13,9 +13,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from mgll.targets.overlap import is_binary_dtype, overlap, partial_overlap
+from mgll.targets.overlap import (
+    is_binary_dtype,
+    overlap,
+    partial_overlap,
+    partial_overlap_into,
+    partial_side,
+    right_factors,
+)
 
 _ELEMENTS = 1 << 18  # entries of C per block when a statistic needs every entry
+_EXACT_COUNTS = {torch.float32: 2**24, torch.float64: 2**53}  # counts exact below these
 
 
 @dataclass(frozen=True)
@@ -91,8 +99,11 @@ class CoOccurrence:
             return self.data >= 0
         return ~torch.isnan(self.data).all(1)
 
-    def known_counts(self, dim: int) -> Tensor:
-        """Known pairs of each row (``dim=1``) or column (``dim=0``) of C (int64)."""
+    def known_counts(self, dim: int, dtype=None) -> Tensor:
+        """Known pairs of each row (``dim=1``) or column (``dim=0``) of C (int64).
+
+        ``dtype``: the compute dtype; paired multi-hot labels find their known pairs in it, in
+        the same pass as :meth:`line_sums` in that dtype (then read from it)."""
         n = self.shape[dim]
         if not self.partial:
             return torch.full((self.shape[1 - dim],), n, dtype=torch.int64, device=self.data.device)
@@ -101,7 +112,7 @@ class CoOccurrence:
         if self.kind == "ids":  # symmetric: every annotated pair is known
             ann = self.annotated()
             return torch.where(ann, ann.sum(), 0)
-        return self._over_sets(lambda w, known: known.to(torch.float64)).to(torch.int64)
+        return self._partial_sums(dtype or torch.float32)[1]
 
     def dense(self, dtype=None) -> Tensor:
         return self.block(dtype=dtype)
@@ -127,7 +138,17 @@ class CoOccurrence:
             return torch.where(self.data >= 0, sums, 0) if self.partial else sums
         if self.data.shape[1] == 0:  # multi-hot over C_g = 0 classes: no positive anywhere
             return torch.zeros(self.data.shape[0], dtype=dtype, device=self.data.device)
-        return self._over_sets(lambda w, known: w, dtype)
+        if self.partial:
+            return self._partial_sums(dtype)[0]
+        return self._over_sets(dtype)[0]
+
+    def _partial_sums(self, dtype) -> tuple[Tensor, Tensor]:
+        """Row sums of C and known pairs per row (int64), paired multi-hot with unknowns: one
+        pass over the distinct label sets, once per call and dtype."""
+        key = ("partial_sums", dtype)
+        if key not in self.stats:
+            self.stats[key] = self._over_sets(dtype)
+        return self.stats[key]
 
     def distinct_sets(self) -> tuple[Tensor, Tensor, Tensor]:
         """The distinct label vectors of multi-hot ``data`` (NaN as -1), the index of each
@@ -139,29 +160,44 @@ class CoOccurrence:
             self.stats["sets"] = torch.unique(x, dim=0, return_inverse=True, return_counts=True)
         return self.stats["sets"]
 
-    def _over_sets(self, value, dtype=torch.float64) -> Tensor:
-        """Row sums of ``value(weights, known)`` over C's columns, for paired multi-hot labels.
+    def _over_sets(self, dtype) -> tuple[Tensor, Tensor | None]:
+        """Row sums of C and, with unknowns, of its known pairs (int64; else None), for paired
+        multi-hot labels.
 
         Samples with the same label vector have the same sums, so the distinct vectors are
         counted once: U x U blocks (U <= N, usually far fewer), a bounded number of elements
         at a time, instead of N x N.  NaN entries (not annotated) are one value for this.
+        The known pairs are counted in ``dtype`` when its integers are exact up to N (float32:
+        N < 2**24), else in float64.
         """
         sets, inverse, counts = self.distinct_sets()
         sets = sets.to(dtype)
         if self.partial:
             sets = torch.where(sets < 0, torch.nan, sets)
         counts = counts.to(dtype)
+        exact = self.data.shape[0] < _EXACT_COUNTS.get(dtype, 0)
         binary = self.zero_one_labels
+        side = partial_side(sets, left=False) if self.partial else None
+        factors = right_factors(side) if self.partial and binary else None
         step = max(1, _ELEMENTS // max(1, len(sets)))
-        sums = []
+        sums, known_sums = [], []
         for s in range(0, len(sets), step):
             a = sets[s : s + step]
-            if self.partial:
-                weights, known = partial_overlap(a, sets, self.rule, binary)
-            else:
-                weights, known = overlap(a, sets, self.rule, binary), None
-            sums.append(value(weights, known) @ counts)
-        return torch.cat(sums)[inverse]
+            if not self.partial:
+                sums.append(overlap(a, sets, self.rule, binary) @ counts)
+                continue
+            weights = a.new_empty(a.shape[0], sets.shape[0])
+            known = torch.empty_like(weights)
+            partial_overlap_into(
+                a, sets, self.rule, binary, b_side=side, b_factors=factors, known=known,
+                weights=weights,
+            )  # fmt: skip
+            sums.append(weights @ counts)
+            known_sums.append(known @ counts if exact else known.double() @ counts.double())
+        if not self.partial:
+            return torch.cat(sums)[inverse], None
+        known_counts = torch.cat(known_sums).round_().to(torch.int64)
+        return torch.cat(sums)[inverse], known_counts[inverse]
 
     def anchor_counts(self) -> tuple[Tensor, Tensor]:
         """Numbers of rows and of columns with at least one positive (|A_r|, |A_c|)."""
@@ -170,19 +206,22 @@ class CoOccurrence:
 
 
 class GroupMap:
-    """A grouping T (K x J) with exactly one 1 per row, stored as group ids (never dense).
+    """A grouping T (K x J) with at most one 1 per row, stored as group ids (never dense).
 
-    ``index[k]`` is the group of row k.  Applying it is a segment sum over the columns of a
-    (..., K) tensor, and its transpose a gather, so a sample-level grouping costs O(K) memory
-    however many groups it has; with at most ``DENSE_GROUPS`` groups a (K, J) one-hot is
-    cheaper to multiply with and is used instead (K * J small).
+    ``index[k]`` is the group of row k, or -1 for a row in no group (a zero row of T: a sample
+    whose id is unknown).  Applying it is a segment sum over the columns of a (..., K) tensor,
+    and its transpose a gather, so a sample-level grouping costs O(K) memory however many
+    groups it has; with at most ``DENSE_GROUPS`` groups a (K, J) one-hot is cheaper to
+    multiply with and is used instead (K * J small).
     """
 
     DENSE_GROUPS = 32
 
-    def __init__(self, index: Tensor, num_groups: int) -> None:
+    def __init__(self, index: Tensor, num_groups: int, ungrouped: bool = False) -> None:
         self.index = index
         self.num_groups = int(num_groups)
+        #: some rows may be in no group (index -1): they go to an extra column J, dropped
+        self.ungrouped = ungrouped
         self._dense: Tensor | None = None
 
     @property
@@ -191,28 +230,38 @@ class GroupMap:
 
     def rows(self, sl: slice) -> GroupMap:
         """The rows ``sl`` of T (the same J columns)."""
-        return GroupMap(self.index[sl], self.num_groups)
+        return GroupMap(self.index[sl], self.num_groups, self.ungrouped)
+
+    def _columns(self) -> Tensor:
+        """``index`` with a row in no group sent to the extra column J."""
+        if not self.ungrouped:
+            return self.index
+        return torch.where(self.index >= 0, self.index, self.num_groups)
 
     def dense(self, dtype=torch.float32) -> Tensor:
         """T itself, (K, J), for small J or for tests."""
         if self._dense is None or self._dense.dtype != dtype:
-            out = torch.zeros(*self.shape, dtype=dtype, device=self.index.device)
-            out[torch.arange(self.shape[0], device=self.index.device), self.index] = 1
-            self._dense = out
+            k, j = self.shape
+            out = torch.zeros(k, j + self.ungrouped, dtype=dtype, device=self.index.device)
+            out[torch.arange(k, device=self.index.device), self._columns()] = 1
+            self._dense = out[:, :j]
         return self._dense
 
     def pool(self, p: Tensor) -> Tensor:
         """``p @ T``: (..., K) -> (..., J), sums over the members of each group."""
         if self.num_groups <= self.DENSE_GROUPS:
             return p @ self.dense(p.dtype)
-        out = p.new_zeros(*p.shape[:-1], self.num_groups)
-        return out.index_add(-1, self.index, p)
+        out = p.new_zeros(*p.shape[:-1], self.num_groups + self.ungrouped)
+        out = out.index_add(-1, self._columns(), p)
+        return out[..., : self.num_groups] if self.ungrouped else out
 
     def spread(self, g: Tensor) -> Tensor:
-        """``g @ T.T``: (..., J) -> (..., K), each row k takes its group's value."""
+        """``g @ T.T``: (..., J) -> (..., K), each row k takes its group's value (0: none)."""
         if self.num_groups <= self.DENSE_GROUPS:
             return g @ self.dense(g.dtype).T
-        return g.index_select(-1, self.index)
+        if self.ungrouped:
+            g = torch.cat([g, g.new_zeros(*g.shape[:-1], 1)], -1)
+        return g.index_select(-1, self._columns())
 
     def any_positive(self) -> bool:
         return self.index.numel() > 0 and self.num_groups > 0
@@ -321,9 +370,13 @@ def sample_groups(cooc: CoOccurrence, dtype=torch.float32) -> Tensor | GroupMap:
     if cooc.kind == "ids" and not cooc.partial:
         inverse, size = dense_ranks(cooc.data)
         return GroupMap(inverse, int(size))
-    if cooc.kind == "ids":  # the missing id -1 belongs to no group
-        values = torch.unique(cooc.data)
-        return normalize_rows((cooc.data[:, None] == values[values >= 0][None, :]).to(dtype))
+    if cooc.kind == "ids":  # the missing id -1 belongs to no group (a zero row)
+        known = cooc.data >= 0
+        inverse, size = dense_ranks(torch.where(known, cooc.data, -1))
+        # -1, when present, is the smallest id: rank 0; the known ids follow it
+        missing = (~known).any().to(inverse.dtype)
+        size, missing = torch.stack([size, missing]).tolist()  # one host sync, as for ids
+        return GroupMap(torch.where(known, inverse - missing, -1), size - missing, True)
     groups = cooc.data.to(dtype).nan_to_num(0.0) if cooc.partial else cooc.data.to(dtype)
     groups = groups[:, groups.sum(0) > 0]
     return normalize_rows(groups)

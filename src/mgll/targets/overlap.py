@@ -137,6 +137,66 @@ def partial_overlap(
     return weights, (weights > 0) | (shareable == 0)
 
 
+#: Largest integer up to which every integer is exact in a float dtype (float32: 2**24).
+_EXACT = {torch.float32: 2**24, torch.float64: 2**53}
+
+
+def right_factors(b_side: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor | None, Tensor]:
+    """The right factors of :func:`partial_overlap_into`'s products for 0/1 labels ``b``, from
+    their :func:`partial_side`: a caller meeting the same ``b`` for many blocks builds them once.
+
+    The known mask's ``[shareable(b), -(C + 3) b]`` (k, 2 C + 2), or None where its integers
+    would not all be exact in the dtype (the mask then takes the general path), and the
+    Jaccard union's ``[annotated(b), b]`` (k, 2 C).
+    """
+    seen, b0, share = b_side
+    c = b0.shape[1]
+    exact = (c + 2) + (c + 3) * c < _EXACT.get(b0.dtype, 0)
+    mask = torch.cat([share, b0 * -(c + 3)], 1) if exact else None
+    return mask, torch.cat([seen.to(b0.dtype), b0], 1)
+
+
+def partial_overlap_into(
+    a: Tensor,
+    b: Tensor,
+    rule: str,
+    binary: bool,
+    *,
+    b_side,
+    b_factors,
+    known: Tensor,
+    weights: Tensor | None = None,
+) -> None:
+    """:func:`partial_overlap` written into ``known`` (0/1 in its float dtype) and, unless
+    None, ``weights``: the same values, in fewer passes for 0/1 labels.
+
+    ``b_side``: :func:`partial_side` of ``b``; ``b_factors``: :func:`right_factors` of it
+    (0/1 labels only; None otherwise).  For 0/1 labels a pair's rule finds a shared label
+    exactly when ``a0 . b0 >= 1``, and shares none that could be shared when
+    ``shareable = 0``: the mask is ``shareable - (C + 3) a0 . b0 <= 0``, one product of small
+    integers (exact), and the weight of an unknown pair is 0 already.
+    """
+    if not binary or b_factors is None or b_factors[0] is None:
+        w, mask = partial_overlap(a, b, rule, binary, b_side=b_side)
+        known.copy_(mask)
+        if weights is not None:
+            weights.copy_(w)
+        return
+    seen_a, a0, share_a = partial_side(a, True)
+    torch.le(torch.cat([share_a, a0], 1) @ b_factors[0].T, 0, out=known)
+    if weights is None:
+        return
+    b0 = b_side[1]
+    if rule == "count":
+        torch.mm(a0, b0.T, out=weights)
+    elif rule == "any":
+        torch.gt(a0 @ b0.T, 0, out=weights)
+    else:  # jaccard: |a & b| / |a | b| over the classes both annotate (both 0: weight 0)
+        inter = a0 @ b0.T
+        union = torch.cat([a0, seen_a.to(a.dtype)], 1) @ b_factors[1].T
+        torch.div(inter, union.sub_(inter).clamp_min_(1), out=weights)
+
+
 def _shareable(seen: Tensor, x: Tensor, left: bool) -> Tensor:
     """The classes a row could share (all but its annotated 0s), as floats, plus two columns
     that make every pair with a row annotated nowhere shareable, hence unknown, never negative.
