@@ -165,7 +165,7 @@ BACKENDS = ("reference", "fused", "tiled")
 #: sets one granularity at a time.
 BOUNDS = {
     "ids": 1,
-    "ids_unknown": 4,
+    "ids_unknown": 2,
     "multi_hot": 1,
     "multi_hot_float": 4,
     "multi_hot_nan": 4,
