@@ -471,6 +471,17 @@ def test_compact_equals_the_list_of_every_reader():
     assert CompactAnnotations(many) == many
 
 
+def test_compact_keeps_values_that_cannot_be_pickled():
+    class Local:  # a class defined in a function: its instances cannot be pickled
+        __hash__ = None
+
+        def __eq__(self, other):
+            return isinstance(other, Local)
+
+    rows = [{"image": f"{i}.png", "extra": Local()} for i in range(3)]
+    assert CompactAnnotations(rows) == rows
+
+
 def test_merged_compact_equals_the_list():
     import torch
 

@@ -143,6 +143,19 @@ def test_line_sums_and_known_counts_of_partial_labels(rule):
         torch.testing.assert_close(cooc.line_sums(1, dtype).double(), c.nansum(1), **_TOL[dtype])
 
 
+def test_known_counts_beyond_the_dtypes_exact_integers():
+    """Past the compute dtype's exact integers (float32: N >= 2**24) the known pairs are
+    counted in float64, the multiplicities of the label sets included (float16 here: 2**11)."""
+    from mgll.targets.cooc import CoOccurrence
+
+    a = torch.zeros(2050, 3)
+    a[:, 0], a[:2049, 2] = 1.0, math.nan  # 2049 identical rows, then one other
+    cooc = CoOccurrence("multi_hot", a, "any", zero_one=True, partial=True)
+    counts = cooc.known_counts(1, torch.float16)
+    want = (~torch.isnan(naive.partial_cooc(a.double(), "any"))).sum(1)
+    assert torch.equal(counts, want) and int(counts[0]) == 2050
+
+
 _TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6), F64: dict(rtol=1e-12, atol=1e-12)}
 
 

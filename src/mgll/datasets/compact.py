@@ -310,12 +310,17 @@ class CompactAnnotations(Sequence):
         # keeps its block of the allocator's memory (a 1 MiB arena) from being returned when
         # the rows are freed, hundreds of MB for a few thousand small objects.  Written to one
         # buffer, dropped, and read back once a collection has freed the rows' cycles and free
-        # lists (their arenas), its objects sit together.
-        data = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
-        del record
-        gc.collect()
-        record = pickle.loads(data)
-        del data
+        # lists (their arenas), its objects sit together.  A store holding a value that cannot
+        # be pickled (a user's own object) is kept as it is.
+        try:
+            data = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
+        except (pickle.PicklingError, AttributeError, TypeError):
+            data = None
+        if data is not None:
+            del record
+            gc.collect()
+            record = pickle.loads(data)
+            del data
         self._record, self._n = record, record.rows
         self.counts: dict[str, int] = {}
 

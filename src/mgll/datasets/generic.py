@@ -383,9 +383,9 @@ class _Layout:
     set, and fresh lists (``lists``) and dicts (``copies``) made from frozen values, so that
     no two annotations share one.
 
-    Everything a layout keeps is a string, a number, a tuple of them or a dict of them,
-    which the garbage collector stops tracking: thousands of cached layouts then cost a
-    collection nothing.
+    Every value a layout keeps is a string, a number, a tuple of them or a dict of them,
+    which the garbage collector stops tracking: thousands of cached layouts then add only
+    themselves (no containers) to a collection's work.
     """
 
     __slots__ = ("cells", "copies", "image", "lists", "patient", "template", "view")

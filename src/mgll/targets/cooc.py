@@ -174,8 +174,8 @@ class CoOccurrence:
         sets = sets.to(dtype)
         if self.partial:
             sets = torch.where(sets < 0, torch.nan, sets)
-        counts = counts.to(dtype)
         exact = self.data.shape[0] < _EXACT_COUNTS.get(dtype, 0)
+        counts, counts64 = counts.to(dtype), None if exact else counts.double()
         binary = self.zero_one_labels
         side = partial_side(sets, left=False) if self.partial else None
         factors = right_factors(side) if self.partial and binary else None
@@ -193,7 +193,7 @@ class CoOccurrence:
                 weights=weights,
             )  # fmt: skip
             sums.append(weights @ counts)
-            known_sums.append(known @ counts if exact else known.double() @ counts.double())
+            known_sums.append(known @ counts if exact else known.double() @ counts64)
         if not self.partial:
             return torch.cat(sums)[inverse], None
         known_counts = torch.cat(known_sums).round_().to(torch.int64)
@@ -223,6 +223,7 @@ class GroupMap:
         #: some rows may be in no group (index -1): they go to an extra column J, dropped
         self.ungrouped = ungrouped
         self._dense: Tensor | None = None
+        self._cols: Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -236,7 +237,9 @@ class GroupMap:
         """``index`` with a row in no group sent to the extra column J."""
         if not self.ungrouped:
             return self.index
-        return torch.where(self.index >= 0, self.index, self.num_groups)
+        if self._cols is None:
+            self._cols = torch.where(self.index >= 0, self.index, self.num_groups)
+        return self._cols
 
     def dense(self, dtype=torch.float32) -> Tensor:
         """T itself, (K, J), for small J or for tests."""
