@@ -40,6 +40,7 @@ SLOW = (
     "tests/test_backends.py::test_torch_compile_equals_eager_fused",
     "tests/test_bench.py::test_quick_json_is_complete",  # the two share the bench run fixture
     "tests/test_bench.py::test_quick_csv_md_png",
+    "tests/test_bench.py::test_readers_quick",
     "tests/test_core.py::test_torch_compile_equals_eager",
     # torchrun, 2 processes:
     "tests/test_datasets_merge.py::test_merged_recipe_trains_under_the_open_clip_launcher_with_2_processes",

@@ -161,3 +161,22 @@ def test_perf_targets_quick(tmp_path):
         assert math.isfinite(r["value"]) and r["value"] >= 0, r
         assert r["verdict"] == "met" or r["verdict"].startswith(("missed", "reported")), r
     assert "verdict" in proc.stdout and "load average" in proc.stdout
+
+
+def test_readers_quick(tmp_path):
+    """The reader benchmark runs end to end on small files: every reader and reference row, the
+    index memory and the worker growth, for both forms."""
+    out = tmp_path / "readers.json"
+    proc = _run(str(BENCH / "readers.py"), "--quick", "--data", str(tmp_path / "data"),
+                "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    names = {"chestxray14", "chexpert", "chexpert U-Soft", "mimic_cxr (join)",
+             "chestxray14 csv.reader", "chexpert csv.reader", "chexpert floor"}  # fmt: skip
+    assert set(data["speed"]) == names
+    for name, r in data["speed"].items():
+        assert r["rows"] > 0 and math.isfinite(r["ratio"]) and r["ratio"] > 0, (name, r)
+    for part in ("memory", "workers"):
+        assert {r["status"] for r in data[part].values()} == {"ok"}, data[part]
+    assert data["memory"]["compact"]["images"] == data["memory"]["list"]["images"] == 20_000
+    assert "chexpert floor" in proc.stdout

@@ -404,7 +404,7 @@ class _Layout:
                 v = None  # a fresh dict per row
             template[k] = v
         self.template = template
-        self.lists = (tuple(k for k, _ in lists), tuple(v for _, v in lists))
+        self.lists = tuple(lists)  # (key, items) pairs
         self.copies = tuple(copies)
         self.cells, self.image = shape.cells, shape.image
         self.view, self.patient = shape.view, shape.patient
@@ -417,15 +417,14 @@ def _copier(value: object) -> tuple[Callable, object]:
         return list, tuple(value)
     inner = [type(b) for b in value.values()]
     if inner and all(t is list for t in inner):
-        return _lists_dict, (tuple(value), tuple(map(tuple, value.values())))
+        return _lists_dict, tuple((k, tuple(v)) for k, v in value.items())
     if not any(t in (list, dict) for t in inner):
         return dict.copy, dict(value)
     return _one_level, value
 
 
 def _lists_dict(frozen: tuple) -> dict:
-    keys, values = frozen
-    return dict(zip(keys, map(list, values)))  # noqa: B905 (one value a key)
+    return {k: [*items] for k, items in frozen}
 
 
 def _one_level(value: dict) -> dict:
@@ -522,8 +521,8 @@ def _annotations(table: Table, spec: _Spec, counts: dict, with_layout: bool = Fa
                         patients[raw] = pid
                 if layout.patient:
                     out["patient_id"] = pid
-            keys, values = layout.lists
-            out.update(zip(keys, map(list, values)))  # noqa: B905 (same length)
+            for k, items in layout.lists:
+                out[k] = [*items]  # a display, not list(): this runs per row and is faster
             for k, make, frozen in layout.copies:
                 out[k] = make(frozen)
             counts["kept"] += 1

@@ -237,8 +237,8 @@ def _join(studies, table, views, paths, template, counts) -> Iterator[dict[str, 
             out.update(zip(names, row))  # noqa: B905 (row: at least the names)
             out["study_id"], out["subject_id"] = study_id, subject_id
             out["image"], out["view"] = image, view
-            keys, items = lists
-            out.update(zip(keys, map(list, items)))  # noqa: B905 (same length)
+            for k, items in lists:
+                out[k] = [*items]
             for k, make, frozen in copies:
                 out[k] = make(frozen)
             counts["kept"] += 1
@@ -271,7 +271,7 @@ def _image_layout(kind: dict, names: list[str]) -> tuple:
     own = {"patient_id", "image", "view", *names}
     lists = [k for k, v in out.items() if type(v) is list and k not in own]
     copies = [(k, *_copier(v)) for k, v in out.items() if type(v) is dict and k not in own]
-    return out, (lists, [tuple(out[k]) for k in lists]), copies
+    return out, tuple((k, tuple(out[k])) for k in lists), copies
 
 
 def _view(position: str) -> str:
