@@ -191,17 +191,18 @@ def _chexpert_floor_s(path: Path, root: str = "/data") -> float:
 
     start = time.perf_counter()
     seen, views, patterns, patients = {}, {}, {}, {}
-    columns: list[list] = [[] for _ in range(8)]
     get, strip, tables = dict.get, str.strip, [_CODES] * len(OBSERVATIONS)
-    label_cells = itemgetter(*range(5, 5 + len(OBSERVATIONS)))
-    meta_cells, view_cells = itemgetter(1, 2, 3, 4), itemgetter(3, 4)
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
-        next(reader)
+        at = {name: j for j, name in enumerate(next(reader))}
+        label_cells = itemgetter(*(at[x] for x in OBSERVATIONS))
+        meta, at_path = [at[x] for x in ("Sex", "Age", "Frontal/Lateral", "AP/PA")], at["Path"]
+        meta_cells, view_cells = itemgetter(*meta), itemgetter(*meta[2:])
+        columns: list[list] = [[] for _ in range(4 + len(meta))]
         for cells in reader:
             if not any(cells):
                 continue
-            line, ident = reader.line_num, cells[0].strip()
+            line, ident = reader.line_num, cells[at_path].strip()
             if not ident or ident in seen:
                 raise ValueError(f"line {line}: a blank or repeated Path")
             seen[ident] = line
@@ -254,14 +255,15 @@ def child_speed(folder: Path, repeats: int) -> dict:
         ("chexpert", "csv.reader", _csv_reader_s),
         ("chexpert", "floor", _chexpert_floor_s),
     )
+    files = {name: paths for name, (_, paths) in _readers(folder).items()}
     for of, what, fn in references:
-        files, base = _readers(folder)[of][1], out[of]
-        seconds = min(fn(*files) for _ in range(repeats))
+        base = out[of]
+        us = min(fn(*files[of]) for _ in range(repeats)) / base["rows"] * 1e6
         out[f"{of} {what}"] = {
             "rows": base["rows"],
-            "reader_us_per_row": seconds / base["rows"] * 1e6,
+            "reader_us_per_row": us,
             "dict_reader_us_per_row": base["dict_reader_us_per_row"],
-            "ratio": seconds / base["rows"] * 1e6 / base["dict_reader_us_per_row"],
+            "ratio": us / base["dict_reader_us_per_row"],
         }
     return out
 
